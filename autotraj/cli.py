@@ -1,0 +1,109 @@
+"""`autotraj <command>`: parse arguments, load the config, call the stage. No logic lives here.
+
+Stage commands take `--config FILE.yaml` and dotted `key=value` overrides
+(defaults < file < command line); `--dry-run` prints the resolved config and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import yaml
+
+from autotraj.config import ConfigError, load_config, to_dict
+from autotraj.io import DataError
+
+
+def _synthesize() -> tuple[type, Callable[[Any], Any]]:
+    from autotraj.synthesize import SynthesizeConfig, run_synthesize
+
+    return SynthesizeConfig, run_synthesize
+
+
+# stage name -> (help, loader of (config class, run function)); imports stay lazy so that
+# `autotraj --help` does not import torch.
+STAGES: dict[str, tuple[str, Callable[[], tuple[type, Callable[[Any], Any]]]]] = {
+    "synthesize": (
+        "sample N candidate trajectories per training query, with real tools",
+        _synthesize,
+    ),
+}
+
+
+def _run_stage(name: str, args: argparse.Namespace) -> int:
+    config_cls, run = STAGES[name][1]()
+    cfg = load_config(config_cls, args.config, args.overrides)
+    if args.dry_run:
+        sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    result = run(cfg)
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    from autotraj.tools.search import build_index
+
+    stats = build_index(args.corpus, args.out_dir, stemmer=args.stemmer, overwrite=args.overwrite)
+    sys.stdout.write(json.dumps(stats, indent=2) + "\n")
+    return 0
+
+
+def _sandbox(args: argparse.Namespace) -> int:
+    from autotraj.tools.python_sandbox import run_file
+
+    result = run_file(args.file, timeout_s=args.timeout_s)
+    sys.stdout.write(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autotraj", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, _) in STAGES.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", help="YAML config file")
+        p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p = sub.add_parser(
+        "index", help="build a BM25 index from a JSONL corpus (id, title, text|contents)"
+    )
+    p.add_argument("corpus")
+    p.add_argument("out_dir")
+    p.add_argument(
+        "--stemmer", default=None, help="e.g. 'english' (needs PyStemmer); default: none"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing index")
+    p = sub.add_parser(
+        "sandbox", help="run one Python file in the rollout sandbox; print the result as JSON"
+    )
+    p.add_argument("file")
+    p.add_argument("--timeout-s", type=float, default=5.0, help="wall-clock limit (release: 5 s)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args.command in STAGES:
+            return _run_stage(args.command, args)
+        return {"index": _index, "sandbox": _sandbox}[args.command](args)
+    except (ConfigError, DataError) as e:
+        sys.stderr.write(f"autotraj {args.command}: error: {e}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

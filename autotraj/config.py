@@ -1,0 +1,208 @@
+"""Configs: dataclasses filled from defaults < YAML file < dotted `key=value` overrides.
+
+`load_config(SynthesizeConfig, "configs/x.yaml", ["generator.temperature=0.7"])` returns a
+frozen dataclass; unknown keys and values of the wrong type raise `ConfigError` naming the file
+and the dotted field. `to_dict` gives the resolved config to save beside a stage's outputs.
+
+Not here: the stage configs themselves (each stage module defines its own `<Stage>Config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the source and the field."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-6` as a float (PyYAML's YAML 1.1 rules need a dot, `1.0e-6`,
+    and would hand the learning rate `1e-6` over as the string '1e-6'), and that rejects a key
+    given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # unhashable keys are reported by the base class
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
+def to_dict(config: Any) -> Any:
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (tuple, list)):
+        return [to_dict(x) for x in config]
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    return config
+
+
+def _coerce(value: Any, hint: Any, where: str, base: Any = None) -> Any:
+    """`value` checked against `hint`; `base` is what a nested section given as a mapping updates."""
+    origin = get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where, base)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {hint}"
+        )
+    if origin is Literal:
+        if value not in get_args(hint):
+            raise ConfigError(f"{where}: must be one of {get_args(hint)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(hint, value, where, base if isinstance(base, hint) else None)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        args = get_args(hint)
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported config type {hint}")
+
+
+def build(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and type.
+
+    A nested section given as a mapping updates that field's default rather than the nested
+    class's own defaults (`field(default_factory=lambda: GeneratorConfig(temperature=1.0))`
+    keeps temperature 1.0 when the file sets only `generator.model`).
+    """
+    return _build(cls, data, where, None)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _build(cls: type, data: dict[str, Any], where: str, base: Any) -> Any:
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for k, v in data.items():
+        start = None
+        if isinstance(v, dict):
+            start = getattr(base, k) if base is not None else _field_default(fields[k])
+        kwargs[k] = _coerce(v, hints[k], f"{where}.{k}" if where else k, start)
+    try:
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where or cls.__name__}: {e}") from e
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(
+    cls: type, path: str | Path | None = None, overrides: typing.Sequence[str] = ()
+) -> Any:
+    """Defaults < YAML file < `key=value` overrides, as a checked `cls` instance."""
+    data: dict[str, Any] = {}
+    source = "overrides" if overrides else "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = _parse_yaml(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = loaded or {}
+        source = str(path)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = _parse_yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': invalid YAML value: {e}") from None
+        _set_dotted(data, key.strip(), value)
+    try:
+        return build(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None

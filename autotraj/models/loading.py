@@ -1,0 +1,121 @@
+"""Generator configuration and the one function that turns it into a backend.
+
+`GeneratorConfig` is shared by the policy, the teacher and the repairer: each is configured on
+its own, so a large hosted repairer can serve a small local policy.
+
+`resolve_model_path` maps a model reference to something `from_pretrained` accepts:
+"embedded:<name>" -> the converted embedded model (models/embedded.py), a local directory -> its
+path, anything else -> passed through unchanged as a Hugging Face Hub name (so
+`Qwen/Qwen2.5-7B-Instruct` keeps working where the Hub is reachable). `load_tokenizer` and
+`load_generator` build the tokenizer and the backend; backends are imported lazily, so the
+openai backend never imports torch and vLLM is only imported when asked for.
+
+Not here: generation itself (the backend modules) or the rollout loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from autotraj.models.generator import Generator
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+EMBEDDED_PREFIX = "embedded:"
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    # transformers: local weights (CPU/GPU); openai: any OpenAI-compatible HTTP endpoint;
+    # vllm: in-process vLLM (GPU extra).
+    backend: Literal["transformers", "openai", "vllm"] = "transformers"
+    # "embedded:smollm2-135m-instruct" (offline default), a local directory, or a Hub name.
+    # For the openai backend: the model name the server expects.
+    model: str = EMBEDDED_MODEL
+    # Tokenizer to use when `model` has none (or for the openai backend's token counts).
+    tokenizer: str | None = None
+    # auto: bfloat16 on CPU (~1.6x faster generation than fp32, CPU-MEASUREMENTS.md section 3),
+    # the checkpoint's own dtype on GPU.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 16  # sequences per forward pass (transformers) or requests in flight (openai)
+    # openai backend
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable holding the key
+    api_mode: Literal["completions", "chat"] = "completions"
+    request_timeout_s: float = 120.0
+    max_retries: int = 3
+    # openai backend, api_mode "chat": how the rendered prompt text becomes chat messages.
+    # chatml: parse the ChatML turns back into messages and continue a partial assistant turn
+    # (`continue_final_message`, a vLLM/SGLang extension); single_user: send the whole prompt
+    # text as one user message (any chat API; a partial assistant turn is not continued).
+    chat_template_mode: Literal["chatml", "single_user"] = "chatml"
+    retry_backoff_s: float = 0.5  # first retry delay; doubles at each retry (openai backend)
+    # vllm backend: fraction of GPU memory vLLM may take (leave room for a trainer beside it).
+    gpu_memory_utilization: float = 0.85
+
+
+def resolve_model_path(model: str) -> str:
+    """What `from_pretrained` should receive for `model` (see the module docstring).
+
+    >>> resolve_model_path("Qwen/Qwen2.5-7B-Instruct")
+    'Qwen/Qwen2.5-7B-Instruct'
+    """
+    if model.startswith(EMBEDDED_PREFIX):
+        from autotraj.models.embedded import embedded_model_dir
+
+        return str(embedded_model_dir(model.removeprefix(EMBEDDED_PREFIX)))
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path)
+    if model.startswith(("./", "../", "/", "~")) or path.exists():
+        raise FileNotFoundError(
+            f"model path {model!r} is not a directory holding a checkpoint "
+            f"(resolved to {path.resolve()})"
+        )
+    return model
+
+
+def load_tokenizer(cfg: GeneratorConfig) -> Any:
+    """The tokenizer of `cfg.tokenizer` (or of `cfg.model`), with a pad token distinct from eos.
+
+    A tokenizer whose pad is missing or equal to eos gets `<|endoftext|>` as pad when its
+    vocabulary has it; otherwise pad is left as it is (the transformers backend cuts every
+    sequence at its first eos, so a pad equal to eos is harmless there).
+    """
+    from transformers import AutoTokenizer
+
+    source = resolve_model_path(cfg.tokenizer or cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        candidate = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        if isinstance(candidate, int) and candidate not in (tokenizer.unk_token_id, None):
+            if candidate != tokenizer.eos_token_id:
+                tokenizer.pad_token = "<|endoftext|>"
+        elif tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_generator(cfg: GeneratorConfig, role: str = "policy") -> Generator:
+    """Build the backend `cfg.backend` names; `role` is only used in log lines."""
+    log.info("loading %s generator: backend=%s model=%s", role, cfg.backend, cfg.model)
+    if cfg.backend == "transformers":
+        from autotraj.models.transformers_backend import TransformersGenerator
+
+        return TransformersGenerator.from_config(cfg)
+    if cfg.backend == "openai":
+        from autotraj.models.openai_backend import OpenAIGenerator
+
+        tokenizer = load_tokenizer(cfg) if cfg.tokenizer is not None else None
+        return OpenAIGenerator(cfg, tokenizer=tokenizer)
+    if cfg.backend == "vllm":
+        from autotraj.models.vllm_backend import VllmGenerator
+
+        return VllmGenerator.from_config(cfg)
+    raise ValueError(f"unknown generator backend {cfg.backend!r}: transformers, openai or vllm")

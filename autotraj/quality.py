@@ -1,0 +1,400 @@
+r"""Multi-dimensional trajectory quality and the HQ / AC-LQ / AW partition (METHOD.md section 5).
+
+What it does: scores the candidates of one query with named, weighted dimensions and labels each
+one. With the default `QualityConfig` the score is exactly the release's
+
+    S = 0.4 c + 0.3 l + 0.3 e
+
+- confidence c: 0 if any closed `<think>` block contains a hedging word (whole word, any case),
+  else 1. Hedging outside `<think>` does not count.
+- length l = exp(-(L - L*)^2 / (2 sigma^2)), sigma = 0.5 L*, L = whitespace words of the whole
+  trajectory text, L* = the shortest candidate of the same query (a singleton gets l = 1).
+  Edge case (ours; the release divides by zero there): L* = 0 gives l = 1 if L == 0 else 0.
+- repetition e = max(0, 1 - R), R = (sum of the counts of word trigrams occurring more than once)
+  / (number of trigrams); fewer than 6 words gives e = 1. Words are compared as written (case
+  and punctuation kept).
+
+Extra dimensions (weight 0 by default: computed and reported in `components`, not scored):
+- tool_validity: fraction of tool calls that ran with status "ok" and are not a repeat of an
+  earlier call (same tool, same whitespace-normalized input); errors, timeouts, rejected calls
+  and duplicates count against it. No tool call gives 1.
+- format: 1 if `tags.check_format` accepts the full text, else 0.
+- token_length: the length Gaussian on model tokens (segments' token_ids); when any candidate of
+  the group lacks token ids it falls back to words (then equal to `length`).
+`exclude_tool_results=True` computes confidence, length, repetition and token_length on what the
+model wrote (`Trajectory.model_text`, trainable segments) instead of the whole text.
+
+Weights must sum to 1 so that S stays in [0, 1] and the thresholds keep their meaning: to switch
+a dimension on, take its weight from the others. The sum is never renormalized, so the defaults
+reproduce the release bit for bit.
+
+Partition (per query): wrong answer -> AW; if every correct candidate has S >= hq_all (0.9) all
+correct ones are HQ; else the best correct one (the first of equal bests) is HQ if S >= hq_best
+(0.86), and the other correct ones are AC-LQ.
+
+Not here: deciding correctness (grading.py), repairing (repair.py), reading or writing files.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal, NamedTuple, get_args
+
+from autotraj.records import RecordError, Trajectory
+from autotraj.tags import check_format
+
+Label = Literal["HQ", "AC-LQ", "AW"]
+Dimension = Literal["confidence", "length", "repetition", "tool_validity", "format", "token_length"]
+DIMENSIONS: tuple[Dimension, ...] = get_args(Dimension)
+
+# Release hedging words (METHOD.md section 5).
+RELEASE_HEDGING_WORDS: tuple[str, ...] = (
+    "maybe",
+    "unsure",
+    "guess",
+    "seems",
+    "perhaps",
+    "probably",
+    "might",
+    "likely",
+    "recheck",
+)
+
+_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_SPACES = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """Weights of the quality dimensions and the partition thresholds."""
+
+    weight_confidence: float = 0.4  # release
+    weight_length: float = 0.3  # release
+    weight_repetition: float = 0.3  # release
+    weight_tool_validity: float = 0.0  # autotraj extra, off by default
+    weight_format: float = 0.0  # autotraj extra, off by default
+    weight_token_length: float = 0.0  # autotraj extra, off by default
+    hq_all: float = 0.9  # release: every correct candidate >= 0.9 -> all HQ
+    hq_best: float = 0.86  # release: else the best correct one is HQ if >= 0.86
+    hedging_words: tuple[str, ...] = RELEASE_HEDGING_WORDS  # release list
+    length_sigma_ratio: float = 0.5  # release: sigma = 0.5 L*
+    min_words_repetition: int = 6  # release: fewer than 6 words -> e = 1
+    exclude_tool_results: bool = False  # release scored the whole text, tool results included
+
+    def __post_init__(self) -> None:
+        weights = self.weights()
+        if any(w < 0 for _, w in weights):
+            raise ValueError(f"quality weights must be >= 0, got {dict(weights)}")
+        if abs(sum(w for _, w in weights) - 1.0) > 1e-6:
+            raise ValueError(
+                f"quality weights must sum to 1 (take weight from another dimension), "
+                f"got {dict(weights)}"
+            )
+        if not self.hedging_words:
+            raise ValueError("hedging_words must not be empty")
+        if self.length_sigma_ratio <= 0:
+            raise ValueError("length_sigma_ratio must be > 0")
+
+    def weights(self) -> tuple[tuple[Dimension, float], ...]:
+        return tuple((d, float(getattr(self, f"weight_{d}"))) for d in DIMENSIONS)
+
+
+@dataclass(frozen=True)
+class QualityScore:
+    """The score of one trajectory, its components (every dimension, in `DIMENSIONS` order) and
+    its partition label."""
+
+    trajectory_id: str
+    query_id: str
+    score: float
+    components: tuple[tuple[str, float], ...]
+    correct: bool
+    label: Label
+
+    def component(self, name: str) -> float:
+        return dict(self.components)[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "trajectory_id": self.trajectory_id,
+            "query_id": self.query_id,
+            "score": self.score,
+            "components": dict(self.components),
+            "correct": self.correct,
+            "label": self.label,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QualityScore:
+        where = f"quality score {data.get('trajectory_id', '?') if isinstance(data, dict) else '?'}"
+        if not isinstance(data, dict):
+            raise RecordError(f"{where}: expected an object")
+        missing = [
+            k
+            for k in ("trajectory_id", "query_id", "score", "components", "correct", "label")
+            if k not in data
+        ]
+        if missing:
+            raise RecordError(f"{where}: missing field(s) {missing}")
+        components = data["components"]
+        if not isinstance(components, dict) or not all(
+            isinstance(v, (int, float)) for v in components.values()
+        ):
+            raise RecordError(f"{where}: field 'components' must map names to numbers")
+        if data["label"] not in get_args(Label):
+            raise RecordError(f"{where}: field 'label' must be one of {get_args(Label)}")
+        if not isinstance(data["correct"], bool):
+            raise RecordError(f"{where}: field 'correct' must be a bool")
+        return cls(
+            trajectory_id=str(data["trajectory_id"]),
+            query_id=str(data["query_id"]),
+            score=float(data["score"]),
+            components=tuple((str(k), float(v)) for k, v in components.items()),
+            correct=data["correct"],
+            label=data["label"],
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Dimensions (pure functions of text or trajectory)
+
+
+@lru_cache(maxsize=16)
+def _hedging_regex(words: tuple[str, ...]) -> re.Pattern[str]:
+    alternatives = "|".join(re.escape(w) for w in words)
+    return re.compile(rf"\b(?:{alternatives.lower()})\b")  # matched on lowercased text
+
+
+def confidence(text: str, hedging_words: Sequence[str] = RELEASE_HEDGING_WORDS) -> float:
+    """1.0 unless a closed `<think>` block holds a hedging word (whole word, any case): 0.0.
+
+    >>> confidence("<think>It seems right</think> maybe")
+    0.0
+    >>> confidence("<think>It is right</think> maybe")
+    1.0
+    """
+    blocks = _THINK.findall(text)
+    if blocks and _hedging_regex(tuple(hedging_words)).search("\n".join(blocks).lower()):
+        return 0.0
+    return 1.0
+
+
+def length_score(length: int, reference: int, sigma_ratio: float = 0.5) -> float:
+    """exp(-(L - L*)^2 / (2 sigma^2)), sigma = sigma_ratio * L*; L* = 0 gives 1 iff L == 0.
+
+    >>> length_score(150, 100)  # sigma 50: exp(-2500 / 5000)
+    0.6065306597126334
+    """
+    if reference <= 0:
+        return 1.0 if length == 0 else 0.0
+    sigma = sigma_ratio * reference
+    return math.exp(-((length - reference) ** 2) / (2.0 * sigma * sigma))
+
+
+def repetition(words: Sequence[str], min_words: int = 6) -> float:
+    """max(0, 1 - R), R = (counts of repeated word trigrams) / (number of trigrams).
+
+    >>> repetition("a b c a b c".split())  # trigrams abc bca cab abc: 2 of 4 repeated
+    0.5
+    """
+    if len(words) < min_words:
+        return 1.0
+    n_trigrams = len(words) - 2
+    counts = Counter(zip(words, words[1:], words[2:], strict=False))
+    # trigrams in a repeated group = all trigrams minus those occurring exactly once
+    repeated = n_trigrams - Counter(counts.values())[1]
+    return max(0.0, 1.0 - repeated / n_trigrams)
+
+
+def tool_validity(trajectory: Trajectory) -> float:
+    """Fraction of tool calls that ran ("ok") and repeat no earlier call; 1.0 with no calls."""
+    calls = trajectory.tool_calls
+    if not calls:
+        return 1.0
+    seen: set[tuple[str, str]] = set()
+    good = 0
+    for call in calls:
+        key = (call.tool, _SPACES.sub(" ", call.input).strip())
+        if call.status == "ok" and key not in seen:
+            good += 1
+        seen.add(key)
+    return good / len(calls)
+
+
+def format_validity(text: str) -> float:
+    """1.0 if the full trajectory text passes `tags.check_format` (release rule), else 0.0."""
+    return 1.0 if check_format(text).valid else 0.0
+
+
+def scored_text(trajectory: Trajectory, cfg: QualityConfig) -> str:
+    """The text the text-based dimensions read: whole text, or model text only."""
+    return trajectory.model_text if cfg.exclude_tool_results else trajectory.text
+
+
+def length_words(trajectory: Trajectory, cfg: QualityConfig) -> int:
+    """L in words (whitespace tokens of `scored_text`)."""
+    return len(scored_text(trajectory, cfg).split())
+
+
+def length_tokens(trajectory: Trajectory, cfg: QualityConfig) -> int | None:
+    """L in model tokens from the segments' token_ids, or None if a scored segment has none."""
+    total = 0
+    for segment in trajectory.segments:
+        if cfg.exclude_tool_results and not segment.trainable:
+            continue
+        if not segment.token_ids and segment.text:
+            return None
+        total += len(segment.token_ids)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores and the partition
+
+
+class _Measured(NamedTuple):
+    """What every dimension reads, computed once per trajectory."""
+
+    text: str  # scored_text
+    words: list[str]
+    tokens: int | None
+
+
+def _measure(trajectory: Trajectory, cfg: QualityConfig) -> _Measured:
+    text = scored_text(trajectory, cfg)
+    return _Measured(text, text.split(), length_tokens(trajectory, cfg))
+
+
+def _components(
+    trajectory: Trajectory,
+    m: _Measured,
+    cfg: QualityConfig,
+    length_ref: int,
+    token_length_ref: int | None,
+) -> tuple[tuple[str, float], ...]:
+    length = length_score(len(m.words), length_ref, cfg.length_sigma_ratio)
+    if m.tokens is None or token_length_ref is None:
+        token_length = length  # no token ids: fall back to words
+    else:
+        token_length = length_score(m.tokens, token_length_ref, cfg.length_sigma_ratio)
+    full_text = trajectory.text if cfg.exclude_tool_results else m.text
+    return (
+        ("confidence", confidence(m.text, cfg.hedging_words)),
+        ("length", length),
+        ("repetition", repetition(m.words, cfg.min_words_repetition)),
+        ("tool_validity", tool_validity(trajectory)),
+        ("format", format_validity(full_text)),
+        ("token_length", token_length),
+    )
+
+
+def _weighted(
+    components: tuple[tuple[str, float], ...], weights: tuple[tuple[Dimension, float], ...]
+) -> float:
+    # Summed in DIMENSIONS order with the release dimensions first and zero weights skipped, so
+    # the default is exactly 0.4 * c + 0.3 * l + 0.3 * e, evaluated left to right.
+    score = 0.0
+    for (_, value), (_, weight) in zip(components, weights, strict=True):
+        if weight:
+            score += weight * value
+    return score
+
+
+def partition(
+    scores: Sequence[float], correct: Sequence[bool], hq_all: float = 0.9, hq_best: float = 0.86
+) -> list[Label]:
+    """Labels for the candidates of one query (see the module docstring); ties: first best.
+
+    >>> partition([0.95, 0.5, 0.88], [True, False, True])
+    ['HQ', 'AW', 'AC-LQ']
+    >>> partition([0.86, 0.7], [True, True])
+    ['HQ', 'AC-LQ']
+    """
+    if len(scores) != len(correct):
+        raise ValueError(f"{len(scores)} scores but {len(correct)} correctness flags")
+    labels: list[Label] = ["AW"] * len(scores)
+    right = [i for i, ok in enumerate(correct) if ok]
+    if not right:
+        return labels
+    if all(scores[i] >= hq_all for i in right):
+        for i in right:
+            labels[i] = "HQ"
+        return labels
+    best = max(right, key=lambda i: scores[i])  # max() keeps the first of equal values
+    for i in right:
+        labels[i] = "AC-LQ"
+    if scores[best] >= hq_best:
+        labels[best] = "HQ"
+    return labels
+
+
+def group_length_refs(
+    trajectories: Sequence[Trajectory], cfg: QualityConfig
+) -> tuple[int, int | None]:
+    """(L* in words, L* in tokens or None if any candidate lacks token ids) for one group."""
+    return _refs([_measure(t, cfg) for t in trajectories])
+
+
+def _refs(measured: Sequence[_Measured]) -> tuple[int, int | None]:
+    words_ref = min(len(m.words) for m in measured)
+    tokens = [m.tokens for m in measured]
+    tokens_ref = None if None in tokens else min(n for n in tokens if n is not None)
+    return words_ref, tokens_ref
+
+
+def _check_scorable(trajectories: Sequence[Trajectory]) -> None:
+    for t in trajectories:
+        if t.finish_reason == "infra_error":
+            raise ValueError(f"trajectory {t.id}: infrastructure failure, not scorable ({t.error})")
+
+
+def score_group(
+    trajectories: Sequence[Trajectory], correct: Sequence[bool], cfg: QualityConfig
+) -> list[QualityScore]:
+    """Score the candidates of one query (L* = the group's shortest) and label them."""
+    if not trajectories:
+        return []
+    if len(trajectories) != len(correct):
+        raise ValueError(f"{len(trajectories)} trajectories but {len(correct)} correctness flags")
+    query_ids = {t.query_id for t in trajectories}
+    if len(query_ids) != 1:
+        raise ValueError(f"score_group needs the candidates of one query, got {sorted(query_ids)}")
+    _check_scorable(trajectories)
+    measured = [_measure(t, cfg) for t in trajectories]
+    words_ref, tokens_ref = _refs(measured)
+    parts = [
+        _components(t, m, cfg, words_ref, tokens_ref)
+        for t, m in zip(trajectories, measured, strict=True)
+    ]
+    weights = cfg.weights()
+    scores = [_weighted(p, weights) for p in parts]
+    labels = partition(scores, correct, cfg.hq_all, cfg.hq_best)
+    return [
+        QualityScore(t.id, t.query_id, s, p, bool(ok), label)
+        for t, s, p, ok, label in zip(trajectories, scores, parts, correct, labels, strict=True)
+    ]
+
+
+def score_one(
+    trajectory: Trajectory,
+    cfg: QualityConfig,
+    length_ref: int,
+    *,
+    correct: bool,
+    token_length_ref: int | None = None,
+) -> QualityScore:
+    """Score one trajectory against a given L* (for repairs: min(original, repair) or itself).
+
+    The label is the one a group of just this trajectory would get: AW if wrong, else HQ iff
+    S >= hq_best. `token_length_ref` None makes token_length fall back to words.
+    """
+    _check_scorable([trajectory])
+    parts = _components(trajectory, _measure(trajectory, cfg), cfg, length_ref, token_length_ref)
+    score = _weighted(parts, cfg.weights())
+    (label,) = partition([score], [correct], cfg.hq_all, cfg.hq_best)
+    return QualityScore(trajectory.id, trajectory.query_id, score, parts, correct, label)

