@@ -15,6 +15,8 @@ Not here: generation (rollout.py) or loss computation (train/).
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -48,14 +50,50 @@ def chat_messages(question: str, system_prompt: str | None = None) -> list[dict[
     return [{"role": "system", "content": system}, {"role": "user", "content": question}]
 
 
+@cache
+def _demonstrations() -> tuple[tuple[str, str, str], ...]:
+    path = resources.files("autotraj") / "prompts" / "demonstrations.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return tuple((r["kind"], r["question"], r["reply"]) for r in rows)
+
+
+def demonstration_messages(
+    question: str, kind: str, count: int, system_prompt: str | None = None
+) -> list[dict[str, str]]:
+    """The standard conversation preceded by `count` worked examples as earlier chat turns.
+
+    For a teacher that does not follow the tag protocol zero-shot (the embedded SmolLM2-135M,
+    CPU-MEASUREMENTS.md section 2a). Only generation prompts use it: trajectories generated this
+    way are trained and scored on the standard rendering (their `prompt_ids` stay empty).
+    """
+    demos = [d for d in _demonstrations() if d[0] == kind][:count]
+    if len(demos) < count:
+        raise ValueError(
+            f"only {len(demos)} built-in demonstrations for kind '{kind}', asked {count}"
+        )
+    system, user = chat_messages(question, system_prompt)
+    turns = [system]
+    for _, demo_question, reply in demos:
+        turns += [
+            {"role": "user", "content": demo_question},
+            {"role": "assistant", "content": reply},
+        ]
+    return [*turns, user]
+
+
+def render_messages(
+    tokenizer: Tokenizer, messages: Sequence[dict[str, str]]
+) -> tuple[str, tuple[int, ...]]:
+    """Any conversation rendered with the generation prompt: (text, token ids)."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return text, tuple(tokenizer.encode(text, add_special_tokens=False))
+
+
 def render_prompt(
     tokenizer: Tokenizer, question: str, system_prompt: str | None = None
 ) -> tuple[str, tuple[int, ...]]:
-    """Prompt text (chat template with the generation prompt) and its token ids."""
-    text = tokenizer.apply_chat_template(
-        chat_messages(question, system_prompt), tokenize=False, add_generation_prompt=True
-    )
-    return text, tuple(tokenizer.encode(text, add_special_tokens=False))
+    """The standard prompt (protocol system prompt + question): text and token ids."""
+    return render_messages(tokenizer, chat_messages(question, system_prompt))
 
 
 def end_of_turn_id(tokenizer: Tokenizer) -> int:

@@ -33,7 +33,7 @@ from autotraj.records import (
     ToolName,
     Trajectory,
 )
-from autotraj.render import Tokenizer, render_prompt
+from autotraj.render import Tokenizer, demonstration_messages, render_messages, render_prompt
 from autotraj.tags import ANSWER_STOP, STOP_STRINGS, find_tool_call, result_text
 from autotraj.tools.tool import Tool, ToolInfraError
 
@@ -52,6 +52,10 @@ class RolloutConfig:
     top_p: float = 0.9  # release synthesis sampling
     seed: int | None = 0
     system_prompt: str | None = None  # None: the packaged protocol prompt (prompts/system.txt)
+    # Worked examples shown as earlier chat turns (0 = the standard zero-shot prompt, as
+    # released). Only for generation by a teacher that needs them; training re-renders the
+    # trajectory with the standard prompt.
+    demonstrations: int = 0
 
 
 @dataclass
@@ -99,17 +103,33 @@ def rollout(
     cfg: RolloutConfig,
     role: str = "policy",
     progress: Callable[[int], None] | None = None,
+    messages: Sequence[Sequence[dict[str, str]]] | None = None,
 ) -> list[Trajectory]:
     """Roll out one trajectory per (trajectory id, query) item; results keep the input order.
 
     `tokenizer` renders the prompt (chat template) and tokenizes tool results; `progress` is
-    called with the number of trajectories that finished in each round.
+    called with the number of trajectories that finished in each round. `messages`, one
+    conversation per item, replaces the standard prompt (the repair stage shows the repairer
+    its instructions and the trajectory to repair this way).
     """
+    if messages is not None and len(messages) != len(items):
+        raise ValueError(f"{len(messages)} conversations for {len(items)} rollout items")
     token_mode = generator.backend in TOKEN_BACKENDS
     states = []
-    for traj_id, query in items:
-        text, ids = render_prompt(tokenizer, query.question, cfg.system_prompt)
+    for i, (traj_id, query) in enumerate(items):
+        if messages is not None:
+            text, ids = render_messages(tokenizer, messages[i])
+        elif cfg.demonstrations:
+            conversation = demonstration_messages(
+                query.question, query.kind, cfg.demonstrations, cfg.system_prompt
+            )
+            text, ids = render_messages(tokenizer, conversation)
+        else:
+            text, ids = render_prompt(tokenizer, query.question, cfg.system_prompt)
         states.append(_State(traj_id, query, text, ids if token_mode else ()))
+    # A trajectory's prompt_ids are those of the standard prompt or empty (the renderer then
+    # builds the standard prompt): never a repair or demonstration prompt.
+    standard = messages is None and not cfg.demonstrations
     turn = 0
     while active := [s for s in states if s.finish is None]:
         completions = generator.generate([_request(s, cfg, turn, token_mode) for s in active])
@@ -158,7 +178,7 @@ def rollout(
             tool_calls=tuple(s.calls),
             finish_reason=s.finish or "length",
             provenance=provenance,
-            prompt_ids=s.prompt_ids,
+            prompt_ids=s.prompt_ids if standard else (),
             error=s.error,
         )
         for s in states

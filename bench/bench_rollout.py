@@ -33,7 +33,10 @@ def main() -> None:
     generator = load_generator(GeneratorConfig(batch_size=args.n))
     tools = open_tools(ToolsConfig())
     cfg = RolloutConfig(
-        temperature=0.0, max_new_tokens=args.max_new_tokens, max_response_tokens=args.max_new_tokens
+        temperature=0.0,
+        demonstrations=2,  # the embedded model follows the tag protocol only with examples
+        max_new_tokens=args.max_new_tokens,
+        max_response_tokens=args.max_new_tokens,
     )
     rollout(generator, tools, generator.tokenizer, items[:2], cfg)  # warm-up
     rows = []

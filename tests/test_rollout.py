@@ -150,3 +150,19 @@ def test_requests_carry_sampling_and_distinct_seeds(tokenizer):
     assert {(r.temperature, r.top_p) for r in seen} == {(0.7, 0.8)}
     assert len({r.seed for r in seen}) == 4
     assert all("</code>" in r.stop and "</answer>" in r.stop for r in seen)
+
+
+def test_demonstrations_prompt_the_teacher_but_not_the_record(tokenizer):
+    seen: list[str] = []
+
+    def reply(r):
+        seen.append(r.prompt_text)
+        return "<answer>\\boxed{1}</answer>"
+
+    cfg = RolloutConfig(demonstrations=2)
+    [traj] = rollout(ScriptedGenerator(reply, tokenizer), {}, tokenizer, items(QUERIES[:1]), cfg)
+    assert seen[0].count("<|im_start|>assistant") == 3  # two worked examples, then the reply
+    assert "print(37 * 12)" in seen[0]
+    assert traj.prompt_ids == ()  # training renders the standard prompt
+    rendered = render_trajectory(tokenizer, QUERIES[0].question, traj)
+    assert "print(37 * 12)" not in tokenizer.decode(list(rendered.input_ids))

@@ -91,6 +91,14 @@ def embedded_model_dir(name: str = "smollm2-135m-instruct") -> Path:
     return target
 
 
+def embedded_gguf_path(name: str = "smollm2-135m-instruct") -> Path:
+    """The GGUF file the package ships (for a llama.cpp server, say), sha256-verified."""
+    spec = _spec(name)
+    path = _gguf_path(spec)
+    _verify_sha256(path, spec.sha256)
+    return path
+
+
 def _spec(name: str) -> EmbeddedModel:
     if name not in EMBEDDED_MODELS:
         raise ValueError(f"unknown embedded model {name!r}; available: {sorted(EMBEDDED_MODELS)}")

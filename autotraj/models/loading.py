@@ -94,9 +94,9 @@ def load_tokenizer(cfg: GeneratorConfig) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         candidate = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-        if isinstance(candidate, int) and candidate not in (tokenizer.unk_token_id, None):
-            if candidate != tokenizer.eos_token_id:
-                tokenizer.pad_token = "<|endoftext|>"
+        usable = isinstance(candidate, int) and candidate != tokenizer.unk_token_id
+        if usable and candidate != tokenizer.eos_token_id:
+            tokenizer.pad_token = "<|endoftext|>"
         elif tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -135,7 +135,9 @@ def completion_from_choice(choice: dict[str, Any], request: GenerationRequest) -
     finish = choice.get("finish_reason")
     if finish == "length":
         return Completion(text=text, token_ids=(), stop_reason="length")
-    stop = _matched_stop(choice, text, request.stop) if finish == "stop" else None
+    stop = (
+        _matched_stop(choice, request.prompt_text, text, request.stop) if finish == "stop" else None
+    )
     if stop is None:
         return Completion(text=text, token_ids=(), stop_reason="eos")
     if not text.endswith(stop):  # servers told to include it (include_stop_str_in_output) did
@@ -143,7 +145,9 @@ def completion_from_choice(choice: dict[str, Any], request: GenerationRequest) -
     return Completion(text=text, token_ids=(), stop_reason="stop")
 
 
-def _matched_stop(choice: dict[str, Any], text: str, stops: Sequence[str]) -> str | None:
+def _matched_stop(
+    choice: dict[str, Any], context: str, text: str, stops: Sequence[str]
+) -> str | None:
     for key in ("stop_reason", "matched_stop"):  # vLLM, SGLang
         if key in choice:
             value = choice[key]
@@ -151,7 +155,8 @@ def _matched_stop(choice: dict[str, Any], text: str, stops: Sequence[str]) -> st
     for stop in stops:
         if text.endswith(stop):
             return stop
-    return infer_stop(text, stops) if stops else None
+    # The tag may have been opened in the context (e.g. the completion is only the closing tag).
+    return infer_stop(context + text, stops) if stops else None
 
 
 class _LoopThread:
