@@ -26,12 +26,82 @@ def _synthesize() -> tuple[type, Callable[[Any], Any]]:
     return SynthesizeConfig, run_synthesize
 
 
+def _score() -> tuple[type, Callable[[Any], Any]]:
+    from autotraj.score import ScoreConfig, run_score
+
+    return ScoreConfig, run_score
+
+
+def _repair() -> tuple[type, Callable[[Any], Any]]:
+    from autotraj.repair import RepairConfig, run_repair
+
+    return RepairConfig, run_repair
+
+
+def _build() -> tuple[type, Callable[[Any], Any]]:
+    from autotraj.build import BuildConfig, run_build
+
+    return BuildConfig, run_build
+
+
+def _sft() -> tuple[type, Callable[[Any], Any]]:
+    from autotraj.train.sft import SftConfig, run_sft
+
+    return SftConfig, run_sft
+
+
+def _rm() -> tuple[type, Callable[[Any], Any]]:
+    from autotraj.train.reward_model import RmConfig, run_rm
+
+    return RmConfig, run_rm
+
+
+def _rl() -> tuple[type, Callable[[Any], Any]]:
+    from autotraj.train.grpo import RlConfig, run_rl
+
+    return RlConfig, run_rl
+
+
+def _run() -> tuple[type, Callable[[Any], Any]]:
+    from autotraj.pipeline import PipelineConfig, run_pipeline
+
+    return PipelineConfig, run_pipeline
+
+
 # stage name -> (help, loader of (config class, run function)); imports stay lazy so that
 # `autotraj --help` does not import torch.
 STAGES: dict[str, tuple[str, Callable[[], tuple[type, Callable[[Any], Any]]]]] = {
     "synthesize": (
         "sample N candidate trajectories per training query, with real tools",
         _synthesize,
+    ),
+    "score": (
+        "grade and score every candidate; label it HQ / AC-LQ / AW",
+        _score,
+    ),
+    "repair": (
+        "repair AC-LQ and AW trajectories with the repairer model; keep verified repairs",
+        _repair,
+    ),
+    "build": (
+        "build the SFT set (HQ + accepted repairs) and the preference set (repair > original)",
+        _build,
+    ),
+    "sft": (
+        "fine-tune the policy on the SFT set (tool results masked); full or LoRA",
+        _sft,
+    ),
+    "rm": (
+        "train the trajectory reward model on the preference set (Bradley-Terry)",
+        _rm,
+    ),
+    "rl": (
+        "GRPO on the policy with multi-turn tool rollouts and the composite reward",
+        _rl,
+    ),
+    "run": (
+        "the whole pipeline in one run directory; finished stages are skipped",
+        _run,
     ),
 }
 
@@ -63,6 +133,25 @@ def _sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show(args: argparse.Namespace) -> int:
+    import shutil
+
+    from autotraj.show import render_list, render_show
+
+    color = sys.stdout.isatty() and not args.no_color
+    if args.list:
+        text = render_list(args.run_dir, label=args.label, color=color)
+    elif args.trajectory_id is None:
+        raise ConfigError("show: give a TRAJECTORY_ID or --list")
+    else:
+        width = shutil.get_terminal_size().columns
+        text = render_show(
+            args.run_dir, args.trajectory_id, tokenizer=args.tokenizer, color=color, width=width
+        )
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autotraj", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -86,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("file")
     p.add_argument("--timeout-s", type=float, default=5.0, help="wall-clock limit (release: 5 s)")
+    p = sub.add_parser(
+        "show", help="print one trajectory: segments, tool calls, scores, mask, repair diff"
+    )
+    p.add_argument("run_dir")
+    p.add_argument("trajectory_id", nargs="?", help="a trajectory or repair id")
+    p.add_argument("--list", action="store_true", help="list trajectory ids with label and score")
+    p.add_argument("--label", choices=("HQ", "AC-LQ", "AW"), help="with --list: only this label")
+    p.add_argument(
+        "--tokenizer", help="model name/path or 'embedded:smollm2-135m-instruct': show the mask"
+    )
+    p.add_argument("--no-color", action="store_true", help="no ANSI colors")
     return parser
 
 
@@ -99,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in STAGES:
             return _run_stage(args.command, args)
-        return {"index": _index, "sandbox": _sandbox}[args.command](args)
+        return {"index": _index, "sandbox": _sandbox, "show": _show}[args.command](args)
     except (ConfigError, DataError) as e:
         sys.stderr.write(f"autotraj {args.command}: error: {e}\n")
         return 2

@@ -6,6 +6,7 @@
   after a crash it drops a torn last line, reports which keys are done, and `finish()` renames the
   file to its final name. A finished stage is therefore either complete or resumable.
 - `write_manifest` records input hashes, counts, the resolved config, package versions, git SHA.
+- `check_same_config` refuses to resume or reuse a stage folder written by a different config.
 
 Not here: record types (records.py) or what a stage computes.
 """
@@ -21,6 +22,8 @@ from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from autotraj.config import ConfigError
 
 
 class DataError(ValueError):
@@ -158,6 +161,20 @@ class ResumableJsonl:
         if not self.partial.exists():
             self.partial.touch()
         os.replace(self.partial, self.path)
+
+
+def check_same_config(out_dir: str | Path, resolved_yaml: str) -> None:
+    """Save `resolved_yaml` as `<out_dir>/config.resolved.yaml`, or raise `ConfigError` if the
+    folder already holds the output of a different config (resuming it would mix the two)."""
+    out_dir = Path(out_dir)
+    saved = out_dir / "config.resolved.yaml"
+    if saved.exists() and saved.read_text(encoding="utf-8") != resolved_yaml:
+        raise ConfigError(
+            f"{out_dir} holds output of a different config; use another run_dir "
+            f"or delete that folder (compare {saved})"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(resolved_yaml, encoding="utf-8")
 
 
 def file_sha256(path: str | Path) -> str:

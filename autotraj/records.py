@@ -265,3 +265,116 @@ class Trajectory:
                 (str(k), str(v)) for k, v in (_optional(data, "extra", dict, where) or {}).items()
             ),
         )
+
+
+RepairLabel = Literal["AC-LQ", "AW"]  # the partition labels that go to repair (quality.py)
+RepairHow = Literal["first_pass", "model"]  # a deterministic edit, or the repairer model
+
+
+@dataclass(frozen=True)
+class RepairAttempt:
+    """One candidate repair of a low-quality trajectory and the verdict on it (repair.py).
+
+    `attempt` 0 is the deterministic first pass, 1..k the repairer model's attempts. `score` is
+    the repair's S against `length_ref`; `reference_score` is the original's S against the same
+    reference (AC-LQ only: the repair must beat it). Both are None, and `components` empty, when
+    the attempt could not be scored (an infrastructure failure). `reason` is "" iff accepted.
+    """
+
+    attempt: int
+    how: RepairHow
+    trajectory: Trajectory
+    correct: bool
+    extracted: str | None
+    score: float | None
+    reference_score: float | None
+    length_ref: int
+    components: tuple[tuple[str, float], ...]
+    reason: str
+
+    @property
+    def accepted(self) -> bool:
+        return not self.reason
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "attempt": self.attempt,
+            "how": self.how,
+            "accepted": self.accepted,
+            "reason": self.reason,
+            "correct": self.correct,
+            "extracted": self.extracted,
+            "repair_score": self.score,
+            "original_score_same_ref": self.reference_score,
+            "length_ref": self.length_ref,
+            "components": dict(self.components),
+            "trajectory": self.trajectory.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "repair attempt") -> RepairAttempt:
+        components = _require(data, "components", dict, where)
+        if not all(isinstance(v, (int, float)) for v in components.values()):
+            raise RecordError(f"{where}: field 'components' must map names to numbers")
+        score = _optional(data, "repair_score", (int, float), where)
+        reference = _optional(data, "original_score_same_ref", (int, float), where)
+        return cls(
+            attempt=_require(data, "attempt", int, where),
+            how=_literal(_require(data, "how", str, where), RepairHow, "how", where),
+            trajectory=Trajectory.from_dict(_require(data, "trajectory", dict, where)),
+            correct=_require(data, "correct", bool, where),
+            extracted=_optional(data, "extracted", str, where),
+            score=None if score is None else float(score),
+            reference_score=None if reference is None else float(reference),
+            length_ref=_require(data, "length_ref", int, where),
+            components=tuple((str(k), float(v)) for k, v in components.items()),
+            reason=_require(data, "reason", str, where),
+        )
+
+
+@dataclass(frozen=True)
+class Repair:
+    """The outcome of repairing one AC-LQ or AW trajectory: one row of repairs.jsonl (accepted)
+    or hard_cases.jsonl (not accepted).
+
+    `final` is the accepted attempt, or the last rejected one for a hard case; `rejected` holds
+    the earlier rejected attempts. `original_score` is the original's S from the score stage
+    (its group's length reference). The row flattens `final` next to the original's fields.
+    """
+
+    original_id: str
+    query_id: str
+    label: RepairLabel
+    original_score: float
+    final: RepairAttempt
+    rejected: tuple[RepairAttempt, ...] = ()
+
+    @property
+    def accepted(self) -> bool:
+        return self.final.accepted
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "original_id": self.original_id,
+            "query_id": self.query_id,
+            "label": self.label,
+            "original_score": self.original_score,
+            **self.final.to_dict(),
+            "rejected_attempts": [a.to_dict() for a in self.rejected],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Repair:
+        where = f"repair of {data.get('original_id', '?') if isinstance(data, dict) else '?'}"
+        earlier = _require(data, "rejected_attempts", list, where)
+        return cls(
+            original_id=_require(data, "original_id", str, where),
+            query_id=str(_require(data, "query_id", (str, int), where)),
+            label=_literal(_require(data, "label", str, where), RepairLabel, "label", where),
+            original_score=float(_require(data, "original_score", (int, float), where)),
+            final=RepairAttempt.from_dict(data, where),
+            rejected=tuple(
+                RepairAttempt.from_dict(a, f"{where} rejected attempt {i}")
+                for i, a in enumerate(earlier)
+            ),
+        )

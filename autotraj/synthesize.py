@@ -25,7 +25,7 @@ import yaml
 from tqdm import tqdm
 
 from autotraj.config import ConfigError, to_dict
-from autotraj.io import ResumableJsonl, write_jsonl_atomic, write_manifest
+from autotraj.io import ResumableJsonl, check_same_config, write_jsonl_atomic, write_manifest
 from autotraj.metrics import MetricsLog
 from autotraj.models.generator import Generator
 from autotraj.models.loading import GeneratorConfig, load_generator
@@ -60,17 +60,6 @@ def stage_dir(cfg: SynthesizeConfig) -> Path:
     return Path(cfg.run_dir) / "synthesize"
 
 
-def _check_same_config(out_dir: Path, resolved: str) -> None:
-    saved = out_dir / "config.resolved.yaml"
-    if saved.exists() and saved.read_text(encoding="utf-8") != resolved:
-        raise ConfigError(
-            f"{out_dir} holds output of a different config; use another run_dir "
-            f"or delete that folder (compare {saved})"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(resolved, encoding="utf-8")
-
-
 def load_training_queries(cfg: SynthesizeConfig) -> tuple[list[Query], int]:
     """Queries to synthesize for, decontaminated against the evaluation sets."""
     from autotraj.querysets import decontaminate, load_eval_hashes, load_queries
@@ -95,7 +84,7 @@ def run_synthesize(cfg: SynthesizeConfig, generator: Generator | None = None) ->
     if cfg.n < 1:
         raise ConfigError(f"synthesize: n must be >= 1, got {cfg.n}")
     out_dir = stage_dir(cfg)
-    _check_same_config(out_dir, yaml.safe_dump(to_dict(cfg), sort_keys=True))
+    check_same_config(out_dir, yaml.safe_dump(to_dict(cfg), sort_keys=True))
     out = ResumableJsonl(out_dir / "trajectories.jsonl", key=lambda row: row["id"])
     if out.finished:
         log.info("%s is finished; nothing to do", out.path)

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from autotraj.models import embedded
+from autotraj.models.decoding import decode_batch, sample_next
 from autotraj.models.generator import GenerationRequest, Generator
 from autotraj.models.loading import (
     GeneratorConfig,
@@ -206,6 +207,162 @@ def test_auto_dtype_is_bfloat16_on_cpu(tiny_model_dir):
     assert gen.model.dtype == torch.bfloat16 and gen.model.device.type == "cpu"
     [done] = gen.generate([GenerationRequest(prompt_text="abc", max_new_tokens=3, temperature=0)])
     assert done.text == decode(gen.tokenizer, done.token_ids)
+
+
+# ---------------------------------------------------------------- decoding loop (decoding.py)
+
+
+def greedy_requests(tokenizer, budgets, **kwargs) -> list[GenerationRequest]:
+    return [
+        GenerationRequest(prompt_text="", prompt_ids=p, max_new_tokens=b, temperature=0.0, **kwargs)
+        for p, b in zip(prompts(tokenizer, len(budgets)), budgets, strict=True)
+    ]
+
+
+def hf_greedy(model, requests, eos_ids) -> list[tuple[int, ...]]:
+    """HF `generate` on the same left-padded batch, each row cut after its first eos and at its
+    own budget: what decode_batch must return."""
+    import torch
+
+    width = max(len(r.prompt_ids) for r in requests)
+    ids = torch.zeros((len(requests), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, r in enumerate(requests):
+        ids[row, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+        mask[row, width - len(r.prompt_ids) :] = 1
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max(r.max_new_tokens for r in requests),
+            do_sample=False,
+            eos_token_id=sorted(eos_ids),
+            pad_token_id=0,
+        )
+    rows = []
+    for row, r in enumerate(requests):
+        new = out[row, width:].tolist()[: r.max_new_tokens]
+        end = next((i + 1 for i, t in enumerate(new) if t in eos_ids), len(new))
+        rows.append(tuple(new[:end]))
+    return rows
+
+
+class BatchSizes:
+    """Records the batch size of every forward pass of a model."""
+
+    def __init__(self, model):
+        self.sizes: list[int] = []
+        self.handle = model.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, module, args, kwargs):
+        self.sizes.append(kwargs["input_ids"].shape[0])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def decode_rows(generator, requests, eos_ids=None):
+    import torch
+
+    eos = {generator.eos_token_id} if eos_ids is None else eos_ids
+    with torch.inference_mode():
+        return decode_batch(generator.model, generator.tokenizer, requests, eos, pad_id=0)
+
+
+@pytest.mark.parametrize("budgets", [(19,), (30, 22, 15, 5), (8, 0, 25)])
+def test_greedy_decoding_equals_hf_generate(generator, budgets):
+    """Different prompt lengths and budgets; the longest prompt ends first, so its padding
+    columns are cut from the cache while the others go on."""
+    requests = greedy_requests(generator.tokenizer, budgets)
+    eos = {generator.eos_token_id}
+    with BatchSizes(generator.model) as batch:
+        ours = decode_rows(generator, requests)
+    assert ours == hf_greedy(generator.model, requests, eos)
+    assert [len(ids) for ids in ours] == list(budgets)  # no eos in these outputs
+    live = sum(b > 0 for b in budgets)
+    assert batch.sizes[0] == live and len(batch.sizes) == max(budgets)
+    assert batch.sizes == sorted(batch.sizes, reverse=True)  # rows leave, none come back
+    assert batch.sizes[-1] == 1
+
+
+def test_a_row_that_ends_early_leaves_and_the_others_continue_identically(generator):
+    """An extra end-of-turn id taken from row 0's output: every row must equal its free output
+    cut after its first occurrence of that id, and the batch must shrink when row 0 ends."""
+    requests = greedy_requests(generator.tokenizer, (30, 30, 30, 30, 30))
+    free = decode_rows(generator, requests)
+    early = min(free[0][1:6], key=lambda t: sum(t in ids for ids in free[1:]))
+    eos = {generator.eos_token_id, early}
+    expected = [ids[: ids.index(early) + 1] if early in ids else ids for ids in free]
+    assert sum(len(ids) == 30 for ids in expected) >= 2  # some rows run on to their budget
+    with BatchSizes(generator.model) as batch:
+        ended = decode_rows(generator, requests, eos)
+    assert ended == expected == hf_greedy(generator.model, requests, eos)
+    n = len(expected[0])  # forward n is the first after row 0's last token
+    assert batch.sizes[n] == 5 - sum(len(ids) <= n for ids in expected) < batch.sizes[0]
+
+
+def test_each_row_stops_right_after_its_own_stop_string(generator):
+    tok = generator.tokenizer
+    free = decode_rows(generator, greedy_requests(tok, (30, 30, 30)))
+    stops = [two_char_stop(tok, ids) for ids in free[:2]] + [None]
+    requests = [
+        GenerationRequest(
+            prompt_text="",
+            prompt_ids=r.prompt_ids,
+            max_new_tokens=30,
+            temperature=0.0,
+            stop=(stop,) if stop else (),
+        )
+        for r, stop in zip(greedy_requests(tok, (30, 30, 30)), stops, strict=True)
+    ]
+    stopped = decode_rows(generator, requests)
+    for ids, full, stop in zip(stopped, free, stops, strict=True):
+        assert full[: len(ids)] == ids
+        if stop is None:
+            assert ids == full
+        else:  # ends with the token that completes the stop string, not one token later
+            assert decode(tok, ids).endswith(stop) and stop not in decode(tok, ids[:-1])
+
+
+def test_greedy_rows_of_a_sampled_batch_equal_greedy(generator):
+    tok = generator.tokenizer
+    budgets = (25, 25, 25, 25)
+    greedy = decode_rows(generator, greedy_requests(tok, budgets))
+    temperatures = (1.0, 0.0, 1.5, 0.0)
+    mixed = [
+        GenerationRequest(
+            prompt_text="",
+            prompt_ids=r.prompt_ids,
+            max_new_tokens=r.max_new_tokens,
+            temperature=t,
+            top_p=0.95,
+            seed=11,
+        )
+        for r, t in zip(greedy_requests(tok, budgets), temperatures, strict=True)
+    ]
+    sampled = decode_rows(generator, mixed)
+    assert sampled == decode_rows(generator, mixed)  # seeded
+    assert (sampled[1], sampled[3]) == (greedy[1], greedy[3])
+    assert sampled[0] != greedy[0] and sampled[2] != greedy[2]
+
+
+def test_sample_next_applies_temperature_and_top_p_per_row():
+    import torch
+
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.2, 0.1]] * 4))
+    temperature = torch.tensor([0.0, 1.0, 1.0, 1e-4])
+    top_p = torch.tensor([1.0, 0.5, 1.0, 1.0])
+    rng = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next(logits, temperature, top_p, rng) for _ in range(400)])
+    assert set(draws[:, 0].tolist()) == {1}  # greedy
+    assert set(draws[:, 1].tolist()) == {1}  # nucleus 0.5 holds the 0.6 token only
+    assert set(draws[:, 2].tolist()) == {0, 1, 2, 3}  # full distribution
+    assert abs((draws[:, 2] == 1).float().mean().item() - 0.6) < 0.1
+    assert set(draws[:, 3].tolist()) == {1}  # a tiny temperature is almost greedy
+    assert torch.equal(sample_next(logits, torch.zeros(4), top_p), logits.argmax(-1))
 
 
 # ---------------------------------------------------------------- loading

@@ -1,0 +1,236 @@
+"""Our batched decoding loop: prefill once, then decode with a KV cache that drops finished rows.
+
+`decode_batch(model, tokenizer, requests, eos_ids, pad_id)` continues each request's
+`prompt_ids` (which must be set) and returns, per request, the raw new token ids: they end with
+the token that finished the row (an eos id, the token that completed one of its stop strings) or
+at its own `max_new_tokens`. Cutting those ids into a `Completion` (eos excluded, the first stop
+string, the stop reason) is `truncate_at_stop`'s job in transformers_backend.py.
+
+How it works:
+- prefill: the prompts are left-padded into one batch (attention mask 1 on real tokens,
+  position ids = cumsum(mask) - 1, as HF `generate` builds them) and run once into a
+  transformers `DynamicCache`; only the last position's logits are computed when the model
+  supports `logits_to_keep`;
+- decode: one token per live row per step. After each step the rows that finished are removed
+  from the batch (input ids, attention mask, positions, sampling params and every cache layer),
+  so a row that ended costs nothing afterwards; leading columns that are padding in every
+  remaining row are cut from the mask and the cache as well;
+- a row finishes at an eos id, at its token budget, or when the decoded tail of its new ids (the
+  last `len(longest stop) + 2` tokens, not the whole text) contains one of its stop strings;
+- sampling is per row inside one batch: temperature 0 is greedy (argmax of the logits, as HF
+  `generate` with `do_sample=False`); otherwise the float32 logits are divided by the row's
+  temperature and the draw is restricted to the row's top-p nucleus (top-k is off, as in vLLM and
+  OpenAI-compatible servers).
+
+Seeds: one `torch.Generator` per call, seeded with the first request's seed (the global RNG when
+that seed is None); the draws of a row depend on which rows are still in the batch, so sampling
+is reproducible for the same requests, batch and hardware, not across batch compositions. Greedy
+rows never consume randomness that changes their output.
+
+The caller runs this under `torch.inference_mode()` with the model in eval mode. Not here:
+log-probabilities, beam search, repetition penalties, static caches or `torch.compile`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from autotraj.models.generator import GenerationRequest
+
+
+def decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    """The one decoding used for generated ids: special tokens kept, no space clean-up."""
+    return tokenizer.decode(
+        list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
+
+
+def has_stop(text: str, stops: Sequence[str]) -> bool:
+    return any(s in text for s in stops)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One next token per row of float32 `logits` (rows x vocab).
+
+    Rows with temperature <= 0 take the argmax; the others draw from softmax(logits / T)
+    restricted to the smallest set of most likely tokens whose probability reaches the row's
+    top_p (the most likely token is always kept).
+    """
+    greedy = temperature <= 0
+    if bool(greedy.all()):
+        return logits.argmax(dim=-1)
+    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
+    probs, order = scaled.softmax(dim=-1).sort(dim=-1, descending=True)
+    mass_before = probs.cumsum(dim=-1) - probs
+    outside = mass_before >= top_p[:, None]
+    outside[:, 0] = False
+    pick = torch.multinomial(probs.masked_fill(outside, 0.0), 1, generator=generator)
+    drawn = order.gather(1, pick).squeeze(1)
+    return torch.where(greedy, logits.argmax(dim=-1), drawn)
+
+
+@dataclass
+class _Batch:
+    """The live rows of one decoding batch and their model state (all shrink together)."""
+
+    rows: list[int]  # index of each live row in the caller's requests
+    pads: list[int]  # leading padding columns of each live row
+    attention_mask: torch.Tensor  # (live, columns), 1 on real tokens
+    positions: torch.Tensor  # (live,) position id of each row's last token
+    temperature: torch.Tensor  # (live,) float32, 0 = greedy
+    top_p: torch.Tensor  # (live,) float32
+    cache: DynamicCache
+
+    def keep(self, keep: list[int]) -> None:
+        """Keep only the live rows at batch positions `keep` (in that order)."""
+        index = torch.tensor(keep, dtype=torch.long, device=self.attention_mask.device)
+        self.rows = [self.rows[j] for j in keep]
+        self.pads = [self.pads[j] for j in keep]
+        self.attention_mask = self.attention_mask[index]
+        self.positions = self.positions[index]
+        self.temperature = self.temperature[index]
+        self.top_p = self.top_p[index]
+        self.cache.batch_select_indices(index)
+        self._trim_padding()
+
+    def _trim_padding(self) -> None:
+        """Cut the leading columns that are padding in every live row (plain cache layers only:
+        a sliding-window layer's columns are not aligned with the mask's)."""
+        cut = min(self.pads)
+        if cut == 0 or not all(type(layer) is DynamicLayer for layer in self.cache.layers):
+            return
+        for layer in self.cache.layers:
+            if layer.is_initialized and layer.keys.numel() > 0:
+                layer.keys = layer.keys[:, :, cut:, :]
+                layer.values = layer.values[:, :, cut:, :]
+        self.attention_mask = self.attention_mask[:, cut:]
+        self.pads = [p - cut for p in self.pads]
+
+
+def decode_batch(
+    model: Any,
+    tokenizer: Any,
+    requests: Sequence[GenerationRequest],
+    eos_ids: Collection[int],
+    pad_id: int,
+) -> list[tuple[int, ...]]:
+    """Raw new ids per request, each ending with its finishing token or at its budget."""
+    if any(not r.prompt_ids for r in requests):
+        raise ValueError("decode_batch needs prompt_ids on every request")
+    out: list[list[int]] = [[] for _ in requests]
+    live = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
+    if not live:
+        return [() for _ in requests]
+    generator = _generator(requests[0].seed, model.device)
+    batch, logits = _prefill(model, [requests[i] for i in live], live, pad_id)
+    windows = [max((len(s) for s in r.stop), default=0) + 2 for r in requests]
+    eos = set(eos_ids)
+    while True:
+        tokens = sample_next(logits, batch.temperature, batch.top_p, generator)
+        keep = []
+        for j, (row, token) in enumerate(zip(batch.rows, tokens.tolist(), strict=True)):
+            out[row].append(token)
+            if not _finished(out[row], requests[row], eos, tokenizer, windows[row]):
+                keep.append(j)
+        if not keep:
+            return [tuple(ids) for ids in out]
+        if len(keep) < len(batch.rows):
+            batch.keep(keep)
+            tokens = tokens[keep]
+        logits = _step(model, batch, tokens)
+
+
+def _finished(
+    ids: list[int], request: GenerationRequest, eos: set[int], tokenizer: Any, window: int
+) -> bool:
+    if ids[-1] in eos or len(ids) >= request.max_new_tokens:
+        return True
+    return bool(request.stop) and has_stop(decode(tokenizer, ids[-window:]), request.stop)
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def _prefill(
+    model: Any, requests: Sequence[GenerationRequest], rows: list[int], pad_id: int
+) -> tuple[_Batch, torch.Tensor]:
+    """Run the left-padded prompts once; the batch state and the last position's logits."""
+    device = model.device
+    width = max(len(r.prompt_ids) for r in requests)
+    pads = [width - len(r.prompt_ids) for r in requests]
+    input_ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(requests), width), dtype=torch.long)
+    for j, (request, pad) in enumerate(zip(requests, pads, strict=True)):
+        input_ids[j, pad:] = torch.tensor(request.prompt_ids, dtype=torch.long)
+        mask[j, pad:] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(dim=-1) - 1).masked_fill(mask == 0, 0)
+    greedy = [r.temperature <= 0 for r in requests]
+    temperature = [
+        0.0 if g else float(r.temperature) for g, r in zip(greedy, requests, strict=True)
+    ]
+    top_p = [1.0 if g else float(r.top_p) for g, r in zip(greedy, requests, strict=True)]
+    batch = _Batch(
+        rows=list(rows),
+        pads=pads,
+        attention_mask=mask,
+        positions=positions[:, -1],
+        temperature=_floats(temperature, device),
+        top_p=_floats(top_p, device),
+        cache=DynamicCache(config=model.config),
+    )
+    return batch, _forward(model, input_ids, mask, positions, batch.cache)
+
+
+def _step(model: Any, batch: _Batch, tokens: torch.Tensor) -> torch.Tensor:
+    """Feed each live row its new token; the logits for the token after it."""
+    ones = torch.ones_like(batch.attention_mask[:, :1])
+    batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
+    batch.positions = batch.positions + 1
+    return _forward(
+        model, tokens[:, None], batch.attention_mask, batch.positions[:, None], batch.cache
+    )
+
+
+def _forward(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache: DynamicCache,
+) -> torch.Tensor:
+    extra = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
+    output = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        **extra,
+    )
+    return output.logits[:, -1].to(dtype=torch.float32)
+
+
+def _supports_logits_to_keep(model: Any) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def _floats(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)

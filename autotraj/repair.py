@@ -1,0 +1,566 @@
+"""Stage 3: LLM-as-Repairer. Low-quality trajectories -> verified repairs + hard cases.
+
+Takes the synthesize outputs and `score/scores.jsonl`; every AC-LQ and AW trajectory gets a
+repair (METHOD.md section 6):
+
+1. First pass (`first_pass=True`, AC-LQ only): where the only thing to fix is hedging inside
+   `<think>` blocks, a deterministic edit deletes the hedging words. The candidate keeps the
+   original's tool calls, which are re-executed and must give the same outputs.
+2. The repairer model (attempts 1..k, release k = 1, greedy): it sees its instructions
+   (prompts/repair_aclq.txt or repair_aw.txt) + the protocol system prompt, and the question with
+   the whole low-quality trajectory, tool results included, never the gold answer. Its reply is a
+   real rollout: tools execute. All repairs of a chunk go through one batched rollout call.
+3. Every candidate is verified the same way (`judge`): graded against the gold answer and
+   scored. AC-LQ: accepted iff correct, S > 0.86 and S > the original's S, both scored with
+   L* = the shorter of the two. AW: accepted iff correct and S > 0.8 with L* = itself. Attempts
+   stop at the first acceptance; an original with no accepted attempt is a hard case.
+
+A repaired trajectory is stored as a trajectory of the ORIGINAL question (standard prompt): id
+`<original id>/r<attempt>` (r0 = first pass), `parent_id` = original id, provenance role
+"repairer", `prompt_ids` empty and segment `token_ids` dropped: the repairer's ids were generated
+after a different prompt, possibly by another tokenizer, so the renderer re-tokenizes them per
+segment (tool-result spans stay separate and masked).
+
+Output under `<run_dir>/repair/`: `repairs.jsonl` (accepted) and `hard_cases.jsonl` (not
+accepted), one `records.Repair` row per original in exactly one of the two; `metrics.jsonl`,
+`inputs.json`, `config.resolved.yaml`, `manifest.json`. Resumable: both files are appended chunk
+by chunk and share one done-set keyed by the original id, so a kill loses at most one chunk,
+which is redone without duplicates.
+
+Not here: scoring the candidates of a query (score.py), building SFT or preference sets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from autotraj.config import ConfigError, to_dict
+from autotraj.grading import Checker, grade_trajectory
+from autotraj.io import (
+    DataError,
+    ResumableJsonl,
+    check_same_config,
+    file_sha256,
+    load_records,
+    write_json_atomic,
+    write_manifest,
+)
+from autotraj.metrics import MetricsLog
+from autotraj.models.generator import Generator
+from autotraj.models.loading import GeneratorConfig, load_generator
+from autotraj.quality import QualityConfig, QualityScore, length_words, score_one
+from autotraj.records import (
+    Provenance,
+    Query,
+    Repair,
+    RepairAttempt,
+    RepairHow,
+    RepairLabel,
+    Segment,
+    ToolCall,
+    ToolName,
+    Trajectory,
+)
+from autotraj.render import default_system_prompt
+from autotraj.rollout import RolloutConfig, rollout
+from autotraj.score import load_synthesized, require_file, synthesize_inputs
+from autotraj.tools.tool import Tool, ToolInfraError
+from autotraj.tools.toolbox import ToolsConfig, close_tools, open_tools
+
+log = logging.getLogger(__name__)
+
+PROMPT_FILES: dict[RepairLabel, str] = {"AC-LQ": "repair_aclq.txt", "AW": "repair_aw.txt"}
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    run_dir: str = "runs/default"
+    # The repairer, configured independently of the policy (a hosted model may repair for a
+    # small local policy). Default: the embedded model.
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    attempts: int = 1  # release: 1 model attempt per trajectory
+    # release: greedy decoding for repairs
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(temperature=0.0))
+    # Model attempts after the first sample at this temperature (greedy would repeat the reply).
+    retry_temperature: float = 0.7
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    checker: Checker = "default"
+    chunk: int = 16  # repairs issued together (one batched rollout), and written together
+    first_pass: bool = True  # deterministic hedging edit before calling the model (AC-LQ)
+    accept_ac_lq: float = 0.86  # release: AC-LQ repair needs S > 0.86 (and > the original's)
+    accept_aw: float = 0.8  # release: AW repair needs S > 0.8
+
+
+@dataclass(frozen=True)
+class Target:
+    """A low-quality trajectory to repair, with its query and its score-stage verdict."""
+
+    original: Trajectory
+    query: Query
+    label: RepairLabel
+    score: QualityScore
+
+
+def stage_dir(cfg: RepairConfig) -> Path:
+    return Path(cfg.run_dir) / "repair"
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+@cache
+def repair_instructions(label: RepairLabel) -> str:
+    path = resources.files("autotraj") / "prompts" / PROMPT_FILES[label]
+    return path.read_text(encoding="utf-8").strip()
+
+
+def repair_messages(
+    question: str, trajectory_text: str, label: RepairLabel, system_prompt: str | None = None
+) -> list[dict[str, str]]:
+    """The repairer's conversation: instructions + protocol, then question + trajectory.
+
+    The gold answer is never an argument, so it cannot leak into the prompt.
+    """
+    protocol = default_system_prompt() if system_prompt is None else system_prompt
+    verdict = "the right" if label == "AC-LQ" else "a wrong"
+    user = (
+        f"Question:\n{question}\n\n"
+        f"The trajectory below reaches {verdict} final answer and is low quality:\n"
+        f"=== TRAJECTORY START ===\n{trajectory_text.strip()}\n=== TRAJECTORY END ===\n\n"
+        f"Write your own clean trajectory for the question now."
+    )
+    return [
+        {"role": "system", "content": f"{repair_instructions(label)}\n\n{protocol}"},
+        {"role": "user", "content": user},
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification: the one acceptance rule for every candidate
+
+
+def rejection_reason(
+    label: RepairLabel,
+    correct: bool,
+    score: float,
+    original_score: float | None,
+    threshold: float,
+) -> str:
+    """Why a repair is rejected, or "" if it is accepted (METHOD.md section 6).
+
+    >>> rejection_reason("AW", True, 0.85, None, 0.8)
+    ''
+    >>> rejection_reason("AC-LQ", True, 0.88, 0.9, 0.86)
+    'S 0.880 <= original 0.900'
+    """
+    if not correct:
+        return "wrong answer"
+    if score <= threshold:
+        return f"S {score:.3f} <= {threshold:.2f}"
+    if label == "AC-LQ" and original_score is not None and score <= original_score:
+        return f"S {score:.3f} <= original {original_score:.3f}"
+    return ""
+
+
+def unscored(
+    target: Target, trajectory: Trajectory, attempt: int, how: RepairHow, reason: str
+) -> RepairAttempt:
+    """A candidate rejected before grading (infrastructure failure, tool output changed)."""
+    return RepairAttempt(attempt, how, trajectory, False, None, None, None, 0, (), reason)
+
+
+def judge(
+    target: Target, repair: Trajectory, attempt: int, how: RepairHow, cfg: RepairConfig
+) -> RepairAttempt:
+    """Grade and score one candidate repair of `target` and decide whether it is accepted."""
+    if repair.finish_reason == "infra_error":
+        return unscored(target, repair, attempt, how, f"infra error: {repair.error}")
+    grade = grade_trajectory(repair.text, target.query, cfg.checker)
+    q = cfg.quality
+    original_s: float | None = None
+    if target.label == "AC-LQ":  # L* = the shorter of the two, for both
+        length_ref = min(length_words(target.original, q), length_words(repair, q))
+        original_s = score_one(target.original, q, length_ref, correct=True).score
+        threshold = cfg.accept_ac_lq
+    else:  # AW: L* = itself
+        length_ref, threshold = length_words(repair, q), cfg.accept_aw
+    scored = score_one(repair, q, length_ref, correct=grade.correct)
+    reason = rejection_reason(target.label, grade.correct, scored.score, original_s, threshold)
+    return RepairAttempt(
+        attempt=attempt,
+        how=how,
+        trajectory=repair,
+        correct=grade.correct,
+        extracted=grade.extracted,
+        score=scored.score,
+        reference_score=original_s,
+        length_ref=length_ref,
+        components=scored.components,
+        reason=reason,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# First pass: delete hedging words inside <think> blocks of a correct trajectory
+
+_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_SPACE_BEFORE_PUNCT = re.compile(r"[ \t]+([.,;:!?])")
+_RUNS_OF_SPACES = re.compile(r"[ \t]{2,}")
+
+FIRST_PASS_PROVENANCE = Provenance(
+    model="autotraj:first-pass",
+    backend="rule",
+    temperature=0.0,
+    top_p=1.0,
+    max_new_tokens=0,
+    role="repairer",
+)
+
+
+def strip_hedging(text: str, words: Sequence[str]) -> str:
+    """`text` with the hedging words (whole words, any case) deleted inside `<think>` blocks.
+
+    A following comma goes with the word; a sentence that started with it starts with a capital.
+
+    >>> strip_hedging("<think>Maybe, the total is probably 12.</think> maybe", ["maybe", "probably"])
+    '<think>The total is 12.</think> maybe'
+    """
+    hedge = re.compile(rf"\b(?:{'|'.join(re.escape(w) for w in words)})\b,?[ \t]*", re.IGNORECASE)
+
+    def clean(block: re.Match[str]) -> str:
+        inner, out, pos, capital = block.group(1), [], 0, False
+        for m in hedge.finditer(inner):
+            piece = inner[pos : m.start()]
+            out.append(piece[:1].upper() + piece[1:] if capital and piece else piece)
+            capital = (capital and not piece) or m.group(0)[0].isupper()
+            pos = m.end()
+        rest = inner[pos:]
+        out.append(rest[:1].upper() + rest[1:] if capital else rest)
+        tidy = _RUNS_OF_SPACES.sub(" ", _SPACE_BEFORE_PUNCT.sub(r"\1", "".join(out)))
+        return f"<think>{tidy}</think>"
+
+    return _THINK.sub(clean, text)
+
+
+def first_pass_candidate(target: Target, cfg: QualityConfig) -> Trajectory | None:
+    """The hedging-free edit of a correct trajectory whose confidence is 0, or None if the edit
+    does not apply (not AC-LQ, no hedging in the model's text, or a rejected tool call)."""
+    original = target.original
+    if target.label != "AC-LQ" or target.score.component("confidence") != 0.0:
+        return None
+    if any(c.status == "rejected" for c in original.tool_calls):
+        return None
+    segments = tuple(
+        Segment(strip_hedging(s.text, cfg.hedging_words) if s.trainable else s.text, s.trainable)
+        for s in original.segments
+    )
+    if all(a.text == b.text for a, b in zip(segments, original.segments, strict=True)):
+        return None
+    return dataclasses.replace(
+        original,
+        id=f"{original.id}/r0",
+        segments=segments,
+        provenance=FIRST_PASS_PROVENANCE,
+        prompt_ids=(),
+        parent_id=original.id,
+        extra=(),
+    )
+
+
+def reexecute(
+    candidates: Sequence[Trajectory], tools: Mapping[ToolName, Tool]
+) -> list[tuple[Trajectory, str]]:
+    """Re-run every candidate's tool calls (one batch per tool) and compare the outputs.
+
+    Returns (candidate with the re-executed calls, "" or why the replay differs), in order.
+    """
+    by_tool: dict[ToolName, list[tuple[int, int]]] = {}
+    for i, t in enumerate(candidates):
+        for j, call in enumerate(t.tool_calls):
+            by_tool.setdefault(call.tool, []).append((i, j))
+    fresh: dict[tuple[int, int], ToolCall] = {}
+    problems: dict[int, str] = {}
+    for name, slots in by_tool.items():
+        if name not in tools:
+            problems.update(
+                {i: f"the {name} tool is not configured: cannot re-run" for i, _ in slots}
+            )
+            continue
+        try:
+            calls = tools[name].run_batch([candidates[i].tool_calls[j].input for i, j in slots])
+        except ToolInfraError as e:
+            log.warning("first pass: re-running %d %s calls failed: %s", len(slots), name, e)
+            problems.update({i: f"infra error: {name}: {e}" for i, _ in slots})
+            continue
+        fresh.update(zip(slots, calls, strict=True))
+    out = []
+    for i, t in enumerate(candidates):
+        calls = tuple(fresh.get((i, j), c) for j, c in enumerate(t.tool_calls))
+        reason = problems.get(i, "")
+        for j, (old, new) in enumerate(zip(t.tool_calls, calls, strict=True)):
+            if not reason and (old.output, old.status) != (new.output, new.status):
+                reason = f"tool call {j} gave a different output when re-run"
+        out.append((dataclasses.replace(t, tool_calls=calls), reason))
+    return out
+
+
+def run_first_pass(
+    targets: Sequence[Target], tools: Mapping[ToolName, Tool], cfg: RepairConfig
+) -> dict[str, RepairAttempt]:
+    """First-pass attempts (attempt 0) by original id, for the targets the edit applies to."""
+    chosen = [(t, c) for t in targets if (c := first_pass_candidate(t, cfg.quality)) is not None]
+    replayed = reexecute([c for _, c in chosen], tools)
+    attempts = {}
+    for (target, _), (candidate, problem) in zip(chosen, replayed, strict=True):
+        if problem:
+            attempts[target.original.id] = unscored(target, candidate, 0, "first_pass", problem)
+        else:
+            attempts[target.original.id] = judge(target, candidate, 0, "first_pass", cfg)
+    return attempts
+
+
+# ---------------------------------------------------------------------------------------------
+# Model attempts
+
+
+def as_repair(trajectory: Trajectory, original: Trajectory) -> Trajectory:
+    """A repairer rollout as a trajectory of the original question (token ids dropped)."""
+    return dataclasses.replace(
+        trajectory,
+        segments=tuple(Segment(s.text, s.trainable) for s in trajectory.segments),
+        prompt_ids=(),
+        parent_id=original.id,
+    )
+
+
+def run_model_attempt(
+    targets: Sequence[Target],
+    attempt: int,
+    generator: Generator,
+    tools: Mapping[ToolName, Tool],
+    cfg: RepairConfig,
+) -> list[RepairAttempt]:
+    """One repair per target, all in one batched rollout; judged, in order."""
+    settings = cfg.rollout
+    if attempt > 1:
+        settings = dataclasses.replace(settings, temperature=cfg.retry_temperature)
+    items = [(f"{t.original.id}/r{attempt}", t.query) for t in targets]
+    conversations = [
+        repair_messages(t.query.question, t.original.text, t.label, settings.system_prompt)
+        for t in targets
+    ]
+    rolled = rollout(
+        generator,
+        tools,
+        generator.tokenizer,
+        items,
+        settings,
+        role="repairer",
+        messages=conversations,
+    )
+    return [
+        judge(t, as_repair(r, t.original), attempt, "model", cfg)
+        for t, r in zip(targets, rolled, strict=True)
+    ]
+
+
+def repair_chunk(
+    targets: Sequence[Target],
+    get_generator: Callable[[], Generator],
+    tools: Mapping[ToolName, Tool],
+    cfg: RepairConfig,
+) -> list[Repair]:
+    """Repair every target of a chunk: first pass, then up to k model attempts for the rest."""
+    history: dict[str, list[RepairAttempt]] = {t.original.id: [] for t in targets}
+    if cfg.first_pass:
+        for original_id, attempt in run_first_pass(targets, tools, cfg).items():
+            history[original_id].append(attempt)
+    for k in range(1, cfg.attempts + 1):
+        pending = [t for t in targets if not any(a.accepted for a in history[t.original.id])]
+        if not pending:
+            break
+        for target, attempt in zip(
+            pending, run_model_attempt(pending, k, get_generator(), tools, cfg), strict=True
+        ):
+            history[target.original.id].append(attempt)
+    repairs = []
+    for t in targets:
+        attempts = history[t.original.id]
+        repairs.append(
+            Repair(
+                original_id=t.original.id,
+                query_id=t.original.query_id,
+                label=t.label,
+                original_score=t.score.score,
+                final=attempts[-1],
+                rejected=tuple(attempts[:-1]),
+            )
+        )
+    return repairs
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def load_targets(run_dir: str | Path) -> tuple[list[Target], dict[str, Path]]:
+    """Every AC-LQ and AW trajectory, in the order of scores.jsonl, and the input files."""
+    inputs = synthesize_inputs(run_dir)
+    inputs["scores"] = require_file(Path(run_dir) / "score" / "scores.jsonl", "score")
+    queries, trajectories = load_synthesized(inputs)
+    by_id = {t.id: t for t in trajectories}
+    targets = []
+    for score in load_records(inputs["scores"], QualityScore.from_dict):
+        if score.label == "HQ":
+            continue
+        if score.trajectory_id not in by_id:
+            raise DataError(
+                f"{inputs['scores']}: trajectory {score.trajectory_id} is not in "
+                f"{inputs['trajectories']}; re-run `autotraj score`"
+            )
+        original = by_id[score.trajectory_id]
+        targets.append(Target(original, queries[original.query_id], score.label, score))
+    return targets, inputs
+
+
+def _check_same_inputs(out_dir: Path, inputs: dict[str, Path]) -> None:
+    """Refuse to resume (or reuse) output made from different input files."""
+    hashes = {name: file_sha256(p) for name, p in sorted(inputs.items())}
+    saved = out_dir / "inputs.json"
+    if saved.exists() and json.loads(saved.read_text(encoding="utf-8")) != hashes:
+        raise ConfigError(
+            f"{out_dir} was made from different synthesize/score outputs; use another run_dir "
+            f"or delete that folder (compare {saved})"
+        )
+    write_json_atomic(saved, hashes)
+
+
+def run_repair(
+    cfg: RepairConfig,
+    generator: Generator | None = None,
+    tools: Mapping[ToolName, Tool] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the stage and return its counts.
+
+    `generator` replaces the configured repairer (it needs a `tokenizer`); `tools` replaces the
+    configured tools (the caller then closes them). The repairer is only loaded if a chunk needs
+    it (the first pass may repair everything).
+    """
+    if cfg.attempts < 1 or cfg.chunk < 1:
+        raise ConfigError(
+            f"repair: attempts and chunk must be >= 1, got {cfg.attempts} and {cfg.chunk}"
+        )
+    out_dir = stage_dir(cfg)
+    targets, inputs = load_targets(cfg.run_dir)
+    check_same_config(out_dir, yaml.safe_dump(to_dict(cfg), sort_keys=True))
+    _check_same_inputs(out_dir, inputs)
+    repairs = ResumableJsonl(out_dir / "repairs.jsonl", key=lambda row: row["original_id"])
+    hard = ResumableJsonl(out_dir / "hard_cases.jsonl", key=lambda row: row["original_id"])
+    if repairs.finished and hard.finished and (out_dir / "manifest.json").is_file():
+        log.info("%s is finished; nothing to do", out_dir)
+        return json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))["counts"]
+    done = set(repairs.done) | set(hard.done)
+    todo = [t for t in targets if t.original.id not in done]
+    log.info("%d trajectories to repair: %d done, %d to go", len(targets), len(done), len(todo))
+    if todo:
+        own_tools = tools is None
+        active_tools = open_tools(cfg.tools) if tools is None else tools
+        try:
+            _repair_all(cfg, todo, generator, active_tools, repairs, hard)
+        finally:
+            if own_tools:
+                close_tools(dict(active_tools))
+    repairs.finish()
+    hard.finish()
+    counts = summarize(out_dir, targets)
+    write_manifest(out_dir, stage="repair", config=to_dict(cfg), inputs=inputs, counts=counts)
+    return counts
+
+
+def _repair_all(
+    cfg: RepairConfig,
+    todo: list[Target],
+    generator: Generator | None,
+    tools: Mapping[ToolName, Tool],
+    repairs: ResumableJsonl,
+    hard: ResumableJsonl,
+) -> None:
+    loaded: list[Generator] = [generator] if generator is not None else []
+
+    def get_generator() -> Generator:
+        if not loaded:
+            loaded.append(load_generator(cfg.generator, role="repairer"))
+        return loaded[0]
+
+    metrics = MetricsLog(stage_dir(cfg) / "metrics.jsonl")
+    with tqdm(total=len(todo), desc="repair", unit="traj") as bar:
+        for start in range(0, len(todo), cfg.chunk):
+            began = time.perf_counter()
+            results = repair_chunk(todo[start : start + cfg.chunk], get_generator, tools, cfg)
+            # Each original lands in exactly one file; the done-set is the union of both, so a
+            # kill between these two appends only redoes the rows of the second one.
+            repairs.append([r.to_dict() for r in results if r.accepted])
+            hard.append([r.to_dict() for r in results if not r.accepted])
+            metrics.write(start // cfg.chunk, chunk_metrics(results, time.perf_counter() - began))
+            bar.update(len(results))
+
+
+def chunk_metrics(results: Sequence[Repair], seconds: float) -> dict[str, float]:
+    attempts = [a for r in results for a in (*r.rejected, r.final)]
+    values: dict[str, float] = {
+        "repair/speed/repairs_per_min": 60 * len(results) / max(seconds, 1e-9),
+        "repair/speed/seconds": seconds,
+        "repair/attempts/model": sum(a.how == "model" for a in attempts),
+        "repair/attempts/first_pass": sum(a.how == "first_pass" for a in attempts),
+        "repair/attempts/infra_error": sum(a.reason.startswith("infra error") for a in attempts),
+        "repair/accept/first_pass": sum(
+            r.accepted and r.final.how == "first_pass" for r in results
+        ),
+    }
+    for label in PROMPT_FILES:
+        mine = [r for r in results if r.label == label]
+        if mine:
+            values[f"repair/accept/{label}_rate"] = sum(r.accepted for r in mine) / len(mine)
+    return values
+
+
+def summarize(out_dir: Path, targets: Sequence[Target]) -> dict[str, Any]:
+    """Counts from the files on disk (so they are right after any number of resumes)."""
+    accepted = load_records(out_dir / "repairs.jsonl", Repair.from_dict)
+    rejected = load_records(out_dir / "hard_cases.jsonl", Repair.from_dict)
+    attempts = [a for r in (*accepted, *rejected) for a in (*r.rejected, r.final)]
+    to_repair = Counter(t.label for t in targets)
+    accepted_by = Counter(r.label for r in accepted)
+    reasons = Counter(_reason_kind(r.final.reason) for r in rejected)
+    return {
+        "to_repair": {label: to_repair[label] for label in PROMPT_FILES},
+        "accepted": {label: accepted_by[label] for label in PROMPT_FILES},
+        "hard_cases": len(rejected),
+        "hard_case_reasons": dict(sorted(reasons.items())),
+        "first_pass_accepted": sum(r.final.how == "first_pass" for r in accepted),
+        "model_attempts": sum(a.how == "model" for a in attempts),
+        "infra_errors": sum(a.reason.startswith("infra error") for a in attempts),
+    }
+
+
+def _reason_kind(reason: str) -> str:
+    """A rejection reason without its numbers, for counting: 'S <= original', 'S <= 0.86' ..."""
+    if reason.startswith("infra error"):
+        return "infra error"
+    return re.sub(r"original [0-9.]+", "original", re.sub(r"^S [0-9.]+", "S", reason))

@@ -1,0 +1,193 @@
+"""The numbers of a GRPO update: group advantages, per-token log-probs, entropy, KL, PPO-clip.
+
+Pure functions (METHOD.md section 10): no I/O, no model, no global state. `group_advantages`
+works on plain floats; the loss pieces work on tensors shaped (batch, tokens) with a float mask
+that is 1.0 on trainable response tokens and 0.0 on prompt, tool-result and padding tokens.
+
+- `group_advantages`: A = (R - mean(R_group)) / (std(R_group) + 1e-6) per prompt group; excluded
+  rollouts (reward None: infrastructure failures) take no part and get no advantage.
+- `token_logprobs`: log pi(token_t | tokens_<t) of each token, and the entropy of the
+  distribution it was drawn from, from logits.
+- `kl_k3`: the k3 estimator of KL(pi || pi_ref) per token, exp(r) - r - 1 with r = ref - logp.
+- `prompt_indices`: which queries a step samples (a seeded shuffle per epoch).
+- `collate`: padded ids and the loss mask, taken from each rendering's own trainable flags.
+- `policy_loss`: PPO-clip surrogate + entropy bonus + optional KL penalty, summed over masked
+  tokens and divided by a caller-given token count (the loss is a mean over trainable tokens).
+
+Not here: models, sampling, rewards (rewards.py), the training loop (grpo.py).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from autotraj.render import RenderedTrajectory
+
+ADVANTAGE_EPS = 1e-6  # METHOD.md section 10: (R - mean) / (std + 1e-6)
+
+
+def group_advantages(
+    rewards: Sequence[float | None], groups: Sequence[Hashable], eps: float = ADVANTAGE_EPS
+) -> list[float | None]:
+    """GRPO advantages, one per rollout; None for excluded rollouts (reward None).
+
+    Rollouts sharing a group key (their prompt) are normalized together over the rollouts that
+    have a reward: A = (R - mean) / (std + eps), std the sample (Bessel-corrected) standard
+    deviation as `torch.std` computes it. A group whose rewards are all equal, or that has fewer
+    than two rewarded rollouts, gets 0.0 advantages: it carries no learning signal.
+
+    >>> adv = group_advantages([1.0, 0.0, None, 0.0, 0.0], ["a", "a", "a", "b", "b"])
+    >>> [None if a is None else round(a, 4) for a in adv]
+    [0.7071, -0.7071, None, 0.0, 0.0]
+    """
+    if len(rewards) != len(groups):
+        raise ValueError(f"{len(rewards)} rewards for {len(groups)} group keys")
+    members: dict[Hashable, list[int]] = {}
+    for i, (reward, group) in enumerate(zip(rewards, groups, strict=True)):
+        if reward is not None:
+            if not math.isfinite(reward):
+                raise ValueError(f"rollout {i}: non-finite reward {reward}")
+            members.setdefault(group, []).append(i)
+    out: list[float | None] = [None] * len(rewards)
+    for indices in members.values():
+        values = [float(rewards[i]) for i in indices]  # type: ignore[arg-type]
+        if len(values) < 2:
+            out[indices[0]] = 0.0
+            continue
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        for i, v in zip(indices, values, strict=True):
+            out[i] = 0.0 if std == 0 else (v - mean) / (std + eps)
+    return out
+
+
+def token_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs (B, T) and, when asked, entropies (B, T), aligned with `input_ids`.
+
+    Column t is log p(input_ids[:, t] | input_ids[:, :t]) and the entropy of that predictive
+    distribution; column 0 (no prediction) is 0. So a mask over `input_ids` (1 where a token is
+    trainable) selects the log-prob of generating exactly that token. One log-softmax serves both.
+    """
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
+    return _shift_to_tokens(picked), None if entropy is None else _shift_to_tokens(entropy)
+
+
+def _shift_to_tokens(values: torch.Tensor) -> torch.Tensor:
+    """Prediction-aligned (B, T-1) values -> token-aligned (B, T): token t+1 gets column t."""
+    return torch.nn.functional.pad(values, (1, 0))
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref): exp(r) - r - 1, r = ref - logp (>= 0).
+
+    >>> float(kl_k3(torch.tensor([0.0]), torch.tensor([0.0])))
+    0.0
+    """
+    r = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
+    return torch.exp(r) - r - 1
+
+
+@dataclass(frozen=True)
+class LossStats:
+    """Sums over the masked tokens of one micro-batch (divide by the token count to average)."""
+
+    tokens: float
+    clipped: float
+    entropy: float
+    kl: float
+    ratio: float
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    normalizer: float,
+    clip: float = 0.2,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> tuple[torch.Tensor, LossStats]:
+    """PPO-clip loss of one micro-batch, as a share of the mean over `normalizer` tokens.
+
+    Per token: max(-A r, -A clip(r, 1-clip, 1+clip)) - entropy_coef * H + kl_coef * k3, with r
+    the probability ratio to the rollout policy; summed where `mask` is 1 and divided by
+    `normalizer` (the trainable-token count of the whole step, so that micro-batches add up to a
+    token mean). `advantages` is (B,) per sequence or (B, T) per token. KL stats are taken to
+    `ref_logprobs` when given, else to the rollout policy (how far this update has moved).
+
+    >>> lp = torch.zeros(1, 3); m = torch.tensor([[0.0, 1.0, 1.0]])
+    >>> loss, stats = policy_loss(lp, lp, torch.tensor([2.0]), m, normalizer=2.0)
+    >>> float(loss), stats.tokens, stats.clipped
+    (-2.0, 2.0, 0.0)
+    """
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1).expand_as(logprobs)
+    mask = mask.to(logprobs.dtype)
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-20.0, 20.0))
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
+    per_token = torch.maximum(unclipped, clipped)
+    if entropy is not None and entropy_coef:
+        per_token = per_token - entropy_coef * entropy
+    kl = kl_k3(logprobs, ref_logprobs if ref_logprobs is not None else old_logprobs)
+    if ref_logprobs is not None and kl_coef:
+        per_token = per_token + kl_coef * kl
+    loss = (per_token * mask).sum() / normalizer
+    with torch.no_grad():
+        stats = LossStats(
+            tokens=float(mask.sum()),
+            clipped=float(((clipped > unclipped).to(mask.dtype) * mask).sum()),
+            entropy=float((entropy * mask).sum()) if entropy is not None else 0.0,
+            kl=float((kl * mask).sum()),
+            ratio=float((ratio * mask).sum()),
+        )
+    return loss, stats
+
+
+def prompt_indices(n_queries: int, step: int, per_step: int, seed: int) -> list[int]:
+    """Query indices for step `step` (0-based): consecutive slices of a per-epoch seeded shuffle.
+
+    Depends only on its arguments, so a resumed run continues the same sequence; every query
+    is used once per epoch.
+
+    >>> sorted(prompt_indices(3, 0, 3, seed=0))
+    [0, 1, 2]
+    """
+    if n_queries < 1:
+        raise ValueError("no queries to sample from")
+    out = []
+    for position in range(step * per_step, (step + 1) * per_step):
+        epoch, offset = divmod(position, n_queries)
+        order = list(range(n_queries))
+        random.Random(f"{seed}/{epoch}").shuffle(order)
+        out.append(order[offset])
+    return out
+
+
+def collate(
+    rendered: Sequence[RenderedTrajectory], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, loss_mask); loss_mask is each rendering's own
+    trainable flags (prompt, tool-result and padding tokens 0)."""
+    width = max(len(r.input_ids) for r in rendered)
+    ids = torch.full((len(rendered), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rendered), width), dtype=torch.long)
+    mask = torch.zeros((len(rendered), width), dtype=torch.float32)
+    for row, r in enumerate(rendered):
+        n = len(r.input_ids)
+        ids[row, :n] = torch.tensor(r.input_ids, dtype=torch.long)
+        attention[row, :n] = 1
+        mask[row, :n] = torch.tensor(r.trainable, dtype=torch.float32)
+    return ids, attention, mask

@@ -1,0 +1,600 @@
+"""Stage `autotraj rl`: GRPO with multi-turn tool rollouts, composite rewards, on accelerate.
+
+Each step (METHOD.md section 10; release values in `RlConfig`):
+1. take `prompts_per_step` queries (a seeded shuffle per epoch; each process its share);
+2. roll out `rollouts_per_prompt` trajectories per query with THE rollout engine (rollout.py) and
+   real tools, generating with the current policy weights (TransformersGenerator around the
+   policy model: no weight copy, no sync);
+3. reward them (rewards.compute_rewards: the release formula, the trajectory RM when configured);
+   a rollout that hit an infrastructure failure is excluded from its group, never scored 0;
+4. group advantages A = (R - mean) / (std + 1e-6) on every trainable token (train/advantages.py);
+5. re-render each trajectory with the one renderer (render.render_trajectory: prompt and
+   tool-result tokens are not trainable), compute the rollout policy's log-probs on those ids,
+   then `ppo_epochs` x `mini_batches` optimizer updates of the PPO-clip loss with entropy bonus
+   and optional k3 KL to a frozen reference, averaged over trainable tokens.
+
+Outputs under `<run_dir>/rl/`: `metrics.jsonl` (`rl/...`, one row per step), `rollouts.jsonl`
+(trajectories with reward breakdowns and advantages), `checkpoints/step-N` (accelerate
+`save_state`: model, optimizer, RNG, step), `model/`, `config.resolved.yaml`, `manifest.json`.
+A re-run resumes from the latest checkpoint.
+
+Multi-GPU: the same command under `accelerate launch` (DDP: each process rolls out its share of
+the prompts, a group stays on one process, the loss is normalized by the global trainable-token
+count). vLLM generation is a seam (`generator.backend`), not implemented.
+
+Not here: reward functions (rewards.py), advantage/loss math (advantages.py), the reward model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import random
+import shutil
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+import yaml
+from accelerate import Accelerator, PartialState
+from accelerate.utils import gather_object, set_seed
+
+from autotraj.config import ConfigError, to_dict
+from autotraj.io import check_same_config, read_jsonl, write_jsonl_atomic, write_manifest
+from autotraj.metrics import MetricsLog
+from autotraj.models.loading import EMBEDDED_MODEL, GeneratorConfig, load_tokenizer
+from autotraj.records import Query, Trajectory
+from autotraj.render import RenderedTrajectory, render_prompt, render_trajectory
+from autotraj.rewards import RewardBreakdown, RewardConfig, compute_rewards, reward_summary
+from autotraj.rollout import RolloutConfig, rollout
+from autotraj.tools.toolbox import ToolsConfig, close_tools, open_tools
+from autotraj.train.advantages import (
+    collate,
+    group_advantages,
+    policy_loss,
+    prompt_indices,
+    token_logprobs,
+)
+
+log = logging.getLogger(__name__)
+
+# Config fields that may change when a run is resumed (everything else must match).
+_RESUMABLE_CHANGES = ("steps", "resume", "report_to", "save_every", "keep_checkpoints")
+
+
+@dataclass(frozen=True)
+class RlGeneratorConfig:
+    # transformers: generate with the policy model itself (CPU/GPU). vllm: the seam for a GPU
+    # engine; not implemented (needs a weight push after every update).
+    backend: Literal["transformers", "vllm"] = "transformers"
+    batch_size: int = 16  # sequences per generation batch
+    # policy: sample from the policy model object itself (its exact weights); bfloat16: from a
+    # bf16 copy refreshed from the policy before every step's rollouts (2.4x faster generation
+    # on CPU than the fp32 policy, docs/rl.md; log-probs for the loss always come from the policy)
+    dtype: Literal["policy", "bfloat16"] = "policy"
+
+
+def _rl_rollout() -> RolloutConfig:
+    # release: temperature 1.0; 2048 response tokens, tool-result tokens included
+    return RolloutConfig(temperature=1.0, top_p=1.0, max_new_tokens=2048, max_response_tokens=2048)
+
+
+@dataclass(frozen=True)
+class RlConfig:
+    run_dir: str = "runs/default"
+    model: str = ""  # "": <run_dir>/sft/model if present, else the embedded model
+    queries: str = ""  # "": <run_dir>/synthesize/queries.jsonl; or any load_queries source
+    kind: Literal["math", "qa"] | None = None
+    limit: int | None = None  # first N queries
+    rm: str = ""  # "": <run_dir>/rm/model if present; used only when reward.rm_weight != 0
+    rm_batch_size: int = 8
+    steps: int = 100
+    prompts_per_step: int = 12  # release: 12 prompts per batch
+    rollouts_per_prompt: int = 4  # release: n = 4
+    lr: float = 1e-6  # release: 1e-6, constant schedule
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # not given by the release; a common default
+    clip: float = 0.2  # release: PPO ratio clip 0.2
+    entropy_coef: float = 0.001  # release
+    kl_coef: float = 0.0  # release: 0 (no reference model); > 0 loads a frozen reference
+    max_prompt_tokens: int = 768  # release; longer prompts are skipped at load time
+    ppo_epochs: int = 1  # passes over each step's rollouts
+    mini_batches: int = 1  # optimizer updates per pass (1: a single on-policy update)
+    micro_batch_size: int = 4  # sequences per forward/backward
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # autocast; weights stay fp32
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    save_every: int = 10  # steps between checkpoints (0: none until the end)
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from the latest checkpoint in <run_dir>/rl/checkpoints
+    save_rollouts: bool = True
+    report_to: tuple[str, ...] = ()  # "tensorboard", "wandb" (metrics.jsonl is always written)
+    generator: RlGeneratorConfig = field(default_factory=RlGeneratorConfig)
+    rollout: RolloutConfig = field(default_factory=_rl_rollout)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+ScoreItems = Sequence[tuple[str, Trajectory]]  # (question, trajectory)
+
+
+class TrajectoryScorer(Protocol):
+    """What RL needs of a trajectory reward model (train/reward_model.TrajectoryRewardModel).
+
+    Both methods score (question, trajectory) items in order and raise on failure.
+    """
+
+    def score(self, items: ScoreItems, batch_size: int) -> list[float]: ...
+
+    def normalized(self, items: ScoreItems, batch_size: int) -> list[float]: ...
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One rewarded rollout ready for the update: its rendering and its advantage."""
+
+    rendered: RenderedTrajectory
+    advantage: float
+
+
+def stage_dir(cfg: RlConfig) -> Path:
+    return Path(cfg.run_dir) / "rl"
+
+
+def resolve_model(cfg: RlConfig) -> str:
+    """The policy to start from: `cfg.model`, else the SFT model of the run, else embedded."""
+    if cfg.model:
+        return cfg.model
+    sft = Path(cfg.run_dir) / "sft" / "model"
+    return str(sft) if sft.is_dir() else EMBEDDED_MODEL
+
+
+def resolve_rm(cfg: RlConfig) -> str | None:
+    """The reward-model directory, or None when the reward does not use one."""
+    if cfg.reward.formula != "release" or cfg.reward.rm_weight == 0:
+        return None
+    path = Path(cfg.rm) if cfg.rm else Path(cfg.run_dir) / "rm" / "model"
+    if not path.is_dir():
+        raise ConfigError(
+            f"rl: reward.rm_weight={cfg.reward.rm_weight} needs a reward model, none at {path}; "
+            f"train one (autotraj rm), set rm=PATH, or set reward.rm_weight=0"
+        )
+    return str(path)
+
+
+def rollout_metrics(
+    trajectories: Sequence[Trajectory],
+    breakdowns: Sequence[RewardBreakdown],
+    response_lengths: Sequence[int],
+) -> dict[str, float]:
+    """Reward, accuracy, format, length and tool metrics of one step's rollouts."""
+    values = {f"rl/{k}": v for k, v in reward_summary(breakdowns).items()}
+    values["rl/response_length"] = sum(response_lengths) / max(1, len(response_lengths))
+    calls = [c for t in trajectories for c in t.tool_calls]
+    values["rl/tools/calls_per_trajectory"] = len(calls) / max(1, len(trajectories))
+    for status in ("error", "timeout"):
+        values[f"rl/tools/{status}_rate"] = sum(c.status == status for c in calls) / max(
+            1, len(calls)
+        )
+    for reason, count in Counter(t.finish_reason for t in trajectories).items():
+        values[f"rl/finish/{reason}"] = float(count)
+    return values
+
+
+class _Progress:
+    """The step counter, saved and restored with accelerate's checkpoints."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+
+def _latest_checkpoint(out_dir: Path) -> Path | None:
+    return max((p.parent for p in (out_dir / "checkpoints").glob("step-*/complete")), default=None)
+
+
+def _truncate_steps(path: Path, last_step: int) -> None:
+    """Drop rows written after `last_step` (a crash between a step and its checkpoint)."""
+    if path.exists():
+        write_jsonl_atomic(path, [row for _, row in read_jsonl(path) if row["step"] <= last_step])
+
+
+def _comparable_yaml(cfg: RlConfig) -> str:
+    """The resolved config minus the fields a resumed run may change (saved and compared)."""
+    data = {k: v for k, v in to_dict(cfg).items() if k not in _RESUMABLE_CHANGES}
+    return yaml.safe_dump(data, sort_keys=True)
+
+
+def load_rl_queries(cfg: RlConfig, tokenizer: Any) -> list[Query]:
+    """The training queries, without those whose prompt exceeds `max_prompt_tokens`."""
+    from autotraj.querysets import load_queries
+
+    source = cfg.queries or str(Path(cfg.run_dir) / "synthesize" / "queries.jsonl")
+    queries = load_queries(source, kind=cfg.kind, limit=cfg.limit)
+    kept = [
+        q
+        for q in queries
+        if len(render_prompt(tokenizer, q.question, cfg.rollout.system_prompt)[1])
+        <= cfg.max_prompt_tokens
+    ]
+    if len(kept) < len(queries):
+        log.warning(
+            "skipped %d queries longer than %d prompt tokens",
+            len(queries) - len(kept),
+            cfg.max_prompt_tokens,
+        )
+    if not kept:
+        raise ConfigError(f"rl: no usable training queries in {source}")
+    return kept
+
+
+class GrpoRun:
+    """Owns the policy, optimizer, tools and scorer of one RL run; `train()` runs the steps."""
+
+    def __init__(self, cfg: RlConfig, scorer: TrajectoryScorer | None = None):
+        self.cfg = cfg
+        self.out_dir = stage_dir(cfg)
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            log_with=list(cfg.report_to) or None,
+            project_dir=str(self.out_dir),
+        )
+        if self.accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
+            # generation needs the full weights, and DeepSpeed's engine owns the optimizer step
+            raise ConfigError("rl: DeepSpeed/FSDP not supported yet; use DDP (multi_gpu.yaml)")
+        if cfg.prompts_per_step % self.accelerator.num_processes:
+            raise ConfigError(
+                f"rl: prompts_per_step={cfg.prompts_per_step} must be divisible by the "
+                f"{self.accelerator.num_processes} processes"
+            )
+        set_seed(cfg.seed, device_specific=True)
+        self.model_ref = resolve_model(cfg)
+        self.tokenizer = load_tokenizer(GeneratorConfig(model=self.model_ref))
+        policy = self._load_lm(self.model_ref, train=True)
+        self.ref_model = self._load_lm(self.model_ref, train=False) if cfg.kl_coef > 0 else None
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        self.progress = _Progress()
+        self.accelerator.register_for_checkpointing(self.progress)
+        self.scorer = scorer if scorer is not None else self._load_scorer()
+        self.queries = load_rl_queries(cfg, self.tokenizer)
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
+        self._rollout_copy: Any = None
+
+    def _load_lm(self, ref: str, train: bool) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        from autotraj.models.loading import resolve_model_path
+
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(ref), dtype=torch.float32)
+        if not train:  # the frozen KL reference
+            return model.requires_grad_(False).eval().to(self.accelerator.device)
+        if self.cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        log.info("policy %s: %d parameters", ref, model.num_parameters())
+        return model.train()
+
+    def _load_scorer(self) -> TrajectoryScorer | None:
+        path = resolve_rm(self.cfg)
+        if path is None:
+            return None
+        from autotraj.train.reward_model import TrajectoryRewardModel
+
+        return TrajectoryRewardModel.load(path)
+
+    def _generator(self) -> Any:
+        if self.cfg.generator.backend != "transformers":
+            raise ConfigError(
+                "rl: generator.backend=vllm is not implemented yet (it needs the policy weights "
+                "pushed into the engine after every update); use transformers"
+            )
+        from autotraj.models.transformers_backend import TransformersGenerator
+
+        policy = self.accelerator.unwrap_model(self.model)
+        if self.cfg.generator.dtype == "bfloat16":
+            if self._rollout_copy is None:
+                self._rollout_copy = copy.deepcopy(policy).to(torch.bfloat16).requires_grad_(False)
+            else:
+                self._rollout_copy.load_state_dict(policy.state_dict())  # this step's weights
+            policy = self._rollout_copy
+        return TransformersGenerator(
+            policy,
+            self.tokenizer,
+            name=self.model_ref,
+            batch_size=self.cfg.generator.batch_size,
+        )
+
+    # --- the run -------------------------------------------------------------------------
+
+    def restore(self) -> int:
+        """Load the latest checkpoint (model, optimizer, RNG, step), if any; return the step."""
+        latest = _latest_checkpoint(self.out_dir)
+        if latest is not None:
+            if not self.cfg.resume:
+                raise ConfigError(f"{self.out_dir} has checkpoints; set resume=true or clear it")
+            self.accelerator.load_state(str(latest))
+            log.info("resumed from %s at step %d", latest, self.progress.step)
+        if self.accelerator.is_main_process:
+            for name in ("metrics.jsonl", "rollouts.jsonl"):
+                _truncate_steps(self.out_dir / name, self.progress.step)
+        return self.progress.step
+
+    def train(self) -> dict[str, Any]:
+        cfg, acc = self.cfg, self.accelerator
+        self.restore()
+        acc.init_trackers("autotraj-rl", config=_flat_config(cfg))
+        tools = open_tools(cfg.tools)
+        try:
+            while self.progress.step < cfg.steps:
+                values = self.step(self.progress.step, tools)
+                self.progress.step += 1
+                if acc.is_main_process:
+                    self.metrics.write(self.progress.step, values)
+                acc.log(values, step=self.progress.step)
+                log.info("step %d: %s", self.progress.step, _brief(values))
+                if cfg.save_every and self.progress.step % cfg.save_every == 0:
+                    self.save_checkpoint()
+            if _latest_checkpoint(self.out_dir) != self._checkpoint_path():
+                self.save_checkpoint()  # the final state, so that `steps` can be raised later
+        finally:
+            close_tools(tools)
+            acc.end_training()
+        self.save_final()
+        return {"steps": self.progress.step, "model": str(self.out_dir / "model")}
+
+    def step(self, step: int, tools: dict) -> dict[str, float]:
+        """One GRPO step (0-based `step`): rollouts, rewards, advantages, update; its metrics."""
+        cfg, acc = self.cfg, self.accelerator
+        began = time.perf_counter()
+        indices = prompt_indices(len(self.queries), step, cfg.prompts_per_step, cfg.seed)
+        mine = list(enumerate(indices))[acc.process_index :: acc.num_processes]
+        items = [
+            (f"rl/s{step}/p{j}/{self.queries[i].id}/r{k}", self.queries[i])
+            for j, i in mine
+            for k in range(cfg.rollouts_per_prompt)
+        ]
+        groups = [traj_id.rsplit("/r", 1)[0] for traj_id, _ in items]
+        item_queries = [q for _, q in items]
+        policy = acc.unwrap_model(self.model)
+        policy.eval()  # no autocast here: it re-casts every weight at every token (2x slower)
+        trajectories = rollout(
+            self._generator(), tools, self.tokenizer, items, replace(cfg.rollout, seed=cfg.seed)
+        )
+        policy.train()
+        rollout_s = time.perf_counter() - began
+        breakdowns = compute_rewards(
+            trajectories, item_queries, self._rm_scores(trajectories, item_queries), cfg.reward
+        )
+        advantages = group_advantages([b.reward for b in breakdowns], groups)
+        rendered = [
+            render_trajectory(self.tokenizer, q.question, t, cfg.rollout.system_prompt)
+            for t, q in zip(trajectories, item_queries, strict=True)
+        ]
+        samples = [Sample(r, a) for r, a in zip(rendered, advantages, strict=True) if a is not None]
+        update = self.update(samples, step)
+        if cfg.save_rollouts:
+            self._save_rollouts(step + 1, trajectories, breakdowns, advantages)
+        values = rollout_metrics(
+            gather_object(trajectories),
+            gather_object(breakdowns),
+            gather_object([len(r.input_ids) - r.prompt_length for r in rendered]),
+        )
+        zero = sum(1 for a in advantages if a == 0.0) / max(1, len(advantages))
+        values.update(update)
+        values["rl/advantage/zero_fraction"] = zero
+        values["rl/time/rollout_s"] = rollout_s
+        values["rl/time/step_s"] = time.perf_counter() - began
+        return values
+
+    def _rm_scores(
+        self, trajectories: Sequence[Trajectory], queries: Sequence[Query]
+    ) -> list[float | None] | None:
+        if self.scorer is None:
+            return None
+        keep = [i for i, t in enumerate(trajectories) if t.finish_reason != "infra_error"]
+        items = [(queries[i].question, trajectories[i]) for i in keep]
+        bs = self.cfg.rm_batch_size
+        if self.cfg.reward.normalize_rm:
+            scores = self.scorer.normalized(items, batch_size=bs)
+        else:
+            scores = self.scorer.score(items, batch_size=bs)
+        if len(scores) != len(items):
+            raise RuntimeError(f"reward model returned {len(scores)} scores for {len(items)}")
+        out: list[float | None] = [None] * len(trajectories)
+        for i, s in zip(keep, scores, strict=True):
+            out[i] = float(s)
+        return out
+
+    # --- the update ----------------------------------------------------------------------
+
+    def _forward_logprobs(
+        self, model: Any, batch: Sequence[RenderedTrajectory], with_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        pad = self.tokenizer.pad_token_id
+        ids, attention, mask = collate(batch, self.tokenizer.eos_token_id if pad is None else pad)
+        device = self.accelerator.device
+        ids, attention, mask = ids.to(device), attention.to(device), mask.to(device)
+        with self.accelerator.autocast():
+            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        logp, entropy = token_logprobs(logits, ids, with_entropy=with_entropy)
+        return logp, entropy, mask, ids
+
+    @torch.no_grad()
+    def _fixed_logprobs(self, model: Any, samples: Sequence[Sample]) -> list[torch.Tensor]:
+        """Per-sample log-probs under a model that does not change during the update."""
+        out = []
+        mb = self.cfg.micro_batch_size
+        for start in range(0, len(samples), mb):
+            chunk = [s.rendered for s in samples[start : start + mb]]
+            logp, _, _, _ = self._forward_logprobs(model, chunk, with_entropy=False)
+            out.extend(logp[row, : len(r.input_ids)] for row, r in enumerate(chunk))
+        return out
+
+    def update(self, samples: Sequence[Sample], step: int) -> dict[str, float]:
+        """PPO-clip updates on this process's samples; returns loss/kl/entropy/clip metrics."""
+        cfg = self.cfg
+        began = time.perf_counter()
+        old = self._fixed_logprobs(self.model, samples)
+        ref = self._fixed_logprobs(self.ref_model, samples) if self.ref_model is not None else None
+        totals: Counter[str] = Counter()
+        order = list(range(len(samples)))
+        rng = random.Random(f"{cfg.seed}/update/{step}")
+        for _ in range(cfg.ppo_epochs):
+            rng.shuffle(order)
+            for part in range(cfg.mini_batches):
+                chosen = order[part :: cfg.mini_batches]
+                self._optimizer_step(
+                    [(samples[i], old[i], ref[i] if ref else None) for i in chosen], totals
+                )
+        tokens = max(1.0, totals["tokens"])
+        return {
+            "rl/loss": totals["loss"] / max(1, totals["updates"]),
+            "rl/kl": totals["kl"] / tokens,
+            "rl/entropy": totals["entropy"] / tokens,
+            "rl/clip_fraction": totals["clipped"] / tokens,
+            "rl/ratio_mean": totals["ratio"] / tokens,
+            "rl/grad_norm": totals["grad_norm"] / max(1, totals["updates"]),
+            "rl/lr": cfg.lr,
+            "rl/trainable_tokens": totals["tokens"] / max(1, cfg.ppo_epochs),
+            "rl/time/update_s": time.perf_counter() - began,
+        }
+
+    def _optimizer_step(
+        self,
+        chosen: Sequence[tuple[Sample, torch.Tensor, torch.Tensor | None]],
+        totals: Counter[str],
+    ) -> None:
+        """Accumulate the loss of `chosen` over micro-batches, then one optimizer step."""
+        cfg, acc = self.cfg, self.accelerator
+        local = sum(sum(s.rendered.trainable) for s, _, _ in chosen)
+        count = torch.tensor(float(local), device=acc.device)
+        # Token mean over all processes: DDP averages gradients, so scale by the process count.
+        normalizer = float(acc.reduce(count, reduction="sum")) / acc.num_processes
+        mb = cfg.micro_batch_size
+        starts = list(range(0, len(chosen), mb))
+        loss_sum = 0.0
+        for n, start in enumerate(starts):
+            part = chosen[start : start + mb]
+            sync = acc.no_sync(self.model) if n < len(starts) - 1 else contextlib.nullcontext()
+            with sync:
+                logp, entropy, mask, _ = self._forward_logprobs(
+                    self.model, [s.rendered for s, _, _ in part], with_entropy=True
+                )
+                loss, stats = policy_loss(
+                    logp,
+                    _pad_rows([o for _, o, _ in part], logp),
+                    torch.tensor([s.advantage for s, _, _ in part], device=logp.device),
+                    mask,
+                    normalizer=max(normalizer, 1.0),
+                    clip=cfg.clip,
+                    entropy=entropy,
+                    entropy_coef=cfg.entropy_coef,
+                    ref_logprobs=_pad_rows([r for _, _, r in part], logp)
+                    if self.ref_model
+                    else None,
+                    kl_coef=cfg.kl_coef,
+                )
+                acc.backward(loss)
+            loss_sum += float(loss.detach())
+            for key in ("tokens", "clipped", "entropy", "kl", "ratio"):
+                totals[key] += getattr(stats, key)
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals["loss"] += loss_sum
+        totals["grad_norm"] += float(grad_norm) if grad_norm is not None else 0.0
+        totals["updates"] += 1
+
+    # --- outputs -------------------------------------------------------------------------
+
+    def _save_rollouts(
+        self,
+        step: int,
+        trajectories: Sequence[Trajectory],
+        breakdowns: Sequence[RewardBreakdown],
+        advantages: Sequence[float | None],
+    ) -> None:
+        rows = [
+            {"step": step, "advantage": a, "reward": b.to_dict(), "trajectory": t.to_dict()}
+            for t, b, a in zip(trajectories, breakdowns, advantages, strict=True)
+        ]
+        rows = gather_object(rows)
+        if self.accelerator.is_main_process:
+            with (self.out_dir / "rollouts.jsonl").open("a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+    def _checkpoint_path(self) -> Path:
+        return self.out_dir / "checkpoints" / f"step-{self.progress.step:06d}"
+
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        path = self._checkpoint_path()
+        acc.save_state(str(path))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (path / "complete").write_text(f"{self.progress.step}\n", encoding="utf-8")
+            done = sorted((self.out_dir / "checkpoints").glob("step-*"))
+            for stale in done[: max(0, len(done) - self.cfg.keep_checkpoints)]:
+                shutil.rmtree(stale)
+        log.info("checkpoint %s", path)
+        return path
+
+    def save_final(self) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return
+        out = self.out_dir / "model"
+        acc.unwrap_model(self.model).save_pretrained(out, state_dict=acc.get_state_dict(self.model))
+        self.tokenizer.save_pretrained(out)
+        write_manifest(
+            self.out_dir,
+            stage="rl",
+            config=to_dict(self.cfg),
+            inputs={"queries": self.cfg.queries} if self.cfg.queries else {},
+            counts={"steps": self.progress.step, "queries": len(self.queries)},
+        )
+
+
+def _pad_rows(rows: Sequence[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
+    """Stack per-sample 1-D tensors into `like`'s (B, T) shape, zero-padded on the right."""
+    out = torch.zeros_like(like)
+    for i, row in enumerate(rows):
+        if row is None:
+            raise ValueError("missing log-probs for a sample")
+        out[i, : row.shape[0]] = row.to(like.device)
+    return out
+
+
+def _flat_config(cfg: RlConfig) -> dict[str, Any]:
+    """The config as scalars (nested sections as JSON), which every tracker accepts."""
+    scalar = (int, float, str, bool)
+    return {k: v if isinstance(v, scalar) else json.dumps(v) for k, v in to_dict(cfg).items()}
+
+
+def _brief(values: dict[str, float]) -> str:
+    keys = ("rl/reward/mean", "rl/accuracy", "rl/format_rate", "rl/kl", "rl/time/step_s")
+    return " ".join(f"{k.removeprefix('rl/')}={values[k]:.3f}" for k in keys if k in values)
+
+
+def run_rl(cfg: RlConfig, scorer: TrajectoryScorer | None = None) -> dict[str, Any]:
+    """Run (or resume) the RL stage; `scorer` replaces the configured reward model (tests)."""
+    if cfg.steps < 0 or cfg.prompts_per_step < 1 or cfg.rollouts_per_prompt < 2:
+        raise ConfigError("rl: need steps >= 0, prompts_per_step >= 1, rollouts_per_prompt >= 2")
+    out_dir = stage_dir(cfg)
+    state = PartialState()
+    if state.is_main_process:
+        check_same_config(out_dir, _comparable_yaml(cfg))
+    state.wait_for_everyone()
+    return GrpoRun(cfg, scorer=scorer).train()

@@ -1,0 +1,334 @@
+"""Stage `sft`: supervised fine-tuning on the build stage's SFT set (METHOD.md section 8).
+
+Reads `<run_dir>/build/sft.jsonl` (HQ trajectories + accepted repairs), renders every record
+with `render.render_trajectory` (token-in, token-out: the stored ids are used, the assistant text
+is never re-tokenized) and trains with TRL's `SFTTrainer` on a pre-tokenized dataset whose
+`labels` column is -100 on the prompt and on every tool-result token (`<result>...</result>`,
+tags included); TRL uses such a column as is. Full fine-tuning (the release) or LoRA (peft).
+
+Writes under `<run_dir>/sft/`: `checkpoints/checkpoint-N/` (model, optimizer, scheduler, RNG and
+step: an interrupted run resumes from the last one), `metrics.jsonl` (`sft/train/loss`, ...),
+`tensorboard/` when asked, `model/` (the final model + tokenizer; LoRA merged into the base) for
+later stages to load as a local path, `config.resolved.yaml` and `manifest.json`. A finished
+stage with the same config is a no-op.
+
+The same command runs on one CPU, one GPU, or many GPUs/nodes under `accelerate launch` (DDP,
+FSDP, DeepSpeed): the Trainer takes the distributed setup from accelerate (docs/training.md).
+
+Also the training plumbing the reward-model stage shares: `LoraSettings`, `MetricsCallback`,
+`load_causal_lm`, `gradient_accumulation`. Not here: building the SFT set (build.py), masks
+(render.py + train/batches.py), the reward model (reward_model.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from autotraj.config import ConfigError, to_dict
+from autotraj.io import check_same_config, write_manifest
+from autotraj.metrics import MetricsLog
+from autotraj.models.loading import EMBEDDED_MODEL, GeneratorConfig, load_tokenizer
+from autotraj.train.batches import SftExample, sft_examples_from_file
+
+log = logging.getLogger(__name__)
+
+TRAIN_EXTRA = "pip install 'autotraj[train]'"
+
+
+class TrainingIncomplete(RuntimeError):
+    """Training stopped before its last step; re-run the same command to resume."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # "all-linear" (peft's shortcut: every linear layer but the output head) or module names.
+    target_modules: tuple[str, ...] = ("all-linear",)
+
+
+@dataclass(frozen=True)
+class SftConfig:
+    run_dir: str = "runs/default"
+    data: str | None = None  # None: <run_dir>/build/sft.jsonl
+    # The base model: "embedded:smollm2-135m-instruct", a local directory or a Hub name.
+    # Release: Qwen/Qwen2.5-7B-Instruct (configs/sft_paper.yaml).
+    model: str = EMBEDDED_MODEL
+    learning_rate: float = 7e-6  # release
+    epochs: float = 3.0  # release
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
+    per_device_batch_size: int = 2
+    # per_device_batch_size x gradient accumulation x processes; release: 16.
+    effective_batch_size: int = 16
+    warmup_ratio: float = 0.1  # release: 10 % linear warmup
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 15000  # release context; longer examples keep their first tokens
+    bf16: bool = True  # release (mixed precision; also on CPU: ~1.45x faster than fp32 there)
+    gradient_checkpointing: bool = True
+    lora: LoraSettings | None = None  # None: full fine-tuning (release)
+    seed: int = 42
+    save_steps: int = 200  # checkpoint every N optimizer steps (and at the end)
+    save_total_limit: int | None = 2
+    logging_steps: int = 10
+    resume: bool = True  # continue from the last checkpoint under <run_dir>/sft/checkpoints
+    report_to: tuple[Literal["tensorboard", "wandb"], ...] = ()  # metrics.jsonl is always written
+    use_cpu: bool = False  # force CPU even when a GPU is visible
+
+
+def stage_dir(cfg: SftConfig) -> Path:
+    return Path(cfg.run_dir) / "sft"
+
+
+def data_path(cfg: SftConfig) -> Path:
+    return Path(cfg.data) if cfg.data else Path(cfg.run_dir) / "build" / "sft.jsonl"
+
+
+def import_train_deps() -> None:
+    """Fail early, naming the extra, when the training dependencies are missing."""
+    try:
+        import datasets  # noqa: F401
+        import peft  # noqa: F401
+        import trl  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"training needs trl, peft and datasets: {TRAIN_EXTRA} ({e})") from e
+
+
+def gradient_accumulation(effective: int, per_device: int, processes: int) -> int:
+    """Accumulation steps so that per_device x steps x processes == effective.
+
+    >>> gradient_accumulation(16, 2, 1), gradient_accumulation(16, 2, 8)
+    (8, 1)
+    """
+    per_step = per_device * processes
+    if effective < per_step or effective % per_step:
+        raise ConfigError(
+            f"effective_batch_size {effective} is not a multiple of per_device_batch_size "
+            f"{per_device} x {processes} processes"
+        )
+    return effective // per_step
+
+
+def num_processes() -> int:
+    from accelerate import PartialState
+
+    return PartialState().num_processes
+
+
+def use_cpu(forced: bool) -> bool:
+    """True when asked, or when accelerate finds no accelerator (the Trainer refuses bf16 on
+    CPU unless told `use_cpu`)."""
+    from accelerate import PartialState
+
+    return forced or PartialState().device.type == "cpu"
+
+
+def peft_config(lora: LoraSettings, task_type: Literal["CAUSAL_LM", "SEQ_CLS"]) -> Any:
+    from peft import LoraConfig
+
+    targets = lora.target_modules
+    return LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules="all-linear" if targets == ("all-linear",) else list(targets),
+        task_type=task_type,  # SEQ_CLS also trains and saves the score head (modules_to_save)
+    )
+
+
+def load_causal_lm(model: str, pad_token_id: int | None) -> Any:
+    """The base model in fp32 (mixed precision comes from the trainer's bf16 autocast)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from autotraj.models.loading import resolve_model_path
+
+    loaded = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), dtype=torch.float32)
+    if pad_token_id is not None:
+        loaded.config.pad_token_id = pad_token_id
+    return loaded
+
+
+def metrics_callback(path: Path, stage: str) -> Any:
+    """A TrainerCallback writing every Trainer log to metrics.jsonl as `<stage>/<group>/<name>`."""
+    from transformers import TrainerCallback
+
+    class MetricsCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self.metrics = MetricsLog(path)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any):
+            if not state.is_world_process_zero or not logs:
+                return
+            values = {}
+            for key, value in logs.items():
+                group, name = ("eval", key[5:]) if key.startswith("eval_") else ("train", key)
+                if isinstance(value, (int, float)):
+                    values[f"{stage}/{group}/{name}"] = value
+            self.metrics.write(state.global_step, values)
+
+    return MetricsCallback()
+
+
+def tracker_callbacks(report_to: Sequence[str], log_dir: Path) -> tuple[list[Any], list[str]]:
+    """(extra callbacks, Trainer `report_to`): TensorBoard writes under `log_dir`."""
+    callbacks: list[Any] = []
+    if "tensorboard" in report_to:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            from transformers.integrations import TensorBoardCallback
+        except ImportError as e:
+            raise ImportError(f"report_to tensorboard needs: pip install tensorboard ({e})") from e
+        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir))))
+    return callbacks, [r for r in report_to if r != "tensorboard"] or ["none"]
+
+
+def last_checkpoint(checkpoints: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+
+
+def training_arguments(cfg: SftConfig, out_dir: Path, report_to: list[str]) -> Any:
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(out_dir / "checkpoints"),
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=gradient_accumulation(
+            cfg.effective_batch_size, cfg.per_device_batch_size, num_processes()
+        ),
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        lr_scheduler_type=cfg.lr_scheduler,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        max_length=cfg.max_length,
+        bf16=cfg.bf16,
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5 name
+        seed=cfg.seed,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        report_to=report_to,
+        use_cpu=use_cpu(cfg.use_cpu),
+    )
+
+
+def sft_dataset(examples: Sequence[SftExample]) -> Any:
+    """A pre-tokenized datasets.Dataset: `input_ids` and `labels` (TRL takes labels as given)."""
+    from datasets import Dataset
+
+    return Dataset.from_dict(
+        {
+            "input_ids": [list(e.input_ids) for e in examples],
+            "labels": [list(e.labels) for e in examples],
+        }
+    )
+
+
+def _finished(out_dir: Path) -> bool:
+    return (out_dir / "manifest.json").is_file() and (out_dir / "model").is_dir()
+
+
+def build_trainer(
+    cfg: SftConfig, tokenizer: Any, examples: Sequence[SftExample], callbacks: Sequence[Any] = ()
+) -> Any:
+    """The SFTTrainer for `examples` (pre-tokenized; TRL keeps our labels as they are)."""
+    from trl import SFTTrainer
+
+    out_dir = stage_dir(cfg)
+    extra, report_to = tracker_callbacks(cfg.report_to, out_dir / "tensorboard")
+    return SFTTrainer(
+        model=load_causal_lm(cfg.model, tokenizer.pad_token_id),
+        args=training_arguments(cfg, out_dir, report_to),
+        train_dataset=sft_dataset(examples),
+        processing_class=tokenizer,
+        peft_config=peft_config(cfg.lora, "CAUSAL_LM") if cfg.lora else None,
+        callbacks=[metrics_callback(out_dir / "metrics.jsonl", "sft"), *extra, *callbacks],
+    )
+
+
+def run_sft(cfg: SftConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Train (or resume, or skip when finished) and return the stage's counts.
+
+    `callbacks` are extra TrainerCallbacks (library use and tests). Raises `TrainingIncomplete`
+    when training stopped early (the checkpoints stay; the same command resumes).
+    """
+    import_train_deps()
+    out_dir = stage_dir(cfg)
+    check_same_config(out_dir, yaml.safe_dump(to_dict(cfg), sort_keys=True))
+    if _finished(out_dir):
+        log.info("%s is finished; nothing to do", out_dir)
+        return {"finished": True, "model": str(out_dir / "model"), "trained": False}
+    tokenizer = load_tokenizer(GeneratorConfig(model=cfg.model))
+    examples, counts = sft_examples_from_file(tokenizer, data_path(cfg), cfg.max_length)
+    if not examples:
+        raise ConfigError(f"sft: no trainable example in {data_path(cfg)}")
+    trainer = build_trainer(cfg, tokenizer, examples, callbacks)
+    resume_from = last_checkpoint(out_dir / "checkpoints") if cfg.resume else None
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    state = trainer.state
+    if state.global_step < state.max_steps:
+        raise TrainingIncomplete(
+            f"sft stopped at step {state.global_step} of {state.max_steps}; re-run to resume"
+        )
+    save_final_model(trainer, tokenizer, out_dir / "model", cfg.model, merge_lora=bool(cfg.lora))
+    summary = {
+        **counts,
+        "trained_tokens": sum(e.trained_tokens for e in examples),
+        "tokens": sum(len(e.input_ids) for e in examples),
+        "steps": state.global_step,
+        "train_loss": result.training_loss,
+        "resumed_from": resume_from,
+        "model": str(out_dir / "model"),
+    }
+    if trainer.is_world_process_zero():
+        write_manifest(
+            out_dir,
+            stage="sft",
+            config=to_dict(cfg),
+            inputs={"sft": data_path(cfg)},
+            counts=summary,
+        )
+    return summary
+
+
+def save_final_model(
+    trainer: Any, tokenizer: Any, model_dir: Path, base_model: str, merge_lora: bool
+) -> None:
+    """Save the trained model + tokenizer to `model_dir` (LoRA: merged into the base weights).
+
+    `trainer.save_model` gathers sharded weights (FSDP, DeepSpeed ZeRO-3); the LoRA adapter is
+    merged on the main process into a freshly loaded base, so that works the same everywhere.
+    """
+    staging = model_dir.with_name(model_dir.name + ".partial")
+    trainer.save_model(str(staging))
+    if not trainer.is_world_process_zero():
+        return
+    if merge_lora:
+        from peft import PeftModel
+
+        base = load_causal_lm(base_model, tokenizer.pad_token_id)
+        merged = PeftModel.from_pretrained(base, str(staging)).merge_and_unload()
+        shutil.rmtree(staging)
+        merged.save_pretrained(str(staging))
+    tokenizer.save_pretrained(str(staging))
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    staging.rename(model_dir)
+    log.info("final model saved to %s", model_dir)

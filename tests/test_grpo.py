@@ -1,0 +1,313 @@
+"""GRPO: advantages, loss pieces, the loss mask, short real runs on the tiny model, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from autotraj.config import build
+from autotraj.models.scripted import ScriptedGenerator
+from autotraj.records import Query, ToolCall
+from autotraj.render import render_trajectory
+from autotraj.rollout import RolloutConfig, rollout
+from autotraj.tools.tool import ToolInfraError
+from autotraj.train import grpo
+from autotraj.train.advantages import (
+    collate,
+    group_advantages,
+    kl_k3,
+    policy_loss,
+    prompt_indices,
+    token_logprobs,
+)
+from autotraj.train.grpo import GrpoRun, RlConfig, run_rl
+
+REQUIRED_METRICS = {
+    "rl/reward/mean",
+    "rl/reward/format_valid",
+    "rl/reward/outcome",
+    "rl/accuracy",
+    "rl/format_rate",
+    "rl/tools/calls_per_trajectory",
+    "rl/tools/error_rate",
+    "rl/tools/timeout_rate",
+    "rl/response_length",
+    "rl/kl",
+    "rl/entropy",
+    "rl/clip_fraction",
+    "rl/infra_excluded",
+    "rl/loss",
+}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each run builds its own Accelerator: reset accelerate's process-wide singletons."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+# --- advantages and loss pieces ---------------------------------------------------------------
+
+
+def test_group_advantages_normalize_per_group():
+    rewards = [1.0, 0.0, -1.0, 0.5, 0.5]
+    adv = group_advantages(rewards, ["a", "a", "a", "b", "b"])
+    t = torch.tensor(rewards[:3])
+    expected = ((t - t.mean()) / (t.std() + 1e-6)).tolist()
+    assert adv[:3] == pytest.approx(expected)
+    assert adv[3:] == [0.0, 0.0]  # identical rewards: no signal
+
+
+def test_excluded_rollouts_take_no_part_in_their_group():
+    adv = group_advantages([1.0, None, 0.0, None], ["g"] * 3 + ["h"])
+    assert adv[1] is None and adv[3] is None
+    assert adv[0] == pytest.approx(0.5 / (math.sqrt(0.5) + 1e-6))
+    assert adv[0] == pytest.approx(-adv[2])
+    assert group_advantages([1.0, None], ["g", "g"]) == [0.0, None]  # one survivor: no baseline
+    with pytest.raises(ValueError, match="non-finite"):
+        group_advantages([math.nan, 1.0], ["g", "g"])
+
+
+def test_token_logprobs_are_aligned_with_the_tokens():
+    torch.manual_seed(0)
+    logits, ids = torch.randn(1, 4, 7), torch.tensor([[3, 1, 4, 1]])
+    logp, entropy = token_logprobs(logits, ids, with_entropy=True)
+    assert logp[0, 0] == 0 and entropy[0, 0] == 0
+    for t in range(1, 4):
+        dist = torch.log_softmax(logits[0, t - 1], -1)
+        assert logp[0, t] == pytest.approx(float(dist[ids[0, t]]), abs=1e-6)
+        assert entropy[0, t] == pytest.approx(float(-(dist.exp() * dist).sum()), abs=1e-5)
+
+
+def test_policy_loss_clips_the_ratio_and_adds_entropy_and_kl():
+    mask = torch.tensor([[1.0, 1.0]])
+    old = torch.zeros(1, 2)
+    new = torch.tensor([[0.5, 0.0]], requires_grad=True)  # ratio e^0.5 > 1.2 on token 0
+    loss, stats = policy_loss(new, old, torch.tensor([1.0]), mask, normalizer=2.0, clip=0.2)
+    loss.backward()
+    assert stats.clipped == 1.0 and stats.tokens == 2.0
+    assert new.grad[0, 0] == 0  # clipped: no gradient
+    assert new.grad[0, 1] == pytest.approx(-0.5)  # -A * ratio / normalizer
+    ent = torch.tensor([[2.0, 2.0]])
+    plain, _ = policy_loss(old, old, torch.tensor([0.0]), mask, 2.0)
+    bonus, _ = policy_loss(old, old, torch.tensor([0.0]), mask, 2.0, entropy=ent, entropy_coef=0.1)
+    assert float(bonus) == pytest.approx(float(plain) - 0.2)
+    ref = torch.tensor([[-1.0, 0.0]])
+    with_kl, stats = policy_loss(
+        old, old, torch.tensor([0.0]), mask, 2.0, ref_logprobs=ref, kl_coef=1.0
+    )
+    assert float(with_kl) == pytest.approx(float(kl_k3(old, ref).sum()) / 2)
+    assert stats.kl == pytest.approx(math.exp(-1) + 1 - 1)
+
+
+def test_prompt_indices_cover_each_epoch_and_are_reproducible():
+    first = [i for s in range(3) for i in prompt_indices(6, s, 2, seed=1)]
+    assert sorted(first) == list(range(6))
+    assert prompt_indices(6, 4, 2, seed=1) == prompt_indices(6, 4, 2, seed=1)
+
+
+# --- the loss mask is the rollout's own trainable flags ------------------------------------------
+
+
+class StubPython:
+    """Evaluates `print(expr)`; raises an infrastructure error for input 'crash'."""
+
+    name = "python"
+
+    def run_batch(self, inputs):
+        if any(i == "crash" for i in inputs):
+            raise ToolInfraError("sandbox pool died")
+        out = []
+        for text in inputs:
+            value = eval(text.removeprefix("print(").removesuffix(")"))
+            out.append(ToolCall(tool="python", input=text, output=str(value), status="ok"))
+        return out
+
+    def close(self):
+        pass
+
+
+def tool_then_answer(request):
+    if "<result>" not in request.prompt_text.split("<|im_start|>assistant")[-1]:
+        return "<think>add</think>\n<code>\nprint(1+1)\n</code>"
+    return "<think>done</think>\n<answer>\\boxed{2}</answer>"
+
+
+def test_loss_mask_equals_rollout_trainable_flags(tokenizer):
+    query = Query(id="q", question="What is 1+1?", answers=("2",), kind="math")
+    gen = ScriptedGenerator(tool_then_answer, tokenizer)
+    cfg = RolloutConfig(system_prompt="Use tags.", max_new_tokens=64)
+    [traj] = rollout(gen, {"python": StubPython()}, tokenizer, [("t", query)], cfg)
+    assert [s.trainable for s in traj.segments] == [True, False, True]
+    rendered = render_trajectory(tokenizer, query.question, traj, "Use tags.")
+    ids, attention, mask = collate([rendered, rendered], pad_id=tokenizer.pad_token_id)
+    flags = [False] * len(traj.prompt_ids)
+    for segment in traj.segments:
+        flags += [segment.trainable] * len(segment.token_ids)
+    flags.append(True)  # the end-of-turn token the model produced
+    n = len(flags)
+    assert mask[0, :n].bool().tolist() == flags
+    assert ids[0, :n].tolist() == list(traj.prompt_ids) + [
+        t for s in traj.segments for t in s.token_ids
+    ] + [tokenizer.eos_token_id]
+    masked_text = tokenizer.decode(ids[0, :n][mask[0, :n] == 0].tolist())
+    assert "<result>\n2\n</result>" in masked_text and "<code>" not in masked_text
+    assert attention[0].sum() == n
+
+
+# --- real runs on the tiny model --------------------------------------------------------------
+
+
+def char_reward(text, query, trajectory):
+    """A test reward that differs between random completions (so advantages are not zero)."""
+    return text.count("a") / 4
+
+
+def write_queries(path, n=3):
+    rows = [
+        {"id": f"q{i}", "question": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_config(tmp_path, model_dir, **overrides):
+    data = {
+        "run_dir": str(tmp_path / "run"),
+        "model": str(model_dir),
+        "queries": str(write_queries(tmp_path / "queries.jsonl")),
+        "steps": 2,
+        "prompts_per_step": 2,
+        "rollouts_per_prompt": 2,
+        "micro_batch_size": 2,
+        "mixed_precision": "no",
+        "lr": 1e-2,
+        "save_every": 1,
+        "generator": {"batch_size": 4},
+        "tools": {"python": {"workers": 1}},
+        "reward": {
+            "rm_weight": 0.0,
+            "components": [{"name": "test_grpo:char_reward", "weight": 1.0}],
+        },
+        "rollout": {"max_new_tokens": 32, "max_response_tokens": 32, "system_prompt": "Use tags."},
+    }
+    data.update(overrides)
+    return build(RlConfig, data)
+
+
+def load_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_short_grpo_run_changes_weights_and_writes_metrics(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(tmp_path, tiny_model_dir)
+    result = run_rl(cfg)
+    out = tmp_path / "run" / "rl"
+    assert result["steps"] == 2
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    rows = load_rows(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert set(row) >= REQUIRED_METRICS, REQUIRED_METRICS - set(row)
+        assert all(math.isfinite(v) for v in row.values() if isinstance(v, float))
+        assert "rl/reward/test_grpo:char_reward" in row
+    rollouts = load_rows(out / "rollouts.jsonl")
+    assert len(rollouts) == 2 * 2 * 2
+    assert (out / "manifest.json").exists() and (out / "config.resolved.yaml").exists()
+
+
+def test_resume_restores_step_and_optimizer(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(grpo, "open_tools", lambda cfg: {"python": StubPython()})
+    run_rl(tiny_config(tmp_path, tiny_model_dir, steps=1))
+    ckpt = tmp_path / "run" / "rl" / "checkpoints" / "step-000001"
+    saved = torch.load(ckpt / "optimizer.bin", weights_only=False)
+    run = GrpoRun(tiny_config(tmp_path, tiny_model_dir, steps=2))
+    assert run.progress.step == 0 and not run.optimizer.state_dict()["state"]
+    assert run.restore() == 1
+    state = run.optimizer.state_dict()["state"]
+    assert state and all(
+        torch.equal(state[k]["exp_avg"], saved["state"][k]["exp_avg"]) for k in saved["state"]
+    )
+    run.train()
+    rows = load_rows(tmp_path / "run" / "rl" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    changed = tiny_config(tmp_path, tiny_model_dir, steps=3, lr=0.5)
+    with pytest.raises(Exception, match="different config"):
+        run_rl(changed)
+
+
+def test_infra_failed_rollout_is_excluded_from_its_group(tmp_path, tiny_model_dir, monkeypatch):
+    replies = iter(
+        [
+            "<think>x</think>\n<code>crash</code>",  # the sandbox dies: infra_error
+            "<think>x</think>\n<answer>\\boxed{2}</answer>",  # correct
+            "<think>x</think>\n<answer>\\boxed{3}</answer>",  # wrong
+            "no format at all",  # format gate
+        ]
+    )
+    monkeypatch.setattr(grpo, "open_tools", lambda cfg: {"python": StubPython()})
+    monkeypatch.setattr(
+        GrpoRun,
+        "_generator",
+        lambda self: ScriptedGenerator(lambda r: next(replies), self.tokenizer),
+    )
+    queries = tmp_path / "one.jsonl"
+    queries.write_text(json.dumps({"id": "q1", "question": "What is 1+1?", "answer": "2"}) + "\n")
+    cfg = tiny_config(
+        tmp_path,
+        tiny_model_dir,
+        steps=1,
+        prompts_per_step=1,
+        rollouts_per_prompt=4,
+        queries=str(queries),
+        reward={"rm_weight": 0.0},
+        rollout={"max_new_tokens": 64, "max_response_tokens": 128, "system_prompt": "Use tags."},
+    )
+    run_rl(cfg)
+    out = tmp_path / "run" / "rl"
+    rows = load_rows(out / "rollouts.jsonl")
+    assert [r["reward"]["reward"] for r in rows] == [None, 1.0, 0.0, -1.0]
+    assert rows[0]["advantage"] is None and rows[0]["reward"]["excluded"]
+    assert sum(r["advantage"] for r in rows[1:]) == pytest.approx(0.0, abs=1e-6)
+    [metrics] = load_rows(out / "metrics.jsonl")
+    assert metrics["rl/infra_excluded"] == 1.0
+    assert metrics["rl/accuracy"] == pytest.approx(1 / 3)
+    assert metrics["rl/format_rate"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("name", ["rl_cpu.yaml", "rl_paper.yaml"])
+def test_shipped_configs_load(name):
+    from pathlib import Path
+
+    from autotraj.config import load_config
+
+    cfg = load_config(RlConfig, Path(__file__).parent.parent / "configs" / name)
+    assert cfg.clip == 0.2 and cfg.entropy_coef == 0.001 and cfg.kl_coef == 0.0
+    assert cfg.rollout.temperature == 1.0 and cfg.rollouts_per_prompt == 4
+
+
+def test_release_defaults():
+    cfg = RlConfig()
+    assert (cfg.prompts_per_step, cfg.rollouts_per_prompt, cfg.lr) == (12, 4, 1e-6)
+    assert (cfg.max_prompt_tokens, cfg.rollout.max_response_tokens) == (768, 2048)
+    assert (cfg.reward.rm_weight, cfg.reward.clip, cfg.reward.f1_on_math) == (0.2, 3.0, False)

@@ -1,0 +1,315 @@
+"""The repair stage: acceptance rules, the repairer's prompt, the first pass and resume.
+
+The repairer is a ScriptedGenerator whose reply depends on the case named in the question; the
+Python tool is the real sandbox (one worker, shared by the module).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from autotraj.io import read_jsonl
+from autotraj.models.scripted import ScriptedGenerator
+from autotraj.records import Repair, ToolCall
+from autotraj.repair import RepairConfig, run_repair, strip_hedging
+from autotraj.score import ScoreConfig, run_score
+from autotraj.tools.tool import ToolInfraError
+from autotraj.tools.toolbox import PythonToolConfig, ToolsConfig, open_tools
+
+GOLD = "42.0000"  # equal to 42, but the string itself appears nowhere else
+PROVENANCE = {
+    "model": "policy",
+    "backend": "scripted",
+    "temperature": 0.3,
+    "top_p": 0.9,
+    "max_new_tokens": 64,
+}
+SHORT = "<think>Six times seven is 42.</think>\n<answer>\\boxed{42}</answer>"  # 6 words, S = 1
+LONG = (
+    "<think>Multiply the two factors given in this question: six times seven gives 42."
+    "</think>\n<answer>\\boxed{42}</answer>"
+)  # clean but long
+LONGER = LONG.replace("42.</think>", "42. Indeed, the product equals forty two.</think>")
+HEDGING = "<think>It seems six times seven is probably 42.</think>\n<answer>\\boxed{42}</answer>"
+WRONG = "<think>Six times seven is 41.</think>\n<answer>\\boxed{41}</answer>"
+
+# case -> (original trajectories of the query (the first is the one repaired), repair replies
+# by temperature: greedy first attempt, then sampled retries)
+CASES = {
+    "acl_ok": ([HEDGING], SHORT, SHORT),
+    "acl_not_better": ([SHORT, LONG], LONGER, SHORT),
+    "acl_low": ([HEDGING], "<think>Probably 42.</think>\n<answer>\\boxed{42}</answer>", SHORT),
+    "aw_ok": ([WRONG], SHORT, SHORT),
+    "aw_wrong": ([WRONG], WRONG, WRONG),
+    "aw_low": ([WRONG], HEDGING, HEDGING),
+    "k2": ([WRONG], WRONG, SHORT),
+    "infra": ([WRONG], "<think>Look it up.</think>\n<search>six times seven</search>", SHORT),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+class DownSearch:
+    name = "search"
+
+    def run_batch(self, inputs):
+        raise ToolInfraError("retrieval server unreachable")
+
+    def close(self):
+        pass
+
+
+class Recording:
+    """Wraps a tool and records every batch of inputs it runs."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.batches = inner, inner.name, []
+
+    def run_batch(self, inputs):
+        self.batches.append(list(inputs))
+        return self.inner.run_batch(inputs)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    tools = open_tools(ToolsConfig(python=PythonToolConfig(workers=1)))
+    yield tools["python"]
+    tools["python"].close()
+
+
+@pytest.fixture
+def tools(sandbox):
+    return {"python": Recording(sandbox), "search": DownSearch()}
+
+
+def traj(tid, qid, *texts, calls=()):
+    segments = [
+        {"text": t, "trainable": not t.startswith("\n<result>"), "token_ids": []} for t in texts
+    ]
+    return {
+        "id": tid,
+        "query_id": qid,
+        "segments": segments,
+        "tool_calls": [c.to_dict() for c in calls],
+        "finish_reason": "answer",
+        "provenance": PROVENANCE,
+    }
+
+
+def make_run(run_dir, originals):
+    """Write synthesize outputs for {case: [trajectory texts or dicts]} and run the score stage."""
+    queries, trajectories = [], []
+    for case, texts in originals.items():
+        queries.append({"id": case, "question": f"What is 6*7? (case {case})", "answers": [GOLD]})
+        for k, text in enumerate(texts):
+            trajectories.append(
+                text if isinstance(text, dict) else traj(f"{case}/s{k}", case, text)
+            )
+    synth = run_dir / "synthesize"
+    synth.mkdir(parents=True)
+    (synth / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (synth / "trajectories.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trajectories))
+    run_score(ScoreConfig(run_dir=str(run_dir)))
+    return {row["trajectory_id"]: row for _, row in read_jsonl(run_dir / "score/scores.jsonl")}
+
+
+def case_of(request):
+    return re.search(r"\(case (\w+)\)", request.prompt_text).group(1)
+
+
+class Repairer(ScriptedGenerator):
+    """Replies from CASES by case and temperature; records every first-turn prompt."""
+
+    def __init__(self, tokenizer, replies=None):
+        self.prompts: dict[str, list[str]] = {}
+        replies = replies or {c: (greedy, sampled) for c, (_, greedy, sampled) in CASES.items()}
+
+        def reply(request):
+            case = case_of(request)
+            self.prompts.setdefault(case, []).append(request.prompt_text)
+            greedy, sampled = replies[case]
+            return greedy if request.temperature == 0.0 else sampled
+
+        super().__init__(reply, tokenizer)
+
+
+def outcomes(run_dir):
+    rows = [
+        *read_jsonl(run_dir / "repair/repairs.jsonl"),
+        *read_jsonl(run_dir / "repair/hard_cases.jsonl"),
+    ]
+    return {row["original_id"].split("/")[0]: Repair.from_dict(row) for _, row in rows}
+
+
+def test_acceptance_rules_release_one_attempt(tmp_path, tokenizer, tools):
+    scores = make_run(tmp_path, {case: originals for case, (originals, _, _) in CASES.items()})
+    assert (
+        scores["acl_not_better/s1"]["label"] == "AC-LQ" and scores["acl_ok/s0"]["label"] == "AC-LQ"
+    )
+    gen = Repairer(tokenizer)
+    counts = run_repair(RepairConfig(run_dir=str(tmp_path), first_pass=False), gen, tools)
+    assert gen.calls == [8]  # all repairs of the chunk in one batched call, one turn each
+    got = outcomes(tmp_path)
+    assert {c for c, r in got.items() if r.accepted} == {"acl_ok", "aw_ok"}
+    assert got["acl_ok"].final.score == pytest.approx(1.0)
+    assert got["acl_ok"].final.reference_score < got["acl_ok"].final.score
+    assert got["acl_not_better"].final.reason == "S 0.908 <= original 1.000"
+    assert got["acl_not_better"].final.length_ref == 14  # L* = the shorter: the original
+    assert got["acl_low"].final.reason == "S 0.600 <= 0.86"
+    assert got["aw_wrong"].final.reason == "wrong answer"
+    assert got["aw_low"].final.reason == "S 0.600 <= 0.80"
+    assert got["aw_ok"].final.length_ref == 6  # AW: L* = itself
+    assert got["k2"].final.reason == "wrong answer" and not got["k2"].rejected
+    assert got["infra"].final.reason.startswith("infra error: search: retrieval server")
+    assert got["infra"].final.score is None and not got["infra"].accepted
+    assert counts["accepted"] == {"AC-LQ": 1, "AW": 1} and counts["hard_cases"] == 6
+    assert counts["to_repair"] == {"AC-LQ": 3, "AW": 5} and counts["infra_errors"] == 1
+    repaired = got["acl_ok"].final.trajectory
+    assert repaired.id == "acl_ok/s0/r1" and repaired.parent_id == "acl_ok/s0"
+    assert repaired.query_id == "acl_ok" and repaired.provenance.role == "repairer"
+    assert repaired.prompt_ids == () and all(not s.token_ids for s in repaired.segments)
+
+
+def test_second_attempt_runs_only_where_the_first_failed(tmp_path, tokenizer, tools):
+    make_run(tmp_path, {case: originals for case, (originals, _, _) in CASES.items()})
+    gen = Repairer(tokenizer)
+    cfg = RepairConfig(run_dir=str(tmp_path), first_pass=False, attempts=2)
+    counts = run_repair(cfg, gen, tools)
+    assert gen.calls == [8, 6]  # the two accepted at attempt 1 are not tried again
+    got = outcomes(tmp_path)
+    k2 = got["k2"]
+    assert k2.accepted and k2.final.attempt == 2 and k2.final.trajectory.id == "k2/s0/r2"
+    assert [(a.attempt, a.reason) for a in k2.rejected] == [(1, "wrong answer")]
+    assert got["acl_low"].accepted and got["acl_low"].final.attempt == 2
+    assert got["acl_not_better"].accepted and got["acl_not_better"].final.attempt == 2
+    assert not got["aw_wrong"].accepted and len(got["aw_wrong"].rejected) == 1
+    assert counts["accepted"] == {"AC-LQ": 3, "AW": 3} and counts["hard_cases"] == 2
+
+
+def test_prompt_shows_the_trajectory_and_never_the_gold_answer(tmp_path, tokenizer, tools):
+    make_run(tmp_path, {"acl_ok": [HEDGING], "aw_ok": [WRONG]})
+    gen = Repairer(tokenizer)
+    run_repair(RepairConfig(run_dir=str(tmp_path), first_pass=False), gen, tools)
+    for case, original in (("acl_ok", HEDGING), ("aw_ok", WRONG)):
+        [prompt] = gen.prompts[case]
+        assert original in prompt and "What is 6*7?" in prompt
+        assert GOLD not in prompt
+        assert "<code>" in prompt and "at most 3" in prompt  # the protocol is included
+    assert "right final answer" in gen.prompts["acl_ok"][0]
+    assert "wrong final answer" in gen.prompts["aw_ok"][0]
+
+
+def hedged_tool_trajectory(case, output="42"):
+    call = ToolCall(tool="python", input="print(6*7)", output=output, status="ok")
+    return traj(
+        f"{case}/s0",
+        case,
+        "<think>Perhaps multiply six by seven.</think>\n<code>\nprint(6*7)\n</code>",
+        f"\n<result>\n{output}\n</result>\n",
+        "<think>The product is probably 42.</think>\n<answer>\\boxed{42}</answer>",
+        calls=[call],
+    )
+
+
+def test_first_pass_repairs_hedging_without_the_model(tmp_path, tokenizer, tools):
+    scores = make_run(tmp_path, {"fp": [hedged_tool_trajectory("fp")]})
+    assert scores["fp/s0"]["label"] == "AC-LQ"
+    gen = ScriptedGenerator(lambda r: pytest.fail("the repairer must not be called"), tokenizer)
+    counts = run_repair(RepairConfig(run_dir=str(tmp_path)), gen, tools)
+    assert gen.calls == [] and counts["first_pass_accepted"] == 1
+    assert tools["python"].batches == [["print(6*7)"]]  # the tool call was re-executed
+    repair = outcomes(tmp_path)["fp"]
+    assert repair.accepted and repair.final.how == "first_pass" and repair.final.attempt == 0
+    fixed = repair.final.trajectory
+    assert fixed.id == "fp/s0/r0" and fixed.parent_id == "fp/s0"
+    assert fixed.text.startswith("<think>Multiply six by seven.</think>")
+    assert "<think>The product is 42.</think>" in fixed.text
+    assert [c.output for c in fixed.tool_calls] == ["42"]
+
+
+def test_first_pass_falls_back_to_the_model_when_a_tool_output_changed(tmp_path, tokenizer, tools):
+    make_run(tmp_path, {"fp": [hedged_tool_trajectory("fp", output="43")]})
+    gen = Repairer(tokenizer, {"fp": (SHORT, SHORT)})
+    run_repair(RepairConfig(run_dir=str(tmp_path)), gen, tools)
+    repair = outcomes(tmp_path)["fp"]
+    assert gen.calls == [1] and repair.accepted and repair.final.how == "model"
+    [first] = repair.rejected
+    assert first.how == "first_pass" and "different output" in first.reason
+
+
+def test_strip_hedging_only_touches_think_blocks():
+    text = "<think>Maybe, it is 5. We recheck it.</think><answer>maybe \\boxed{5}</answer>"
+    assert strip_hedging(text, ["maybe", "recheck"]) == (
+        "<think>It is 5. We it.</think><answer>maybe \\boxed{5}</answer>"
+    )
+
+
+def test_resume_after_a_crash_has_no_duplicates_or_losses(tmp_path, tokenizer, tools):
+    cases = [f"aw{i}" for i in range(5)]
+    make_run(tmp_path, {c: [WRONG] for c in cases})
+    replies = {c: (SHORT if i % 2 == 0 else WRONG,) * 2 for i, c in enumerate(cases)}
+    cfg = RepairConfig(run_dir=str(tmp_path), first_pass=False, chunk=2)
+
+    class Crash(Repairer):
+        def generate(self, requests):
+            if len(self.calls) == 1:  # the second chunk
+                raise RuntimeError("killed")
+            return super().generate(requests)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run_repair(cfg, Crash(tokenizer, replies), tools)
+    assert not (tmp_path / "repair/repairs.jsonl").exists()
+    resumed = Repairer(tokenizer, replies)
+    counts = run_repair(cfg, resumed, tools)
+    assert resumed.calls == [2, 1] and sorted(resumed.prompts) == ["aw2", "aw3", "aw4"]
+    ids = [
+        row["original_id"]
+        for name in ("repairs", "hard_cases")
+        for _, row in read_jsonl(tmp_path / f"repair/{name}.jsonl")
+    ]
+    assert sorted(ids) == [f"{c}/s0" for c in cases]
+    assert counts["accepted"]["AW"] == 3 and counts["hard_cases"] == 2
+    idle = Repairer(tokenizer, replies)
+    assert run_repair(cfg, idle, tools) == counts and idle.calls == []
+
+
+def test_kill_between_the_two_appends_redoes_only_the_unwritten_rows(
+    tmp_path, tokenizer, tools, monkeypatch
+):
+    from autotraj.io import ResumableJsonl
+
+    cases = ["aw0", "aw1"]
+    make_run(tmp_path, {c: [WRONG] for c in cases})
+    replies = {"aw0": (SHORT, SHORT), "aw1": (WRONG, WRONG)}  # aw0 accepted, aw1 a hard case
+    cfg = RepairConfig(run_dir=str(tmp_path), first_pass=False)
+    append = ResumableJsonl.append
+
+    def killed_at_hard_cases(self, rows):
+        if self.path.name == "hard_cases.jsonl":
+            raise KeyboardInterrupt
+        append(self, rows)
+
+    monkeypatch.setattr(ResumableJsonl, "append", killed_at_hard_cases)
+    with pytest.raises(KeyboardInterrupt):
+        run_repair(cfg, Repairer(tokenizer, replies), tools)
+    monkeypatch.setattr(ResumableJsonl, "append", append)
+    resumed = Repairer(tokenizer, replies)
+    run_repair(cfg, resumed, tools)
+    assert sorted(resumed.prompts) == ["aw1"]
+    ids = [
+        row["original_id"]
+        for name in ("repairs", "hard_cases")
+        for _, row in read_jsonl(tmp_path / f"repair/{name}.jsonl")
+    ]
+    assert ids == ["aw0/s0", "aw1/s0"]

@@ -1,0 +1,146 @@
+"""The RL reward: the release formula as a table, outcome kinds, components, infra exclusion."""
+
+from __future__ import annotations
+
+import pytest
+
+from autotraj.records import Provenance, Query, Segment, ToolCall, Trajectory
+from autotraj.rewards import (
+    ComponentConfig,
+    RewardConfig,
+    compute_rewards,
+    format_valid,
+    outcome,
+    release_reward,
+    reward_summary,
+)
+
+PROV = Provenance(model="m", backend="scripted", temperature=1.0, top_p=1.0, max_new_tokens=8)
+MATH = Query(id="m", question="1/2 as a decimal?", answers=("0.5",), kind="math")
+QA = Query(id="h", question="Who founded Westfield?", answers=("Frank Lowy",), kind="qa")
+
+
+def traj(text, query=MATH, finish="answer", calls=(), error=""):
+    return Trajectory(
+        id=f"t-{abs(hash(text)) % 10_000}",
+        query_id=query.id,
+        segments=(Segment(text=text, trainable=True),),
+        tool_calls=tuple(calls),
+        finish_reason=finish,
+        provenance=PROV,
+        error=error,
+    )
+
+
+def answer(boxed, think="<think>ok</think>"):
+    return f"{think}<answer>\\boxed{{{boxed}}}</answer>"
+
+
+# (format ok, F, RM, expected R) with the release's rm_weight 0.2 and clip 3
+RELEASE_TABLE = [
+    (False, 1.0, 10.0, -1.0),  # format gate
+    (False, 0.0, None, -1.0),
+    (True, 0.0, 10.0, 0.0),  # F = 0: R = F whatever the RM says
+    (True, 1.0, None, 1.0),  # no RM: R = F
+    (True, 1.0, 2.0, 1.4),  # F + 0.2 RM
+    (True, 1.0, -2.0, 1.0),  # negative RM: max(F, ...) keeps F
+    (True, 1.0, 100.0, 3.0),  # clip at +3
+    (True, 0.5, -100.0, 0.5),  # clip at -3, then max(F, -3) = F
+    (True, 0.4, 1.0, 0.6),  # QA partial F1 is shaped too
+]
+
+
+@pytest.mark.parametrize(("fmt", "f", "rm", "expected"), RELEASE_TABLE)
+def test_release_formula_table(fmt, f, rm, expected):
+    assert release_reward(fmt, f, rm, rm_weight=0.2, clip=3.0) == pytest.approx(expected)
+
+
+def test_format_gate_needs_think_answer_and_box():
+    assert format_valid(answer("1")) == 1.0
+    assert format_valid(answer("1", think="")) == 0.0
+    assert format_valid("<think>x</think><answer>1</answer>") == 0.0  # no \boxed{}
+    assert format_valid("<think>x</think><answer>\\boxed{1</answer>") == 0.0  # unbalanced
+    # a tool call must be followed by its <result> block
+    assert format_valid("<think>x</think><code>print(1)</code>" + answer("1", think="")) == 0.0
+
+
+def test_math_outcome_is_equivalence_and_f1_on_math_reproduces_the_release():
+    text = answer("\\frac{1}{2}")
+    assert outcome(text, MATH) == 1.0
+    assert outcome(text, MATH, f1_on_math=True) == 0.0
+    [default] = compute_rewards([traj(text)], [MATH], None, RewardConfig(rm_weight=0))
+    [release] = compute_rewards(
+        [traj(text)], [MATH], None, RewardConfig(rm_weight=0, f1_on_math=True)
+    )
+    assert (default.reward, default.correct) == (1.0, True)
+    assert (release.reward, release.outcome) == (0.0, 0.0)
+
+
+def test_qa_outcome_is_token_f1_against_aliases():
+    [b] = compute_rewards(
+        [traj(answer("Frank Lowy AC"), QA)], [QA], None, RewardConfig(rm_weight=0)
+    )
+    assert b.outcome == pytest.approx(0.8)
+    assert b.reward == pytest.approx(0.8)
+    assert b.correct  # F1 >= 0.5 counts as correct (the release's QA rule)
+
+
+def test_rm_score_is_used_and_recorded():
+    trajectories = [traj(answer("0.5")), traj(answer("7")), traj("no format")]
+    out = compute_rewards(trajectories, [MATH] * 3, [2.0, 5.0, 9.0], RewardConfig())
+    assert [b.reward for b in out] == pytest.approx([1.4, 0.0, -1.0])
+    assert [b.rm for b in out] == [2.0, 5.0, 9.0]
+    assert [b.format_valid for b in out] == [True, True, False]
+
+
+def test_rm_weight_without_scores_raises_instead_of_scoring_zero():
+    with pytest.raises(ValueError, match="rm_weight"):
+        compute_rewards([traj(answer("0.5"))], [MATH], None, RewardConfig(rm_weight=0.2))
+    with pytest.raises(ValueError, match="no reward-model score"):
+        compute_rewards([traj(answer("0.5"))], [MATH], [None], RewardConfig(rm_weight=0.2))
+
+
+def test_infra_error_is_excluded_never_scored():
+    broken = traj("<think>x</think><code>print(1)</code>", finish="infra_error", error="sandbox")
+    out = compute_rewards([broken, traj(answer("0.5"))], [MATH, MATH], [None, 1.0], RewardConfig())
+    assert out[0].excluded and out[0].reward is None and "sandbox" in out[0].reason
+    assert not out[1].excluded and out[1].reward == pytest.approx(1.2)
+    summary = reward_summary(out)
+    assert summary["infra_excluded"] == 1.0
+    assert summary["reward/mean"] == pytest.approx(1.2)  # the excluded one is not averaged in
+
+
+def test_components_log_only_at_weight_zero_and_add_otherwise():
+    calls = (
+        ToolCall(tool="python", input="1", output="Error: x", status="error"),
+        ToolCall(tool="python", input="2", output="2", status="ok"),
+    )
+    t = traj(answer("0.5"), calls=calls)
+    logged = RewardConfig(rm_weight=0, components=(ComponentConfig("tool_error_rate", 0.0),))
+    added = RewardConfig(rm_weight=0, components=(ComponentConfig("tool_error_rate", -1.0),))
+    [a] = compute_rewards([t], [MATH], None, logged)
+    [b] = compute_rewards([t], [MATH], None, added)
+    assert a.reward == 1.0 and dict(a.components) == {"tool_error_rate": 0.5}
+    assert b.reward == pytest.approx(0.5)
+    only = RewardConfig(formula="none", components=(ComponentConfig("outcome", 2.0),))
+    assert compute_rewards([t], [MATH], None, only)[0].reward == 2.0
+
+
+def test_dotted_component_and_unknown_names():
+    cfg = RewardConfig(
+        rm_weight=0, components=(ComponentConfig("autotraj.rewards:tool_calls", 1.0),)
+    )
+    [b] = compute_rewards([traj(answer("0.5"))], [MATH], None, cfg)
+    assert dict(b.components) == {"autotraj.rewards:tool_calls": 0.0}
+    with pytest.raises(ValueError, match="unknown reward function"):
+        compute_rewards(
+            [traj("x")],
+            [MATH],
+            None,
+            RewardConfig(rm_weight=0, components=(ComponentConfig("nope"),)),
+        )
+
+
+def test_mismatched_query_raises():
+    with pytest.raises(ValueError, match="answers"):
+        compute_rewards([traj(answer("1"), QA)], [MATH], None, RewardConfig(rm_weight=0))

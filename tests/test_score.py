@@ -1,0 +1,143 @@
+"""The score stage: labels and every component on hand-built synthesize outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from autotraj.config import ConfigError
+from autotraj.io import DataError, read_jsonl
+from autotraj.quality import QualityConfig
+from autotraj.score import ScoreConfig, run_score
+
+PROVENANCE = {
+    "model": "scripted",
+    "backend": "scripted",
+    "temperature": 0.3,
+    "top_p": 0.9,
+    "max_new_tokens": 64,
+}
+
+
+def traj(tid, qid, *texts):
+    """A trajectory made of model text segments (results: text starting with '\\n<result>')."""
+    segments = [
+        {"text": t, "trainable": not t.startswith("\n<result>"), "token_ids": []} for t in texts
+    ]
+    return {
+        "id": tid,
+        "query_id": qid,
+        "segments": segments,
+        "tool_calls": [],
+        "finish_reason": "answer",
+        "provenance": PROVENANCE,
+    }
+
+
+def write_synthesized(run_dir, queries, trajectories):
+    synth = run_dir / "synthesize"
+    synth.mkdir(parents=True)
+    (synth / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (synth / "trajectories.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trajectories))
+
+
+CLEAN = "<think>Six times seven is 42.</think>\n<answer>\\boxed{42}</answer>"
+HEDGING = "<think>It seems six times seven is probably 42.</think>\n<answer>\\boxed{42}</answer>"
+WRONG = "<think>Six times seven is 41.</think>\n<answer>\\boxed{41}</answer>"
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    queries = [
+        {"id": "q1", "question": "What is 6*7?", "answers": ["42"], "kind": "math"},
+        {
+            "id": "q2",
+            "question": "Who wrote Hamlet?",
+            "answers": ["William Shakespeare"],
+            "kind": "qa",
+        },
+    ]
+    trajectories = [
+        traj("q1/s0", "q1", CLEAN),
+        traj("q1/s1", "q1", HEDGING),
+        traj("q1/s2", "q1", WRONG),
+        traj(
+            "q2/s0",
+            "q2",
+            "<think>Hamlet is by Shakespeare.</think>\n<answer>\\boxed{Shakespeare}</answer>",
+        ),
+    ]
+    write_synthesized(tmp_path, queries, trajectories)
+    return tmp_path
+
+
+def rows(run_dir):
+    return {row["trajectory_id"]: row for _, row in read_jsonl(run_dir / "score/scores.jsonl")}
+
+
+def test_labels_and_every_component_are_written(run_dir):
+    counts = run_score(ScoreConfig(run_dir=str(run_dir)))
+    assert counts["HQ"] == 2 and counts["AC-LQ"] == 1 and counts["AW"] == 1
+    assert counts["accuracy"] == pytest.approx(3 / 4)
+    by_id = rows(run_dir)
+    assert list(by_id) == ["q1/s0", "q1/s1", "q1/s2", "q2/s0"]  # file order kept
+    clean, hedging, wrong, qa = by_id.values()
+    assert (clean["label"], hedging["label"], wrong["label"]) == ("HQ", "AC-LQ", "AW")
+    assert clean["score"] == pytest.approx(1.0)
+    # hedging: c = 0; L = 9 words against L* = 6 -> l = exp(-9 / 18); short text -> e = 1
+    assert hedging["components"]["confidence"] == 0.0
+    assert hedging["components"]["length"] == pytest.approx(0.6065306597126334)
+    assert hedging["score"] == pytest.approx(0.3 * 0.6065306597126334 + 0.3)
+    assert set(hedging["components"]) == {
+        "confidence",
+        "length",
+        "repetition",
+        "tool_validity",
+        "format",
+        "token_length",
+    }
+    assert (hedging["words"], hedging["length_ref"]) == (9, 6)
+    assert wrong["correct"] is False and wrong["extracted"] == "41"
+    # QA: F1 0.67 against "William Shakespeare" counts as correct (release rule), EM does not
+    assert qa["correct"] is True and qa["em"] == 0.0 and qa["f1"] == pytest.approx(2 / 3)
+    manifest = json.loads((run_dir / "score/manifest.json").read_text())
+    assert manifest["counts"] == counts and set(manifest["inputs"]) == {"queries", "trajectories"}
+    assert (run_dir / "score/config.resolved.yaml").exists()
+
+
+def test_rerun_is_a_no_op_and_changed_config_is_refused(run_dir):
+    cfg = ScoreConfig(run_dir=str(run_dir))
+    first = run_score(cfg)
+    stamp = (run_dir / "score/scores.jsonl").stat().st_mtime_ns
+    assert run_score(cfg) == first
+    assert (run_dir / "score/scores.jsonl").stat().st_mtime_ns == stamp
+    other = ScoreConfig(run_dir=str(run_dir), quality=QualityConfig(hq_best=0.5))
+    with pytest.raises(ConfigError, match="different config"):
+        run_score(other)
+
+
+def test_changed_inputs_are_scored_again(run_dir):
+    cfg = ScoreConfig(run_dir=str(run_dir))
+    run_score(cfg)
+    path = run_dir / "synthesize/trajectories.jsonl"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))
+    assert run_score(cfg)["trajectories"] == 2
+
+
+def test_missing_inputs_name_the_file_and_the_stage(tmp_path):
+    with pytest.raises(DataError, match=r"queries\.jsonl.*autotraj synthesize"):
+        run_score(ScoreConfig(run_dir=str(tmp_path)))
+    (tmp_path / "synthesize").mkdir()
+    (tmp_path / "synthesize/queries.jsonl").write_text("")
+    (tmp_path / "synthesize/trajectories.jsonl.partial").write_text("")
+    with pytest.raises(DataError, match=r"trajectories\.jsonl.*not finished"):
+        run_score(ScoreConfig(run_dir=str(tmp_path)))
+
+
+def test_unknown_query_is_an_error(tmp_path):
+    write_synthesized(
+        tmp_path, [{"id": "q1", "question": "?", "answers": ["1"]}], [traj("q9/s0", "q9", CLEAN)]
+    )
+    with pytest.raises(DataError, match="q9"):
+        run_score(ScoreConfig(run_dir=str(tmp_path)))
