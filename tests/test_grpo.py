@@ -45,14 +45,19 @@ REQUIRED_METRICS = {
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
-    """Each run builds its own Accelerator: reset accelerate's process-wide singletons."""
+    """Each run builds its own Accelerator: reset accelerate's process-wide singletons. One
+    torch thread: the tiny model gains nothing from more, and on shared cores a second thread
+    made these tests ~20x slower (docs/rl.md, CPU speed)."""
     from accelerate.state import AcceleratorState, GradientState
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +239,9 @@ def test_short_grpo_run_changes_weights_and_writes_metrics(tmp_path, tiny_model_
     rollouts = load_rows(out / "rollouts.jsonl")
     assert len(rollouts) == 2 * 2 * 2
     assert (out / "manifest.json").exists() and (out / "config.resolved.yaml").exists()
+    saved = (out / "model" / "model.safetensors").stat().st_mtime_ns
+    assert run_rl(cfg)["steps"] == 2  # a finished run is a no-op
+    assert (out / "model" / "model.safetensors").stat().st_mtime_ns == saved
 
 
 def test_resume_restores_step_and_optimizer(tmp_path, tiny_model_dir, monkeypatch):
@@ -254,6 +262,20 @@ def test_resume_restores_step_and_optimizer(tmp_path, tiny_model_dir, monkeypatc
     changed = tiny_config(tmp_path, tiny_model_dir, steps=3, lr=0.5)
     with pytest.raises(Exception, match="different config"):
         run_rl(changed)
+
+
+class ScriptedScorer:
+    """A reward model stand-in: every trajectory scores 1.0 (normalized); records batch sizes."""
+
+    def __init__(self):
+        self.calls = []
+
+    def score(self, items, batch_size):
+        raise AssertionError("the default config asks for normalized scores")
+
+    def normalized(self, items, batch_size):
+        self.calls.append(len(items))
+        return [1.0] * len(items)
 
 
 def test_infra_failed_rollout_is_excluded_from_its_group(tmp_path, tiny_model_dir, monkeypatch):
@@ -280,13 +302,16 @@ def test_infra_failed_rollout_is_excluded_from_its_group(tmp_path, tiny_model_di
         prompts_per_step=1,
         rollouts_per_prompt=4,
         queries=str(queries),
-        reward={"rm_weight": 0.0},
+        reward={"rm_weight": 0.2},
         rollout={"max_new_tokens": 64, "max_response_tokens": 128, "system_prompt": "Use tags."},
     )
-    run_rl(cfg)
+    scorer = ScriptedScorer()
+    run_rl(cfg, scorer=scorer)
+    assert scorer.calls == [3]  # the infra-failed rollout is never sent to the reward model
     out = tmp_path / "run" / "rl"
     rows = load_rows(out / "rollouts.jsonl")
-    assert [r["reward"]["reward"] for r in rows] == [None, 1.0, 0.0, -1.0]
+    assert [r["reward"]["reward"] for r in rows] == pytest.approx([None, 1.2, 0.0, -1.0])
+    assert [r["reward"]["rm"] for r in rows] == [None, 1.0, 1.0, 1.0]
     assert rows[0]["advantage"] is None and rows[0]["reward"]["excluded"]
     assert sum(r["advantage"] for r in rows[1:]) == pytest.approx(0.0, abs=1e-6)
     [metrics] = load_rows(out / "metrics.jsonl")

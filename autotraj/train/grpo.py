@@ -125,10 +125,7 @@ ScoreItems = Sequence[tuple[str, Trajectory]]  # (question, trajectory)
 
 
 class TrajectoryScorer(Protocol):
-    """What RL needs of a trajectory reward model (train/reward_model.TrajectoryRewardModel).
-
-    Both methods score (question, trajectory) items in order and raise on failure.
-    """
+    """A trajectory RM (reward_model.TrajectoryRewardModel): scores in order, raises on failure."""
 
     def score(self, items: ScoreItems, batch_size: int) -> list[float]: ...
 
@@ -291,7 +288,7 @@ class GrpoRun:
             return None
         from autotraj.train.reward_model import TrajectoryRewardModel
 
-        return TrajectoryRewardModel.load(path)
+        return TrajectoryRewardModel.load(path, device=str(self.accelerator.device))
 
     def _generator(self) -> Any:
         if self.cfg.generator.backend != "transformers":
@@ -314,8 +311,6 @@ class GrpoRun:
             name=self.model_ref,
             batch_size=self.cfg.generator.batch_size,
         )
-
-    # --- the run -------------------------------------------------------------------------
 
     def restore(self) -> int:
         """Load the latest checkpoint (model, optimizer, RNG, step), if any; return the step."""
@@ -360,7 +355,7 @@ class GrpoRun:
         indices = prompt_indices(len(self.queries), step, cfg.prompts_per_step, cfg.seed)
         mine = list(enumerate(indices))[acc.process_index :: acc.num_processes]
         items = [
-            (f"rl/s{step}/p{j}/{self.queries[i].id}/r{k}", self.queries[i])
+            (f"rl/s{step + 1}/p{j}/{self.queries[i].id}/r{k}", self.queries[i])
             for j, i in mine
             for k in range(cfg.rollouts_per_prompt)
         ]
@@ -481,7 +476,7 @@ class GrpoRun:
         count = torch.tensor(float(local), device=acc.device)
         # Token mean over all processes: DDP averages gradients, so scale by the process count.
         normalizer = float(acc.reduce(count, reduction="sum")) / acc.num_processes
-        mb = cfg.micro_batch_size
+        mb, ref = cfg.micro_batch_size, self.ref_model is not None
         starts = list(range(0, len(chosen), mb))
         loss_sum = 0.0
         for n, start in enumerate(starts):
@@ -500,9 +495,7 @@ class GrpoRun:
                     clip=cfg.clip,
                     entropy=entropy,
                     entropy_coef=cfg.entropy_coef,
-                    ref_logprobs=_pad_rows([r for _, _, r in part], logp)
-                    if self.ref_model
-                    else None,
+                    ref_logprobs=_pad_rows([r for _, _, r in part], logp) if ref else None,
                     kl_coef=cfg.kl_coef,
                 )
                 acc.backward(loss)
@@ -597,4 +590,9 @@ def run_rl(cfg: RlConfig, scorer: TrajectoryScorer | None = None) -> dict[str, A
     if state.is_main_process:
         check_same_config(out_dir, _comparable_yaml(cfg))
     state.wait_for_everyone()
+    latest = _latest_checkpoint(out_dir)
+    done = int(latest.name.removeprefix("step-")) if latest else 0
+    if done >= cfg.steps and (out_dir / "model").is_dir():
+        log.info("%s is finished (%d steps); nothing to do", out_dir, done)
+        return {"steps": done, "model": str(out_dir / "model")}
     return GrpoRun(cfg, scorer=scorer).train()

@@ -78,8 +78,8 @@ class RmConfig:
     max_steps: int | None = None  # smoke runs
     per_device_batch_size: int = 4  # pairs per device and micro-step
     effective_batch_size: int = 32  # release
-    warmup_ratio: float = 0.0
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = 0.0  # not given by the release; TRL's default
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "linear"  # idem
     heldout_fraction: float = 0.2  # of the queries; their pairs give accuracy and z-score stats
     max_length: int = 4096  # pairs with a longer side are dropped (cutting moves the scored token)
     bf16: bool = True
@@ -237,7 +237,8 @@ def run_rm(cfg: RmConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         "model": str(model_dir),
     }
     if trainer.is_world_process_zero():
-        stats = heldout_stats(TrajectoryRewardModel.load(model_dir), heldout or train, cfg)
+        served = TrajectoryRewardModel.load(model_dir, device=str(trainer.args.device))
+        stats = heldout_stats(served, heldout or train, cfg)
         stats["source"] = "heldout" if heldout else "train (no held-out pair)"
         write_json_atomic(out_dir / "stats.json", stats)
         MetricsLog(out_dir / "metrics.jsonl").write(
@@ -364,7 +365,9 @@ class TrajectoryRewardModel:
         if head is None:
             raise RewardModelError(f"{path}: the score head is missing from the weights")
         if head != marker["head_sha256"]:
-            raise RewardModelError(f"{path}: the score head is not the trained one (sha256 differs)")
+            raise RewardModelError(
+                f"{path}: the score head is not the trained one (sha256 differs)"
+            )
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model, info = load_sequence_classifier(str(path), tokenizer.pad_token_id, dtype)
         missing = [k for k in info.get("missing_keys", ()) if "score" in k]
