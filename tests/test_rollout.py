@@ -50,7 +50,10 @@ def two_turn(request: GenerationRequest) -> str:
     return f"<think>done</think>\n<answer>\\boxed{{{value}}}</answer>"
 
 
-QUERIES = [Query(id=f"q{i}", question=f"What is 6*7? ({i})", answers=("42",), kind="math") for i in range(16)]
+QUERIES = [
+    Query(id=f"q{i}", question=f"What is 6*7? ({i})", answers=("42",), kind="math")
+    for i in range(16)
+]
 
 
 def items(queries, n=1):
@@ -101,7 +104,9 @@ def test_fourth_tool_call_is_rejected(tokenizer):
 
 def test_infrastructure_failure_marks_trajectory(tokenizer):
     gen = ScriptedGenerator(two_turn, tokenizer)
-    [traj] = rollout(gen, {"python": StubTool(fail=True)}, tokenizer, items(QUERIES[:1]), RolloutConfig())
+    [traj] = rollout(
+        gen, {"python": StubTool(fail=True)}, tokenizer, items(QUERIES[:1]), RolloutConfig()
+    )
     assert traj.finish_reason == "infra_error" and "backend down" in traj.error
 
 
@@ -130,11 +135,18 @@ def test_eos_without_answer(tokenizer):
 
 
 def test_text_only_backend_renders_by_segment(tokenizer):
-    gen, tool = ScriptedGenerator(two_turn), StubTool()  # no tokenizer: behaves like an HTTP endpoint
+    gen, tool = (
+        ScriptedGenerator(two_turn),
+        StubTool(),
+    )  # no tokenizer: behaves like an HTTP endpoint
     [traj] = rollout(gen, {"python": tool}, tokenizer, items(QUERIES[:1]), RolloutConfig())
     assert all(not s.token_ids for s in traj.segments) and not traj.prompt_ids
     rendered = render_trajectory(tokenizer, QUERIES[0].question, traj)
-    trained = "".join(tokenizer.decode([i]) for i, m in zip(rendered.input_ids, rendered.trainable, strict=True) if m)
+    trained = "".join(
+        tokenizer.decode([i])
+        for i, m in zip(rendered.input_ids, rendered.trainable, strict=True)
+        if m
+    )
     assert "<result>" not in trained and "\\boxed{42}" in trained
 
 

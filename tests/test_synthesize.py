@@ -33,15 +33,18 @@ def reply(request):
 @pytest.fixture
 def queries_file(tmp_path):
     path = tmp_path / "queries.jsonl"
-    rows = [{"id": f"q{i}", "question": f"What is {i + 2}*{i + 3}?", "answer": str((i + 2) * (i + 3))}
-            for i in range(10)]
+    rows = [
+        {"id": f"q{i}", "question": f"What is {i + 2}*{i + 3}?", "answer": str((i + 2) * (i + 3))}
+        for i in range(10)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def config(tmp_path, queries_file, **kw):
-    return SynthesizeConfig(queries=str(queries_file), run_dir=str(tmp_path / "run"), n=2,
-                            chunk_queries=3, **kw)
+    return SynthesizeConfig(
+        queries=str(queries_file), run_dir=str(tmp_path / "run"), n=2, chunk_queries=3, **kw
+    )
 
 
 def ids_on_disk(cfg):
@@ -82,7 +85,9 @@ def test_resume_after_crash_has_no_duplicates_or_losses(tmp_path, queries_file, 
 
 
 def ids_on_disk_partial(cfg):
-    return [row["id"] for _, row in read_jsonl(f"{cfg.run_dir}/synthesize/trajectories.jsonl.partial")]
+    return [
+        row["id"] for _, row in read_jsonl(f"{cfg.run_dir}/synthesize/trajectories.jsonl.partial")
+    ]
 
 
 def test_changed_config_is_refused(tmp_path, queries_file, tokenizer):
@@ -94,7 +99,11 @@ def test_changed_config_is_refused(tmp_path, queries_file, tokenizer):
 def test_evaluation_questions_are_removed(tmp_path, tokenizer):
     gsm8k_test = json.loads((SHARED_DATA / "benchmarks/gsm8k_test.jsonl").open().readline())
     path = tmp_path / "q.jsonl"
-    path.write_text(json.dumps({"id": "leak", "question": gsm8k_test["question"], "answer": "1"}) + "\n"
-                    + json.dumps({"id": "ok", "question": "What is 2*3?", "answer": "6"}) + "\n")
+    path.write_text(
+        json.dumps({"id": "leak", "question": gsm8k_test["question"], "answer": "1"})
+        + "\n"
+        + json.dumps({"id": "ok", "question": "What is 2*3?", "answer": "6"})
+        + "\n"
+    )
     counts = run_synthesize(config(tmp_path, path), ScriptedGenerator(reply, tokenizer))
     assert counts["decontaminated"] == 1 and counts["queries"] == 1
