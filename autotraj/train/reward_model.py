@@ -46,14 +46,12 @@ from autotraj.train.batches import PreferenceExample, pad_sequences, preference_
 from autotraj.train.sft import (
     LoraSettings,
     TrainingIncomplete,
-    gradient_accumulation,
     import_train_deps,
     last_checkpoint,
     metrics_callback,
-    num_processes,
     peft_config,
     tracker_callbacks,
-    use_cpu,
+    trainer_arguments,
 )
 
 log = logging.getLogger(__name__)
@@ -145,28 +143,7 @@ def load_sequence_classifier(model: str, pad_token_id: int, dtype: str = "float3
 def training_arguments(cfg: RmConfig, out_dir: Path, report_to: list[str]) -> Any:
     from trl import RewardConfig
 
-    return RewardConfig(
-        output_dir=str(out_dir / "checkpoints"),
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
-        per_device_train_batch_size=cfg.per_device_batch_size,
-        gradient_accumulation_steps=gradient_accumulation(
-            cfg.effective_batch_size, cfg.per_device_batch_size, num_processes()
-        ),
-        warmup_steps=cfg.warmup_ratio,
-        lr_scheduler_type=cfg.lr_scheduler,
-        max_length=cfg.max_length,
-        bf16=cfg.bf16,
-        activation_checkpointing=cfg.gradient_checkpointing,
-        seed=cfg.seed,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        logging_steps=cfg.logging_steps,
-        report_to=report_to,
-        use_cpu=use_cpu(cfg.use_cpu),
-    )
+    return RewardConfig(**trainer_arguments(cfg, out_dir, report_to))
 
 
 def build_trainer(

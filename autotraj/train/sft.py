@@ -198,32 +198,39 @@ def last_checkpoint(checkpoints: Path) -> str | None:
     return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
 
 
+def trainer_arguments(cfg: Any, out_dir: Path, report_to: list[str]) -> dict[str, Any]:
+    """Arguments shared by the SFT and RM trainers (fields both configs have)."""
+    return {
+        "output_dir": str(out_dir / "checkpoints"),
+        "learning_rate": cfg.learning_rate,
+        "num_train_epochs": cfg.epochs,
+        "max_steps": cfg.max_steps if cfg.max_steps is not None else -1,
+        "per_device_train_batch_size": cfg.per_device_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation(
+            cfg.effective_batch_size, cfg.per_device_batch_size, num_processes()
+        ),
+        "warmup_steps": cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        "lr_scheduler_type": cfg.lr_scheduler,
+        "max_length": cfg.max_length,
+        "bf16": cfg.bf16,
+        "activation_checkpointing": cfg.gradient_checkpointing,  # transformers 5 name
+        "seed": cfg.seed,
+        "save_strategy": "steps",
+        "save_steps": cfg.save_steps,
+        "save_total_limit": cfg.save_total_limit,
+        "logging_steps": cfg.logging_steps,
+        "report_to": report_to,
+        "use_cpu": use_cpu(cfg.use_cpu),
+    }
+
+
 def training_arguments(cfg: SftConfig, out_dir: Path, report_to: list[str]) -> Any:
     from trl import SFTConfig
 
     return SFTConfig(
-        output_dir=str(out_dir / "checkpoints"),
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
-        per_device_train_batch_size=cfg.per_device_batch_size,
-        gradient_accumulation_steps=gradient_accumulation(
-            cfg.effective_batch_size, cfg.per_device_batch_size, num_processes()
-        ),
-        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        lr_scheduler_type=cfg.lr_scheduler,
+        **trainer_arguments(cfg, out_dir, report_to),
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        max_length=cfg.max_length,
-        bf16=cfg.bf16,
-        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5 name
-        seed=cfg.seed,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        logging_steps=cfg.logging_steps,
-        report_to=report_to,
-        use_cpu=use_cpu(cfg.use_cpu),
     )
 
 
