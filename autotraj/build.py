@@ -355,8 +355,8 @@ def load_preference_pairs(path: str | Path) -> list[PreferencePair]:
 
 
 @dataclass(frozen=True)
-class BuildInputs:
-    """Everything the stage reads, keyed by id, in file order."""
+class RunFiles:
+    """The stage files of a run directory, keyed by id, in file order (build and show read them)."""
 
     queries: dict[str, Query]
     trajectories: dict[str, Trajectory]
@@ -364,29 +364,48 @@ class BuildInputs:
     repairs: dict[str, AcceptedRepair]  # by original id
     hard_cases: tuple[HardCase, ...]
 
+    def find(self, trajectory_id: str) -> Trajectory:
+        """A candidate, an accepted repair or a rejected repair, by id."""
+        if trajectory_id in self.trajectories:
+            return self.trajectories[trajectory_id]
+        for t in self._repair_trajectories():
+            if t.id == trajectory_id:
+                return t
+        raise DataError(f"trajectory {trajectory_id!r} is not in this run")
 
-def load_inputs(run_dir: str | Path) -> BuildInputs:
-    """Read the five stage files (hard_cases.jsonl may be absent) and check that they agree."""
+    def _repair_trajectories(self) -> Iterable[Trajectory]:
+        yield from (r.trajectory for r in self.repairs.values())
+        yield from (c.trajectory for c in self.hard_cases if c.trajectory is not None)
+
+
+def read_run_files(run_dir: str | Path, optional: frozenset[str]) -> RunFiles:
+    """Read queries, trajectories, scores, repairs and hard cases; `optional` ones may be absent."""
     paths = input_paths(run_dir)
-    hard_cases: list[HardCase] = []
-    if paths["hard_cases"].is_file():
-        hard_cases = load_hard_cases(paths["hard_cases"])
-    else:
-        log.info("%s not found: counting 0 hard cases", paths["hard_cases"])
-    inputs = BuildInputs(
+    present = {
+        n: n not in optional or paths[n].is_file() for n in ("scores", "repairs", "hard_cases")
+    }
+    for name, here in present.items():
+        if not here:
+            log.info("%s not found: read as empty", paths[name])
+    return RunFiles(
         queries=load_keyed(paths["queries"], Query.from_dict, lambda q: q.id, "query id"),
         trajectories=load_keyed(
             paths["trajectories"], Trajectory.from_dict, lambda t: t.id, "trajectory id"
         ),
-        scores=load_scores(paths["scores"]),
-        repairs=load_repairs(paths["repairs"]),
-        hard_cases=tuple(hard_cases),
+        scores=load_scores(paths["scores"]) if present["scores"] else {},
+        repairs=load_repairs(paths["repairs"]) if present["repairs"] else {},
+        hard_cases=tuple(load_hard_cases(paths["hard_cases"])) if present["hard_cases"] else (),
     )
-    check_inputs(inputs, paths)
+
+
+def load_inputs(run_dir: str | Path) -> RunFiles:
+    """Read the five stage files (hard_cases.jsonl may be absent) and check that they agree."""
+    inputs = read_run_files(run_dir, optional=frozenset({"hard_cases"}))
+    check_inputs(inputs, input_paths(run_dir))
     return inputs
 
 
-def check_inputs(inputs: BuildInputs, paths: dict[str, Path]) -> None:
+def check_inputs(inputs: RunFiles, paths: dict[str, Path]) -> None:
     """Every reference resolves: trajectory -> query, score -> trajectory, repair -> original."""
     for t in inputs.trajectories.values():
         if t.query_id not in inputs.queries:
@@ -418,7 +437,7 @@ def check_inputs(inputs: BuildInputs, paths: dict[str, Path]) -> None:
             )
 
 
-def _check_repair(repair: AcceptedRepair, inputs: BuildInputs, path: Path) -> None:
+def _check_repair(repair: AcceptedRepair, inputs: RunFiles, path: Path) -> None:
     where = f"{path}: repair of {repair.original_id}"
     original = inputs.trajectories.get(repair.original_id)
     if original is None:
@@ -466,7 +485,7 @@ def prompt_messages(question: str, system_prompt: str | None) -> tuple[Message, 
     return tuple(Message.from_dict(m) for m in chat_messages(question, system_prompt))
 
 
-def sft_records(inputs: BuildInputs, system_prompt: str | None = None) -> list[SftRecord]:
+def sft_records(inputs: RunFiles, system_prompt: str | None = None) -> list[SftRecord]:
     """HQ trajectories (file order), then accepted repairs (file order); nothing else."""
     chosen: list[tuple[Trajectory, SftSource]] = [
         (t, "HQ")
@@ -491,7 +510,7 @@ def sft_records(inputs: BuildInputs, system_prompt: str | None = None) -> list[S
     return records
 
 
-def preference_pairs(inputs: BuildInputs, system_prompt: str | None = None) -> list[PreferencePair]:
+def preference_pairs(inputs: RunFiles, system_prompt: str | None = None) -> list[PreferencePair]:
     """One pair per accepted repair: chosen = the repair, rejected = its original."""
     pairs = []
     for repair in inputs.repairs.values():
@@ -515,7 +534,7 @@ def preference_pairs(inputs: BuildInputs, system_prompt: str | None = None) -> l
 
 
 def build_counts(
-    inputs: BuildInputs, sft: list[SftRecord], pairs: list[PreferencePair]
+    inputs: RunFiles, sft: list[SftRecord], pairs: list[PreferencePair]
 ) -> dict[str, Any]:
     """The numbers reported in manifest.json (and returned by `run_build`)."""
     labels = Counter(row.quality.label for row in inputs.scores.values())

@@ -18,24 +18,14 @@ from __future__ import annotations
 import difflib
 import logging
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import groupby, zip_longest
 from pathlib import Path
 from typing import Any
 
-from autotraj.build import (
-    AcceptedRepair,
-    HardCase,
-    ScoreRow,
-    input_paths,
-    load_hard_cases,
-    load_keyed,
-    load_repairs,
-    load_scores,
-)
+from autotraj.build import RunFiles, read_run_files
 from autotraj.io import DataError
-from autotraj.records import Query, Trajectory
+from autotraj.records import Trajectory
 from autotraj.render import Tokenizer, render_trajectory
 
 log = logging.getLogger(__name__)
@@ -66,45 +56,9 @@ class Palette:
         return self.paint(f"── {title} ──", "bold")
 
 
-@dataclass(frozen=True)
-class RunView:
-    """What show reads from a run directory; score and repair files are optional."""
-
-    queries: dict[str, Query]
-    trajectories: dict[str, Trajectory]
-    scores: dict[str, ScoreRow]
-    repairs: dict[str, AcceptedRepair]  # by original id
-    hard_cases: tuple[HardCase, ...]
-
-    def find(self, trajectory_id: str) -> Trajectory:
-        """A candidate, an accepted repair or a rejected repair, by id."""
-        if trajectory_id in self.trajectories:
-            return self.trajectories[trajectory_id]
-        for t in self._repair_trajectories():
-            if t.id == trajectory_id:
-                return t
-        raise DataError(f"trajectory {trajectory_id!r} is not in this run")
-
-    def _repair_trajectories(self) -> Iterable[Trajectory]:
-        yield from (r.trajectory for r in self.repairs.values())
-        yield from (c.trajectory for c in self.hard_cases if c.trajectory is not None)
-
-
-def load_run(run_dir: str | Path) -> RunView:
-    paths = input_paths(run_dir)
-    optional = {name: paths[name].is_file() for name in ("scores", "repairs", "hard_cases")}
-    for name, present in optional.items():
-        if not present:
-            log.debug("%s not found: shown without it", paths[name])
-    return RunView(
-        queries=load_keyed(paths["queries"], Query.from_dict, lambda q: q.id, "query id"),
-        trajectories=load_keyed(
-            paths["trajectories"], Trajectory.from_dict, lambda t: t.id, "trajectory id"
-        ),
-        scores=load_scores(paths["scores"]) if optional["scores"] else {},
-        repairs=load_repairs(paths["repairs"]) if optional["repairs"] else {},
-        hard_cases=tuple(load_hard_cases(paths["hard_cases"])) if optional["hard_cases"] else (),
-    )
+def load_run(run_dir: str | Path) -> RunFiles:
+    """The run's files; scores, repairs and hard cases are shown when present."""
+    return read_run_files(run_dir, optional=frozenset({"scores", "repairs", "hard_cases"}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,14 +101,14 @@ def _tokenizer(tokenizer: str | Tokenizer) -> Tokenizer:
     return load_tokenizer(GeneratorConfig(model=tokenizer))
 
 
-def _question(view: RunView, trajectory: Trajectory) -> str:
+def _question(view: RunFiles, trajectory: Trajectory) -> str:
     query = view.queries.get(trajectory.query_id)
     if query is None:
         raise DataError(f"trajectory {trajectory.id}: query {trajectory.query_id!r} not in the run")
     return query.question
 
 
-def _header(trajectory: Trajectory, question: str, view: RunView, p: Palette) -> str:
+def _header(trajectory: Trajectory, question: str, view: RunFiles, p: Palette) -> str:
     query = view.queries[trajectory.query_id]
     lines = [
         p.rule(f"trajectory {trajectory.id}"),
@@ -206,7 +160,7 @@ def _tool_calls(trajectory: Trajectory, p: Palette) -> str:
     return "\n".join(lines)
 
 
-def _scores(view: RunView, trajectory: Trajectory, p: Palette) -> str:
+def _scores(view: RunFiles, trajectory: Trajectory, p: Palette) -> str:
     row = view.scores.get(trajectory.id)
     repair = next((r for r in view.repairs.values() if r.trajectory.id == trajectory.id), None)
     if row is None and repair is not None:
@@ -264,7 +218,7 @@ def render_mask(tokenizer: Tokenizer, question: str, trajectory: Trajectory, p: 
 # Repairs and their diffs
 
 
-def _repairs(view: RunView, trajectory: Trajectory, p: Palette, width: int) -> list[str]:
+def _repairs(view: RunFiles, trajectory: Trajectory, p: Palette, width: int) -> list[str]:
     """A diff section for every repair of `trajectory`, or for the original it repairs."""
     original_id = trajectory.parent_id if trajectory.id not in view.trajectories else trajectory.id
     original = view.trajectories.get(original_id or "")
@@ -409,7 +363,7 @@ def render_list(run_dir: str | Path, *, label: str | None = None, color: bool = 
     return "\n".join(lines) + "\n"
 
 
-def _list_row(view: RunView, trajectory: Trajectory) -> tuple[str, str, str, str, str]:
+def _list_row(view: RunFiles, trajectory: Trajectory) -> tuple[str, str, str, str, str]:
     row = view.scores.get(trajectory.id)
     repair = view.repairs.get(trajectory.id)
     hard = [c.reason for c in view.hard_cases if c.original_id == trajectory.id]
