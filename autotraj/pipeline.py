@@ -1,9 +1,16 @@
-"""`autotraj run`: the stages in order, in one run directory, each skipped once finished.
+"""`autotraj run`: the stages in order, in one run directory, each cached by its inputs.
 
 `PipelineConfig` holds one section per stage (the same config classes the single-stage commands
-take) and the run directory they all share. Each stage is itself resumable and a no-op when its
-output exists for the same config, so re-running the pipeline after an interruption continues
-where it stopped; a stage whose config changed refuses to mix outputs (use another run_dir).
+take) and the run directory they all share.
+
+Caching. Every stage gets a key: the sha256 of its resolved config, of the content of every local
+file its config names (a queries file, a benchmark file, a corpus), and of the keys of the stages
+it reads from (`UPSTREAM`). The key is written to `<stage dir>/pipeline_key.json` when the stage
+starts. On the next run a stage whose folder holds the same key is resumed (a finished stage is a
+no-op: each stage detects its own finished output); a folder holding another key is stale, since
+its config, an input file or an upstream stage changed, and is moved to `<run_dir>/stale/` (never
+deleted) before the stage runs again. A change therefore invalidates exactly the stages
+downstream of it.
 
 Not here: what any stage computes.
 """
@@ -11,18 +18,23 @@ Not here: what any stage computes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from autotraj.build import BuildConfig, run_build
-from autotraj.config import ConfigError
+from autotraj.config import ConfigError, to_dict
+from autotraj.io import file_sha256, write_json_atomic
 from autotraj.repair import RepairConfig, run_repair
 from autotraj.score import ScoreConfig, run_score
 from autotraj.synthesize import SynthesizeConfig, run_synthesize
-from autotraj.train.grpo import RlConfig, run_rl
+from autotraj.train.grpo import RESUMABLE_CHANGES, RlConfig, run_rl
 from autotraj.train.reward_model import RmConfig, run_rm
 from autotraj.train.sft import SftConfig, run_sft
 
@@ -39,6 +51,20 @@ RUNNERS: dict[StageName, Callable[[Any], dict[str, Any]]] = {
     "rm": run_rm,
     "rl": run_rl,
 }
+# The stages whose output each stage reads (rm starts from the SFT model; rl reads the SFT model,
+# the reward model and the synthesized queries).
+UPSTREAM: dict[StageName, tuple[StageName, ...]] = {
+    "synthesize": (),
+    "score": ("synthesize",),
+    "repair": ("synthesize", "score"),
+    "build": ("score", "repair"),
+    "sft": ("build",),
+    "rm": ("build", "sft"),
+    "rl": ("synthesize", "sft", "rm"),
+}
+# Fields a stage may change and still resume its own output (not part of its key).
+KEY_EXEMPT: dict[StageName, tuple[str, ...]] = {"rl": RESUMABLE_CHANGES}
+KEY_FILE = "pipeline_key.json"
 
 
 @dataclass(frozen=True)
@@ -65,12 +91,67 @@ def stage_config(cfg: PipelineConfig, name: StageName) -> Any:
     return dataclasses.replace(section, run_dir=cfg.run_dir)
 
 
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def config_key(config: dict[str, Any], upstream: list[str]) -> str:
+    """The cache key of a stage config: its values, its local input files' content, upstream keys."""
+    files = {s: file_sha256(s) for s in sorted(set(_strings(config))) if s and Path(s).is_file()}
+    payload = json.dumps(
+        {"config": config, "files": files, "upstream": upstream}, sort_keys=True, default=str
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def stage_keys(cfg: PipelineConfig) -> dict[StageName, str]:
+    """Every stage's cache key, in pipeline order (stages not selected included, as inputs)."""
+    keys: dict[StageName, str] = {}
+    for name in ORDER:
+        config = to_dict(stage_config(cfg, name))
+        config = {k: v for k, v in config.items() if k not in KEY_EXEMPT.get(name, ())}
+        keys[name] = config_key(config, [keys[u] for u in UPSTREAM[name]])
+    return keys
+
+
+def claim_stage_dir(run_dir: Path, out_dir: Path, key: str) -> None:
+    """Make `out_dir` hold the output of `key`: a folder of another key is moved to stale/.
+
+    A folder without a key file (written by a single-stage command) is adopted as it is; the
+    stage's own config check still refuses to mix configs.
+    """
+    key_file = out_dir / KEY_FILE
+    if key_file.is_file():
+        old = json.loads(key_file.read_text(encoding="utf-8"))["key"]
+        if old == key:
+            return
+        stale = run_dir / "stale" / f"{out_dir.relative_to(run_dir).as_posix().replace('/', '-')}"
+        target = Path(f"{stale}-{old[:12]}-{time.strftime('%Y%m%d-%H%M%S')}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(out_dir, target)
+        log.warning("%s is stale (its inputs or config changed); moved to %s", out_dir, target)
+    elif out_dir.exists():
+        log.info("%s has no pipeline key; adopting it", out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(key_file, {"key": key})
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
     """Run the selected stages in order; return each stage's counts."""
+    run_dir = Path(cfg.run_dir)
+    keys = stage_keys(cfg)
     results: dict[str, dict[str, Any]] = {}
     for name in ORDER:
         if name not in cfg.stages:
             continue
+        claim_stage_dir(run_dir, run_dir / name, keys[name])
         start = time.perf_counter()
         log.info("stage %s: starting", name)
         results[name] = RUNNERS[name](stage_config(cfg, name))

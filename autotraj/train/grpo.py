@@ -65,7 +65,7 @@ from autotraj.train.advantages import (
 log = logging.getLogger(__name__)
 
 # Config fields that may change when a run is resumed (everything else must match).
-_RESUMABLE_CHANGES = ("steps", "resume", "report_to", "save_every", "keep_checkpoints")
+RESUMABLE_CHANGES = ("steps", "resume", "report_to", "save_every", "keep_checkpoints")
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,7 @@ def _truncate_steps(path: Path, last_step: int) -> None:
 
 def _comparable_yaml(cfg: RlConfig) -> str:
     """The resolved config minus the fields a resumed run may change (saved and compared)."""
-    data = {k: v for k, v in to_dict(cfg).items() if k not in _RESUMABLE_CHANGES}
+    data = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES}
     return yaml.safe_dump(data, sort_keys=True)
 
 
