@@ -56,6 +56,13 @@ def _parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line (PyYAML's own message spans several, with a caret drawing)."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def to_dict(config: Any) -> Any:
     if dataclasses.is_dataclass(config):
         return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
@@ -88,7 +95,10 @@ def _coerce(value: Any, hint: Any, where: str, base: Any = None) -> Any:
         )
     if origin is Literal:
         if value not in get_args(hint):
-            raise ConfigError(f"{where}: must be one of {get_args(hint)}, got {value!r}")
+            hint_yaml = ""
+            if isinstance(value, bool):  # YAML 1.1 reads no/yes/off/on as booleans
+                hint_yaml = " (YAML reads yes/no/on/off as true/false: quote the value, 'no')"
+            raise ConfigError(f"{where}: must be one of {get_args(hint)}, got {value!r}{hint_yaml}")
         return value
     if dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
@@ -188,7 +198,7 @@ def load_config(
         try:
             loaded = _parse_yaml(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+            raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(e)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = loaded or {}
@@ -200,7 +210,9 @@ def load_config(
         try:
             value = _parse_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"override '{item}': invalid YAML value: {e}") from None
+            raise ConfigError(
+                f"override '{item}': invalid YAML value: {_yaml_problem(e)}"
+            ) from None
         _set_dotted(data, key.strip(), value)
     try:
         return build(cls, data)

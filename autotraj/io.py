@@ -5,6 +5,7 @@
 - `ResumableJsonl` appends finished records to `<name>.partial` (flushed and fsynced per batch);
   after a crash it drops a torn last line, reports which keys are done, and `finish()` renames the
   file to its final name. A finished stage is therefore either complete or resumable.
+- `truncate_steps` cuts a step-keyed log (metrics.jsonl) back to the step a run resumes from.
 - `write_manifest` records input hashes, counts, the resolved config, package versions, git SHA.
 - `check_same_config` refuses to resume or reuse a stage folder written by a different config.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -53,7 +55,25 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 raise DataError(
                     f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
                 )
+            if _SURROGATE_ESCAPE.search(line):
+                _check_unicode(obj, f"{path}:{lineno}")
             yield lineno, obj
+
+
+# A JSON escape of a UTF-16 surrogate; json.loads joins a valid pair and keeps a lone one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(obj: Any, where: str) -> None:
+    """Raise `DataError` if a string in `obj` holds a lone surrogate (not valid Unicode: no
+    file or tokenizer can take it)."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(
+            f"{where}: a string holds a lone surrogate escape (U+{ord(e.object[e.start]):04X}): "
+            f"not valid Unicode"
+        ) from None
 
 
 def load_records(path: str | Path, parse: Callable[[dict[str, Any]], Any]) -> list[Any]:
@@ -105,6 +125,33 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     )
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    _atomic_write(Path(path), lambda f: f.write(text))
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut an appended file after its last newline (a kill can leave half a line behind)."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def truncate_steps(path: str | Path, last_step: int) -> None:
+    """Keep the rows of a step-keyed JSONL log with `step <= last_step`, minus a torn last line.
+
+    A run that resumes from the checkpoint of `last_step` logs the later steps again; without
+    this they would appear twice.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    drop_torn_tail(path)
+    rows = [row for _, row in read_jsonl(path)]
+    if any(row.get("step", 0) > last_step for row in rows):
+        write_jsonl_atomic(path, [row for row in rows if row.get("step", 0) <= last_step])
+
+
 class ResumableJsonl:
     """Append-only output of a stage that can be interrupted at any point and resumed.
 
@@ -136,11 +183,7 @@ class ResumableJsonl:
         return self.path.exists()
 
     def _drop_torn_tail(self) -> None:
-        data = self.partial.read_bytes()
-        if data and not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-            with self.partial.open("r+b") as f:
-                f.truncate(cut)
+        drop_torn_tail(self.partial)
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
         if self.finished:
@@ -165,10 +208,15 @@ class ResumableJsonl:
 
 def check_same_config(out_dir: str | Path, resolved_yaml: str) -> None:
     """Save `resolved_yaml` as `<out_dir>/config.resolved.yaml`, or raise `ConfigError` if the
-    folder already holds the output of a different config (resuming it would mix the two)."""
+    folder already holds the output of a different config (resuming it would mix the two).
+
+    A folder holding nothing but the saved config (a run that failed on its input before
+    writing anything) takes the new config: there is nothing to mix.
+    """
     out_dir = Path(out_dir)
     saved = out_dir / "config.resolved.yaml"
-    if saved.exists() and saved.read_text(encoding="utf-8") != resolved_yaml:
+    output = [p for p in out_dir.iterdir() if p != saved] if out_dir.is_dir() else []
+    if output and saved.exists() and saved.read_text(encoding="utf-8") != resolved_yaml:
         raise ConfigError(
             f"{out_dir} holds output of a different config; use another run_dir "
             f"or delete that folder (compare {saved})"

@@ -27,6 +27,11 @@ accepted), one `records.Repair` row per original in exactly one of the two; `met
 by chunk and share one done-set keyed by the original id, so a kill loses at most one chunk,
 which is redone without duplicates.
 
+Infrastructure failures: a candidate whose tools failed is rejected unscored ("infra error: ...")
+and counts as an attempt, as in the release. A repairer (generator) failure is no verdict at
+all: the originals whose last attempt it ended are not written, the stage stops after that
+chunk and raises `StageIncomplete`, and the next run repairs them again.
+
 Not here: scoring the candidates of a query (score.py), building SFT or preference sets.
 """
 
@@ -76,8 +81,9 @@ from autotraj.records import (
     Trajectory,
 )
 from autotraj.render import default_system_prompt
-from autotraj.rollout import RolloutConfig, rollout
+from autotraj.rollout import RolloutConfig, generator_failed, rollout
 from autotraj.score import load_synthesized, require_file, synthesize_inputs
+from autotraj.synthesize import StageIncomplete
 from autotraj.tools.tool import Tool, ToolInfraError
 from autotraj.tools.toolbox import ToolsConfig, close_tools, open_tools
 
@@ -513,12 +519,20 @@ def _repair_all(
         for start in range(0, len(todo), cfg.chunk):
             began = time.perf_counter()
             results = repair_chunk(todo[start : start + cfg.chunk], get_generator, tools, cfg)
+            unfinished = [r for r in results if generator_failed(r.final.trajectory)]
+            results = [r for r in results if not generator_failed(r.final.trajectory)]
             # Each original lands in exactly one file; the done-set is the union of both, so a
             # kill between these two appends only redoes the rows of the second one.
             repairs.append([r.to_dict() for r in results if r.accepted])
             hard.append([r.to_dict() for r in results if not r.accepted])
             metrics.write(start // cfg.chunk, chunk_metrics(results, time.perf_counter() - began))
             bar.update(len(results))
+            if unfinished:
+                raise StageIncomplete(
+                    f"the repairer failed on {len(unfinished)} trajectories, not written "
+                    f"({len(todo) - start - len(results) - len(unfinished)} more not started); "
+                    f"re-run the same command to retry them. {unfinished[0].final.reason}"
+                )
 
 
 def chunk_metrics(results: Sequence[Repair], seconds: float) -> dict[str, float]:

@@ -8,8 +8,15 @@ trainable; the loop repeats until no trajectory is active.
 
 Limits (release values, METHOD.md section 1): at most 3 tool calls per trajectory, code and
 search counted together; a 4th call is recorded as `rejected`, not executed, and ends the
-trajectory (`tool_limit`). A tool infrastructure failure ends the affected trajectories with
-`infra_error` (never scored as wrong); a generator failure raises.
+trajectory (`tool_limit`).
+
+Infrastructure failures end trajectories with finish reason `infra_error` and the cause in
+`error`; they are never scored as wrong answers (stages drop or exclude them, see
+docs/reliability.md). A tool failure (`ToolInfraError`) ends the trajectories whose calls were in
+the failed batch. A generator failure (`GeneratorError`, raised by a backend after its own
+retries) ends every trajectory still generating in that call, with `error` starting with
+`GENERATOR_FAILURE` (`generator_failed(t)`); trajectories that finished earlier keep their
+results, so the stage can write them and stop.
 
 Not here: sampling strategy per stage (synthesize.py, repair.py, train/), grading, scoring.
 """
@@ -23,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from autotraj.models.generator import Completion, GenerationRequest, Generator
+from autotraj.models.generator import Completion, GenerationRequest, Generator, GeneratorError
 from autotraj.records import (
     FinishReason,
     Provenance,
@@ -41,6 +48,15 @@ log = logging.getLogger(__name__)
 
 # Backends that return the generated token ids; the others (HTTP endpoints) return text only.
 TOKEN_BACKENDS = frozenset({"transformers", "vllm", "scripted"})
+# `Trajectory.error` of a trajectory ended by a generator failure starts with this.
+GENERATOR_FAILURE = "generator: "
+
+
+def generator_failed(trajectory: Trajectory) -> bool:
+    """True when `trajectory` ended because the generator failed (not a tool)."""
+    return trajectory.finish_reason == "infra_error" and trajectory.error.startswith(
+        GENERATOR_FAILURE
+    )
 
 
 @dataclass(frozen=True)
@@ -132,7 +148,17 @@ def rollout(
     standard = messages is None and not cfg.demonstrations
     turn = 0
     while active := [s for s in states if s.finish is None]:
-        completions = generator.generate([_request(s, cfg, turn, token_mode) for s in active])
+        try:
+            completions = generator.generate([_request(s, cfg, turn, token_mode) for s in active])
+        except GeneratorError as e:
+            log.warning(
+                "generator %s failed for %d trajectories: %s", generator.name, len(active), e
+            )
+            for state in active:
+                state.finish, state.error = "infra_error", f"{GENERATOR_FAILURE}{e}"
+            if progress is not None:
+                progress(len(active))
+            break
         if len(completions) != len(active):
             raise RuntimeError(
                 f"generator returned {len(completions)} completions for {len(active)} requests"

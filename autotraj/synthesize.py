@@ -7,7 +7,10 @@ N = 2, temperature 0.3, top_p 0.9 in the release). Output, under `<run_dir>/synt
 
 Resumable: trajectories are appended chunk by chunk; a re-run skips every trajectory id already
 on disk and a finished stage is a no-op. Trajectories ended by an infrastructure failure are not
-written; they are retried by the next run, and the stage raises so the failure is not missed.
+written; they are retried by the next run, and the stage raises `StageIncomplete` so the failure
+is not missed. A tool failure affects single calls, so the stage goes on with the next chunks; a
+generator failure (the endpoint is down after its retries) stops the stage after writing what
+that chunk finished, since every later chunk would wait out the same retries.
 
 Not here: grading or scoring the candidates (score stage).
 """
@@ -25,12 +28,18 @@ import yaml
 from tqdm import tqdm
 
 from autotraj.config import ConfigError, to_dict
-from autotraj.io import ResumableJsonl, check_same_config, write_jsonl_atomic, write_manifest
+from autotraj.io import (
+    DataError,
+    ResumableJsonl,
+    check_same_config,
+    write_jsonl_atomic,
+    write_manifest,
+)
 from autotraj.metrics import MetricsLog
 from autotraj.models.generator import Generator
 from autotraj.models.loading import GeneratorConfig, load_generator
 from autotraj.records import Query, Trajectory
-from autotraj.rollout import RolloutConfig, rollout
+from autotraj.rollout import RolloutConfig, generator_failed, rollout
 from autotraj.tools.toolbox import ToolsConfig, close_tools, open_tools
 
 log = logging.getLogger(__name__)
@@ -67,6 +76,8 @@ def load_training_queries(cfg: SynthesizeConfig) -> tuple[list[Query], int]:
     if not cfg.queries:
         raise ConfigError("synthesize: set 'queries' to a local file or a Hub dataset name")
     queries = load_queries(cfg.queries, kind=cfg.kind, split=cfg.split)
+    if not queries:
+        raise DataError(f"{cfg.queries}: no queries (an empty file?)")
     removed = 0
     if cfg.decontaminate:
         queries, removed = decontaminate(queries, load_eval_hashes(cfg.eval_sets))
@@ -101,13 +112,17 @@ def run_synthesize(cfg: SynthesizeConfig, generator: Generator | None = None) ->
         len(todo),
     )
     counts: Counter[str] = Counter()
+    first_error = ""
     if todo:
         generator = generator or load_generator(cfg.generator, role="teacher")
-        counts = _generate(cfg, generator, todo, out, MetricsLog(out_dir / "metrics.jsonl"))
-    if counts["infra_error"]:
+        counts, first_error = _generate(
+            cfg, generator, todo, out, MetricsLog(out_dir / "metrics.jsonl")
+        )
+    if counts["infra_error"] or counts["not_started"]:
         raise StageIncomplete(
-            f"{counts['infra_error']} trajectories hit infrastructure failures and "
-            f"were not written; re-run the same command to retry them"
+            f"{counts['infra_error']} trajectories hit infrastructure failures and were not "
+            f"written ({counts['not_started']} more not started); re-run the same command to "
+            f"retry them. First failure: {first_error}"
         )
     out.finish()
     summary = {
@@ -132,9 +147,11 @@ def _generate(
     todo: list[tuple[str, Query]],
     out: ResumableJsonl,
     metrics: MetricsLog,
-) -> Counter[str]:
+) -> tuple[Counter[str], str]:
+    """Roll out `todo` chunk by chunk; return the counts and the first infrastructure error."""
     tools = open_tools(cfg.tools)
     counts: Counter[str] = Counter()
+    first_error = ""
     chunk = max(1, cfg.chunk_queries * cfg.n)
     try:
         with tqdm(total=len(todo), desc="synthesize", unit="traj") as bar:
@@ -153,12 +170,17 @@ def _generate(
                 out.append([t.to_dict() for t in kept])
                 counts["written"] += len(kept)
                 counts["infra_error"] += len(trajectories) - len(kept)
+                failed = [t.error for t in trajectories if t.finish_reason == "infra_error"]
+                first_error = first_error or (failed[0] if failed else "")
                 metrics.write(
                     start // chunk, _chunk_metrics(trajectories, time.perf_counter() - began)
                 )
+                if any(generator_failed(t) for t in trajectories):
+                    counts["not_started"] = max(0, len(todo) - start - chunk)
+                    break
     finally:
         close_tools(tools)
-    return counts
+    return counts, first_error
 
 
 def _chunk_metrics(trajectories: list[Trajectory], seconds: float) -> dict[str, float]:

@@ -22,9 +22,13 @@ with finish_reason "stop", the stop string whose opening tag (`<code>` for `</co
 in the text is appended; if no such tag is open, the turn is taken as ended (eos). Stop strings
 that are not closing tags can only be recovered from servers that report them.
 
-Failures: connection errors, timeouts, HTTP 429 and 5xx and malformed responses are retried with
-exponential backoff (`retry_backoff_s`, doubling); after `max_retries` retries a
-`GeneratorError` names the URL and the last error. Other HTTP 4xx fail at once.
+Failures: connection errors, timeouts, HTTP 429 and 5xx and malformed responses (not JSON,
+truncated, no `choices` list, a choice without text) are retried with exponential backoff
+(`retry_backoff_s`, doubling); after `max_retries` retries a `GeneratorError` names the URL, the
+number of attempts and the last error (status and body, timeout, connection error). Other HTTP
+4xx fail at once. One failed request fails the whole `generate` call; the rollout then ends the
+trajectories of that call as `infra_error` (rollout.py). Lone surrogate escapes in a reply's text
+(no encoder can write them) become U+FFFD.
 
 Not here: token ids or log-probabilities of the generated text, and chat templates.
 """
@@ -50,6 +54,7 @@ T = TypeVar("T")
 
 _CHATML_TURN = re.compile(r"<\|im_start\|>([^\n]+)\n(.*?)<\|im_end\|>\n?", re.DOTALL)
 _CHATML_OPEN = "<|im_start|>assistant\n"
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs: any left is lone
 
 
 class _Malformed(ValueError):
@@ -129,9 +134,16 @@ def infer_stop(text: str, stops: Sequence[str]) -> str | None:
 
 def completion_from_choice(choice: dict[str, Any], request: GenerationRequest) -> Completion:
     """Map one OpenAI choice to a Completion, putting back the stop string the server cut."""
-    text = choice["text"] if "text" in choice else (choice.get("message") or {}).get("content")
+    message = choice.get("message")
+    if "text" in choice:
+        text = choice["text"]
+    else:
+        text = message.get("content") if isinstance(message, dict) else None
     if not isinstance(text, str):
         raise _Malformed(f"choice has no text: {str(choice)[:200]}")
+    # JSON may carry lone surrogate escapes ("\\ud800"): no encoder can write those, so they
+    # become U+FFFD here, at the boundary, as undecodable bytes would.
+    text = _LONE_SURROGATE.sub("\ufffd", text)
     finish = choice.get("finish_reason")
     if finish == "length":
         return Completion(text=text, token_ids=(), stop_reason="length")
@@ -284,8 +296,11 @@ class OpenAIGenerator:
                     )
                 else:
                     return completion_from_choice(_first_choice(response), request)
+            except httpx.TimeoutException as e:
+                last_error = f"timed out after {self.cfg.request_timeout_s} s ({type(e).__name__})"
             except httpx.TransportError as e:
-                last_error = f"{type(e).__name__}: {e}"
+                detail = f": {e}" if str(e) else ""
+                last_error = f"connection error ({type(e).__name__}{detail})"
             except _Malformed as e:
                 last_error = f"malformed response: {e}"
             if attempt + 1 < attempts:
@@ -300,7 +315,7 @@ def _first_choice(response: httpx.Response) -> dict[str, Any]:
     except ValueError as e:
         raise _Malformed(f"not JSON: {response.text[:200]!r}") from e
     choices = data.get("choices") if isinstance(data, dict) else None
-    if not choices or not isinstance(choices[0], dict):
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise _Malformed(f"no choices in {str(data)[:200]}")
     return choices[0]
 

@@ -24,7 +24,9 @@ class PythonToolConfig:
 @dataclass(frozen=True)
 class SearchToolConfig:
     backend: Literal["none", "bm25", "remote"] = "none"
-    index_dir: str = ""  # bm25: a directory built by `autotraj index`
+    # bm25: a directory built by `autotraj index`, or "builtin:multihop" (the built-in task's
+    # corpus, indexed under $AUTOTRAJ_HOME on first use: tasks/builtin.py)
+    index_dir: str = ""
     url: str = ""  # remote: a FlashRAG/Search-R1 style retrieval endpoint
     top_k: int = 1  # release: top-1 passage
     timeout_s: float = 30.0
@@ -54,7 +56,12 @@ def open_tools(cfg: ToolsConfig) -> dict[ToolName, Tool]:
     if search.backend == "bm25":
         from autotraj.tools.search import Bm25Search
 
-        tools["search"] = Bm25Search(search.index_dir, top_k=search.top_k)
+        index_dir = search.index_dir
+        if index_dir.startswith("builtin:"):
+            from autotraj.tasks.builtin import index_dir as builtin_index_dir
+
+            index_dir = str(builtin_index_dir(index_dir.removeprefix("builtin:")))
+        tools["search"] = Bm25Search(index_dir, top_k=search.top_k)
     elif search.backend == "remote":
         from autotraj.tools.search import RemoteSearch
 

@@ -6,7 +6,9 @@ Each step (METHOD.md section 10; release values in `RlConfig`):
    real tools, generating with the current policy weights (TransformersGenerator around the
    policy model: no weight copy, no sync);
 3. reward them (rewards.compute_rewards: the release formula, the trajectory RM when configured);
-   a rollout that hit an infrastructure failure is excluded from its group, never scored 0;
+   a rollout that hit an infrastructure failure is excluded from its group, never scored 0; a
+   step in which every rollout hit one (the generator or a tool is down) raises `StageIncomplete`
+   before any update, so it is not counted and a re-run resumes from the last checkpoint;
 4. group advantages A = (R - mean) / (std + 1e-6) on every trainable token (train/advantages.py);
 5. re-render each trajectory with the one renderer (render.render_trajectory: prompt and
    tool-result tokens are not trainable), compute the rollout policy's log-probs on those ids,
@@ -46,13 +48,14 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object, set_seed
 
 from autotraj.config import ConfigError, to_dict
-from autotraj.io import check_same_config, read_jsonl, write_jsonl_atomic, write_manifest
+from autotraj.io import check_same_config, truncate_steps, write_manifest
 from autotraj.metrics import MetricsLog
 from autotraj.models.loading import EMBEDDED_MODEL, GeneratorConfig, load_tokenizer
 from autotraj.records import Query, Trajectory
 from autotraj.render import RenderedTrajectory, render_prompt, render_trajectory
 from autotraj.rewards import RewardBreakdown, RewardConfig, compute_rewards, reward_summary
 from autotraj.rollout import RolloutConfig, rollout
+from autotraj.synthesize import StageIncomplete
 from autotraj.tools.toolbox import ToolsConfig, close_tools, open_tools
 from autotraj.train.advantages import (
     collate,
@@ -61,6 +64,7 @@ from autotraj.train.advantages import (
     prompt_indices,
     token_logprobs,
 )
+from autotraj.train.sft import check_vocab
 
 log = logging.getLogger(__name__)
 
@@ -201,12 +205,6 @@ def _latest_checkpoint(out_dir: Path) -> Path | None:
     return max((p.parent for p in (out_dir / "checkpoints").glob("step-*/complete")), default=None)
 
 
-def _truncate_steps(path: Path, last_step: int) -> None:
-    """Drop rows written after `last_step` (a crash between a step and its checkpoint)."""
-    if path.exists():
-        write_jsonl_atomic(path, [row for _, row in read_jsonl(path) if row["step"] <= last_step])
-
-
 def _comparable_yaml(cfg: RlConfig) -> str:
     """The resolved config minus the fields a resumed run may change (saved and compared)."""
     data = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES}
@@ -259,6 +257,7 @@ class GrpoRun:
         self.model_ref = resolve_model(cfg)
         self.tokenizer = load_tokenizer(GeneratorConfig(model=self.model_ref))
         policy = self._load_lm(self.model_ref, train=True)
+        check_vocab(policy, self.tokenizer, self.model_ref)
         self.ref_model = self._load_lm(self.model_ref, train=False) if cfg.kl_coef > 0 else None
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(policy, optimizer)
@@ -288,7 +287,14 @@ class GrpoRun:
             return None
         from autotraj.train.reward_model import TrajectoryRewardModel
 
-        return TrajectoryRewardModel.load(path, device=str(self.accelerator.device))
+        rm = TrajectoryRewardModel.load(path, device=str(self.accelerator.device))
+        if rm.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise ConfigError(
+                f"rl: the reward model {path} has another tokenizer than the policy "
+                f"{self.model_ref}: it would score token ids it does not know; train the reward "
+                f"model from the policy's base (autotraj rm model=...)"
+            )
+        return rm
 
     def _generator(self) -> Any:
         if self.cfg.generator.backend != "transformers":
@@ -322,7 +328,7 @@ class GrpoRun:
             log.info("resumed from %s at step %d", latest, self.progress.step)
         if self.accelerator.is_main_process:
             for name in ("metrics.jsonl", "rollouts.jsonl"):
-                _truncate_steps(self.out_dir / name, self.progress.step)
+                truncate_steps(self.out_dir / name, self.progress.step)
         return self.progress.step
 
     def train(self) -> dict[str, Any]:
@@ -367,6 +373,11 @@ class GrpoRun:
             self._generator(), tools, self.tokenizer, items, replace(cfg.rollout, seed=cfg.seed)
         )
         policy.train()
+        if all(t.finish_reason == "infra_error" for t in trajectories):
+            raise StageIncomplete(
+                f"rl step {step + 1}: every rollout hit an infrastructure failure "
+                f"({trajectories[0].error}); re-run to resume from the last checkpoint"
+            )
         rollout_s = time.perf_counter() - began
         breakdowns = compute_rewards(
             trajectories, item_queries, self._rm_scores(trajectories, item_queries), cfg.reward

@@ -46,10 +46,13 @@ from autotraj.train.batches import PreferenceExample, pad_sequences, preference_
 from autotraj.train.sft import (
     LoraSettings,
     TrainingIncomplete,
+    check_vocab,
     import_train_deps,
     last_checkpoint,
+    load_examples,
     metrics_callback,
     peft_config,
+    restart_log,
     tracker_callbacks,
     trainer_arguments,
 )
@@ -156,6 +159,7 @@ def build_trainer(
     out_dir = stage_dir(cfg)
     extra, report_to = tracker_callbacks(cfg.report_to, out_dir / "tensorboard")
     model, _ = load_sequence_classifier(base_model(cfg), tokenizer.pad_token_id)
+    check_vocab(model, tokenizer, base_model(cfg))
     dataset = Dataset.from_dict(
         {
             "chosen_ids": [list(e.chosen_ids) for e in train],
@@ -191,14 +195,17 @@ def run_rm(cfg: RmConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     model_name = base_model(cfg)
     tokenizer = load_tokenizer(GeneratorConfig(model=model_name))
     check_pad(tokenizer)
-    examples, counts, system_prompt = preference_examples_from_file(
-        tokenizer, data_path(cfg), cfg.max_length
+    examples, counts, system_prompt = load_examples(
+        lambda: preference_examples_from_file(tokenizer, data_path(cfg), cfg.max_length),
+        data_path(cfg),
+        model_name,
     )
     train, heldout = split_by_query(examples, cfg.heldout_fraction, cfg.seed)
     if not train:
         raise ConfigError(f"rm: no training pair in {data_path(cfg)}")
     trainer = build_trainer(cfg, tokenizer, train, callbacks)
     resume_from = last_checkpoint(out_dir / "checkpoints") if cfg.resume else None
+    restart_log(out_dir / "metrics.jsonl", resume_from)
     result = trainer.train(resume_from_checkpoint=resume_from)
     if trainer.state.global_step < trainer.state.max_steps:
         raise TrainingIncomplete(f"rm stopped at step {trainer.state.global_step}; re-run")
@@ -347,6 +354,7 @@ class TrajectoryRewardModel:
             )
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model, info = load_sequence_classifier(str(path), tokenizer.pad_token_id, dtype)
+        check_vocab(model, tokenizer, str(path))
         missing = [k for k in info.get("missing_keys", ()) if "score" in k]
         if missing:
             raise RewardModelError(f"{path}: the score head was not loaded ({missing})")

@@ -15,29 +15,37 @@ stage with the same config is a no-op.
 The same command runs on one CPU, one GPU, or many GPUs/nodes under `accelerate launch` (DDP,
 FSDP, DeepSpeed): the Trainer takes the distributed setup from accelerate (docs/training.md).
 
+Errors: records whose stored token ids were made by another tokenizer, or a checkpoint whose
+embedding is smaller than its tokenizer, stop the stage before training with a `DataError` /
+`ConfigError` naming the file.
+
 Also the training plumbing the reward-model stage shares: `LoraSettings`, `MetricsCallback`,
-`load_causal_lm`, `gradient_accumulation`. Not here: building the SFT set (build.py), masks
+`load_causal_lm`, `check_vocab`, `gradient_accumulation`, `load_examples`, `restart_log`. Not here: building the SFT set (build.py), masks
 (render.py + train/batches.py), the reward model (reward_model.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
 from autotraj.config import ConfigError, to_dict
-from autotraj.io import check_same_config, write_manifest
+from autotraj.io import DataError, check_same_config, truncate_steps, write_manifest
 from autotraj.metrics import MetricsLog
 from autotraj.models.loading import EMBEDDED_MODEL, GeneratorConfig, load_tokenizer
+from autotraj.render import TokenizerMismatch
 from autotraj.train.batches import SftExample, sft_examples_from_file
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 TRAIN_EXTRA = "pip install 'autotraj[train]'"
 
@@ -158,6 +166,38 @@ def load_causal_lm(model: str, pad_token_id: int | None) -> Any:
     return loaded
 
 
+def check_vocab(model: Any, tokenizer: Any, source: str) -> None:
+    """Raise `ConfigError` when `model` has fewer embedding rows than `tokenizer` has tokens
+    (weights and tokenizer files of different models): a token id past the end would crash the
+    forward pass. More rows than tokens is normal (vocabularies are padded)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if rows < len(tokenizer):
+        raise ConfigError(
+            f"{source}: the checkpoint's embedding has {rows} rows but its tokenizer has "
+            f"{len(tokenizer)} tokens: the weights and the tokenizer files come from different "
+            f"models"
+        )
+
+
+def load_examples(load: Callable[[], T], path: Path, model: str) -> T:
+    """`load()` (examples from `path`), naming `path` and `model` when the records' stored token
+    ids were made by another tokenizer than `model`'s."""
+    try:
+        return load()
+    except TokenizerMismatch as e:
+        raise DataError(
+            f"{path}: {e}; the model {model} has another tokenizer: train a model with the "
+            f"tokenizer that generated these records, or rebuild them"
+        ) from e
+
+
+def restart_log(path: Path, resume_from: str | None) -> None:
+    """Cut metrics.jsonl back to the checkpoint training resumes from (step 0: none), so the
+    steps logged after that checkpoint by an interrupted run do not appear twice."""
+    step = int(Path(resume_from).name.removeprefix("checkpoint-")) if resume_from else 0
+    truncate_steps(path, step)
+
+
 def metrics_callback(path: Path, stage: str) -> Any:
     """A TrainerCallback writing every Trainer log to metrics.jsonl as `<stage>/<group>/<name>`."""
     from transformers import TrainerCallback
@@ -193,9 +233,33 @@ def tracker_callbacks(report_to: Sequence[str], log_dir: Path) -> tuple[list[Any
 
 
 def last_checkpoint(checkpoints: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete `checkpoint-N` folder, or None.
 
-    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    The Trainer writes a checkpoint in place and `trainer_state.json` last, so a run killed
+    while saving leaves a folder without a readable one; such folders (newer than the one
+    returned) are deleted, else resuming would load half a checkpoint.
+    """
+    if not checkpoints.is_dir():
+        return None
+    found = sorted(
+        (int(p.name.removeprefix("checkpoint-")), p)
+        for p in checkpoints.glob("checkpoint-*")
+        if p.is_dir() and p.name.removeprefix("checkpoint-").isdigit()
+    )
+    for _, path in reversed(found):
+        if _complete(path):
+            return str(path)
+        log.warning("%s is incomplete (killed while saving?); deleting it", path)
+        shutil.rmtree(path)
+    return None
+
+
+def _complete(checkpoint: Path) -> bool:
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def trainer_arguments(cfg: Any, out_dir: Path, report_to: list[str]) -> dict[str, Any]:
@@ -258,8 +322,10 @@ def build_trainer(
 
     out_dir = stage_dir(cfg)
     extra, report_to = tracker_callbacks(cfg.report_to, out_dir / "tensorboard")
+    model = load_causal_lm(cfg.model, tokenizer.pad_token_id)
+    check_vocab(model, tokenizer, cfg.model)
     return SFTTrainer(
-        model=load_causal_lm(cfg.model, tokenizer.pad_token_id),
+        model=model,
         args=training_arguments(cfg, out_dir, report_to),
         train_dataset=sft_dataset(examples),
         processing_class=tokenizer,
@@ -281,13 +347,18 @@ def run_sft(cfg: SftConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         log.info("%s is finished; nothing to do", out_dir)
         return {"finished": True, "model": str(out_dir / "model"), "trained": False}
     tokenizer = load_tokenizer(GeneratorConfig(model=cfg.model))
-    examples, counts = sft_examples_from_file(tokenizer, data_path(cfg), cfg.max_length)
+    examples, counts = load_examples(
+        lambda: sft_examples_from_file(tokenizer, data_path(cfg), cfg.max_length),
+        data_path(cfg),
+        cfg.model,
+    )
     if not examples:
         raise ConfigError(f"sft: no trainable example in {data_path(cfg)}")
     trainer = build_trainer(cfg, tokenizer, examples, callbacks)
     resume_from = last_checkpoint(out_dir / "checkpoints") if cfg.resume else None
     if resume_from:
         log.info("resuming from %s", resume_from)
+    restart_log(out_dir / "metrics.jsonl", resume_from)
     result = trainer.train(resume_from_checkpoint=resume_from)
     state = trainer.state
     if state.global_step < state.max_steps:
