@@ -4,6 +4,7 @@
 - a local `.jsonl` file, a `.json` file (a list of objects, or `{"data": [...]}`) or a `.parquet`
   file;
 - a folder written by `datasets.Dataset.save_to_disk` (or `DatasetDict.save_to_disk`);
+- a built-in task, `builtin:<arithmetic|multihop|mixed>:<train|test>` (tasks/builtin.py);
 - a known benchmark name (`KNOWN_DATASETS`: gsm8k, math500, aime24, aime25, amc23, hotpotqa, 2wiki,
   musique, bamboogle), loaded from its usual Hub dataset with its field mapping;
 - any other Hub dataset id, `owner/name` or `owner/name:config`, loaded with `datasets.load_dataset`.
@@ -52,6 +53,7 @@ ANSWER_FIELD = "answer"
 LABEL_FIELDS = ("ability", "data_source")  # Tool-Star / verl-style task labels
 HASH_FILE = "benchmark_questions.txt"
 FILE_FORMATS = (".jsonl", ".json", ".parquet")
+BUILTIN_PREFIX = "builtin:"  # built-in tasks, e.g. builtin:multihop:test (tasks/builtin.py)
 
 # Words of an `ability`/`data_source` label that name a kind (matched per word, lowercase).
 _QA_WORDS = frozenset({"qa", "search", "multihop", "2wiki", "musique", "bamboogle", "nq"})
@@ -142,6 +144,12 @@ Rows = Iterator[tuple[str, int, Any]]  # (location for errors, row index, row)
 
 def _open_source(source: str, split: str | None) -> tuple[str, Rows, TaskKind | None]:
     """(source name for default ids, rows, kind implied by the source or None)."""
+    if source.startswith(BUILTIN_PREFIX):  # e.g. builtin:arithmetic:train (tasks/builtin.py)
+        from autotraj.tasks.builtin import builtin_queries
+
+        queries = builtin_queries(source, split)
+        rows = ((f"{source}: row {i}", i, q.to_dict()) for i, q in enumerate(queries))
+        return source.removeprefix(BUILTIN_PREFIX).replace(":", "-"), rows, None
     path = Path(source).expanduser()
     if path.is_dir():
         return path.name, _rows_saved(path, split), None

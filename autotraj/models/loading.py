@@ -32,8 +32,9 @@ EMBEDDED_PREFIX = "embedded:"
 @dataclass(frozen=True)
 class GeneratorConfig:
     # transformers: local weights (CPU/GPU); openai: any OpenAI-compatible HTTP endpoint;
-    # vllm: in-process vLLM (GPU extra).
-    backend: Literal["transformers", "openai", "vllm"] = "transformers"
+    # vllm: in-process vLLM (GPU extra); reference: the scripted solver of the built-in tasks
+    # (models/reference.py; no model, `model` only names the tokenizer).
+    backend: Literal["transformers", "openai", "vllm", "reference"] = "transformers"
     # "embedded:smollm2-135m-instruct" (offline default), a local directory, or a Hub name.
     # For the openai backend: the model name the server expects.
     model: str = EMBEDDED_MODEL
@@ -118,4 +119,10 @@ def load_generator(cfg: GeneratorConfig, role: str = "policy") -> Generator:
         from autotraj.models.vllm_backend import VllmGenerator
 
         return VllmGenerator.from_config(cfg)
-    raise ValueError(f"unknown generator backend {cfg.backend!r}: transformers, openai or vllm")
+    if cfg.backend == "reference":
+        from autotraj.models.reference import reference_generator
+
+        return reference_generator(load_tokenizer(cfg))
+    raise ValueError(
+        f"unknown generator backend {cfg.backend!r}: transformers, openai, vllm or reference"
+    )
