@@ -10,14 +10,13 @@ else one after the other). `render_list` returns the trajectory ids with label, 
 outcome. Colors are ANSI codes, only when `color=True`; without colors every mark is plain text.
 
 Not here: writing to stdout (cli.py decides that, and whether stdout takes colors), the HTML
-report (report.py), computing scores or masks (quality.py, render.py).
+report (report.py), tag spans and line/word diffs (markup.py, shared with the report), computing
+scores or masks (quality.py, render.py).
 """
 
 from __future__ import annotations
 
-import difflib
 import logging
-import re
 from dataclasses import dataclass
 from itertools import groupby, zip_longest
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 from autotraj.build import RunFiles, read_run_files
 from autotraj.io import DataError
+from autotraj.markup import diff_rows, tag_spans, word_diff
 from autotraj.records import Trajectory
 from autotraj.render import Tokenizer, render_trajectory
 
@@ -33,9 +33,7 @@ log = logging.getLogger(__name__)
 SIDE_BY_SIDE_MIN_WIDTH = 120  # two columns of >= 58 characters
 MASK_OPEN, MASK_CLOSE = "[masked]", "[/masked]"
 _ANSI = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36"}
-_TOOL_INPUT = re.compile(r"<(code|python|search)>.*?</\1>", re.DOTALL)
-_WORDS = re.compile(r"<[^>\s]+>|\w+|\s+|[^\w\s]")  # tags, words, spaces, punctuation
-_ANSWER = re.compile(r"<answer>.*?</answer>", re.DOTALL)
+_SPAN_STYLE = {"code": ("yellow",), "search": ("yellow",), "answer": ("green", "bold")}
 _LABEL_STYLE = {"HQ": "green", "AC-LQ": "yellow", "AW": "red"}
 _STATUS_STYLE = {"ok": "green", "error": "red", "timeout": "yellow", "rejected": "yellow"}
 
@@ -127,8 +125,7 @@ def highlight(text: str, p: Palette) -> str:
     """Model text with tool-call inputs in yellow and the answer block in green."""
     if not p.enabled:
         return text
-    text = _TOOL_INPUT.sub(lambda m: p.paint(m.group(0), "yellow"), text)
-    return _ANSWER.sub(lambda m: p.paint(m.group(0), "green", "bold"), text)
+    return "".join(p.paint(piece, *_SPAN_STYLE.get(kind, ())) for kind, piece in tag_spans(text))
 
 
 def _segments(trajectory: Trajectory, p: Palette) -> str:
@@ -256,26 +253,6 @@ def _diff_section(
     return f"{head}\n{body}"
 
 
-def diff_rows(a: str, b: str) -> list[tuple[str, str | None, str | None]]:
-    """Aligned lines of two texts: (" " same, "|" changed, "<" only in a, ">" only in b, a, b).
-
-    >>> diff_rows("x\\ny", "x\\nz")
-    [(' ', 'x', 'x'), ('|', 'y', 'z')]
-    """
-    a_lines, b_lines = a.expandtabs().splitlines(), b.expandtabs().splitlines()
-    rows: list[tuple[str, str | None, str | None]] = []
-    matcher = difflib.SequenceMatcher(None, a_lines, b_lines, autojunk=False)
-    for op, i1, i2, j1, j2 in matcher.get_opcodes():
-        if op == "equal":
-            rows += [(" ", x, y) for x, y in zip(a_lines[i1:i2], b_lines[j1:j2], strict=True)]
-            continue
-        for x, y in zip_longest(a_lines[i1:i2], b_lines[j1:j2]):
-            rows.append(
-                ("|" if x is not None and y is not None else "<" if y is None else ">", x, y)
-            )
-    return rows
-
-
 def word_marks(a: str, b: str, p: Palette) -> tuple[str, str]:
     """Two versions of a line with the words (tags, punctuation) that differ marked:
     [-removed-] and {+added+}, or red and green with colors.
@@ -283,18 +260,17 @@ def word_marks(a: str, b: str, p: Palette) -> tuple[str, str]:
     >>> word_marks("the answer is 5", "the answer is 6", Palette())
     ('the answer is [-5-]', 'the answer is {+6+}')
     """
-    a_words, b_words = _WORDS.findall(a), _WORDS.findall(b)
-    a_out, b_out = [], []
-    matcher = difflib.SequenceMatcher(None, a_words, b_words, autojunk=False)
-    for op, i1, i2, j1, j2 in matcher.get_opcodes():
-        old, new = "".join(a_words[i1:i2]), "".join(b_words[j1:j2])
-        if op == "equal":
-            a_out.append(old)
-            b_out.append(new)
-            continue
-        a_out.append(p.paint(old, "red", "bold") if p.enabled else f"[-{old}-]" if old else "")
-        b_out.append(p.paint(new, "green", "bold") if p.enabled else f"{{+{new}+}}" if new else "")
-    return "".join(a_out), "".join(b_out)
+    a_pieces, b_pieces = word_diff(a, b)
+    return _marked(a_pieces, p, "red", "[-{}-]"), _marked(b_pieces, p, "green", "{{+{}+}}")
+
+
+def _marked(pieces: list[tuple[bool, str]], p: Palette, color: str, plain: str) -> str:
+    """The pieces joined, the differing ones painted (colors) or wrapped in `plain` (no colors)."""
+    if p.enabled:
+        return "".join(
+            p.paint(text, color, "bold") if differs else text for differs, text in pieces
+        )
+    return "".join(plain.format(text) if differs else text for differs, text in pieces)
 
 
 def one_after_other(
