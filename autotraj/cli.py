@@ -62,6 +62,12 @@ def _rl() -> tuple[type, Callable[[Any], Any]]:
     return RlConfig, run_rl
 
 
+def _eval() -> tuple[type, Callable[[Any], Any]]:
+    from autotraj.evaluate import EvalConfig, run_eval
+
+    return EvalConfig, run_eval
+
+
 def _run() -> tuple[type, Callable[[Any], Any]]:
     from autotraj.pipeline import PipelineConfig, run_pipeline
 
@@ -99,6 +105,10 @@ STAGES: dict[str, tuple[str, Callable[[], tuple[type, Callable[[Any], Any]]]]] =
         "GRPO on the policy with multi-turn tool rollouts and the composite reward",
         _rl,
     ),
+    "eval": (
+        "evaluate a model on benchmarks with the training rollout loop and tools (greedy)",
+        _eval,
+    ),
     "run": (
         "the whole pipeline in one run directory; finished stages are skipped",
         _run,
@@ -113,7 +123,10 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
         sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     result = run(cfg)
+    table = result.get("eval", {}).pop("table", None) if name == "run" else None
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    if table:
+        sys.stdout.write(f"\n{table}\n")
     return 0
 
 
@@ -152,6 +165,22 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from autotraj.report import write_report
+
+    path = write_report(args.run_dir, args.out, max_trajectories=args.max_trajectories)
+    sys.stdout.write(f"{path}\n")
+    return 0
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from autotraj.tasks.builtin import write_tasks
+
+    counts = write_tasks(args.out_dir)
+    sys.stdout.write(json.dumps(counts, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autotraj", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -186,6 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", help="model name/path or 'embedded:smollm2-135m-instruct': show the mask"
     )
     p.add_argument("--no-color", action="store_true", help="no ANSI colors")
+    p = sub.add_parser(
+        "report", help="write one self-contained HTML report: results, plots, trajectory viewer"
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="the HTML file to write (default: RUN_DIR/report.html)")
+    p.add_argument(
+        "--max-trajectories",
+        type=int,
+        help="candidates embedded in the viewer (whole queries, in file order; default 5000)",
+    )
+    p = sub.add_parser(
+        "tasks", help="write the built-in tasks' splits and multi-hop corpus as JSONL files"
+    )
+    p.add_argument("out_dir")
     return parser
 
 
@@ -199,7 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in STAGES:
             return _run_stage(args.command, args)
-        return {"index": _index, "sandbox": _sandbox, "show": _show}[args.command](args)
+        commands = {
+            "index": _index,
+            "sandbox": _sandbox,
+            "show": _show,
+            "report": _report,
+            "tasks": _tasks,
+        }
+        return commands[args.command](args)
     except (ConfigError, DataError) as e:
         sys.stderr.write(f"autotraj {args.command}: error: {e}\n")
         return 2

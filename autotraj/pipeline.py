@@ -3,6 +3,11 @@
 `PipelineConfig` holds one section per stage (the same config classes the single-stage commands
 take) and the run directory they all share.
 
+The eval stage evaluates each model of `eval_models` with the `eval` section: `base` (the model
+`eval.generator.model` names, the policy before training), `sft` (`<run_dir>/sft/model`) and
+`rl` (`<run_dir>/rl/model`), each into `<run_dir>/eval/<model>/`, and returns the comparison
+table (`eval_summary.render_table`), also written to `<run_dir>/eval/table.txt`.
+
 Caching. Every stage gets a key: the sha256 of its resolved config, of the content of every local
 file its config names (a queries file, a benchmark file, a corpus), and of the keys of the stages
 it reads from (`UPSTREAM`). The key is written to `<stage dir>/pipeline_key.json` when the stage
@@ -10,7 +15,8 @@ starts. On the next run a stage whose folder holds the same key is resumed (a fi
 no-op: each stage detects its own finished output); a folder holding another key is stale, since
 its config, an input file or an upstream stage changed, and is moved to `<run_dir>/stale/` (never
 deleted) before the stage runs again. A change therefore invalidates exactly the stages
-downstream of it.
+downstream of it. Each evaluated model is keyed on its own: the base model's evaluation does not
+depend on training, `sft`'s on the sft stage, `rl`'s on the rl stage.
 
 Not here: what any stage computes.
 """
@@ -30,7 +36,9 @@ from typing import Any, Literal
 
 from autotraj.build import BuildConfig, run_build
 from autotraj.config import ConfigError, to_dict
-from autotraj.io import file_sha256, write_json_atomic
+from autotraj.eval_summary import render_table
+from autotraj.evaluate import EvalConfig, run_eval
+from autotraj.io import file_sha256, write_json_atomic, write_text_atomic
 from autotraj.repair import RepairConfig, run_repair
 from autotraj.score import ScoreConfig, run_score
 from autotraj.synthesize import SynthesizeConfig, run_synthesize
@@ -40,8 +48,18 @@ from autotraj.train.sft import SftConfig, run_sft
 
 log = logging.getLogger(__name__)
 
-StageName = Literal["synthesize", "score", "repair", "build", "sft", "rm", "rl"]
-ORDER: tuple[StageName, ...] = ("synthesize", "score", "repair", "build", "sft", "rm", "rl")
+StageName = Literal["synthesize", "score", "repair", "build", "sft", "rm", "rl", "eval"]
+ORDER: tuple[StageName, ...] = (
+    "synthesize",
+    "score",
+    "repair",
+    "build",
+    "sft",
+    "rm",
+    "rl",
+    "eval",
+)
+EvalModel = Literal["base", "sft", "rl"]
 RUNNERS: dict[StageName, Callable[[Any], dict[str, Any]]] = {
     "synthesize": run_synthesize,
     "score": run_score,
@@ -50,9 +68,11 @@ RUNNERS: dict[StageName, Callable[[Any], dict[str, Any]]] = {
     "sft": run_sft,
     "rm": run_rm,
     "rl": run_rl,
+    "eval": run_eval,  # once per model of `eval_models`
 }
 # The stages whose output each stage reads (rm starts from the SFT model; rl reads the SFT model,
 # the reward model and the synthesized queries).
+# The eval stage is keyed per model instead (`eval_configs`).
 UPSTREAM: dict[StageName, tuple[StageName, ...]] = {
     "synthesize": (),
     "score": ("synthesize",),
@@ -78,6 +98,9 @@ class PipelineConfig:
     sft: SftConfig = field(default_factory=SftConfig)
     rm: RmConfig = field(default_factory=RmConfig)
     rl: RlConfig = field(default_factory=RlConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # models the eval stage evaluates: base = eval.generator.model, sft/rl = this run's models
+    eval_models: tuple[EvalModel, ...] = ("base", "sft", "rl")
 
 
 def stage_config(cfg: PipelineConfig, name: StageName) -> Any:
@@ -112,9 +135,10 @@ def config_key(config: dict[str, Any], upstream: list[str]) -> str:
 
 
 def stage_keys(cfg: PipelineConfig) -> dict[StageName, str]:
-    """Every stage's cache key, in pipeline order (stages not selected included, as inputs)."""
+    """Every stage's cache key but eval's, in pipeline order (stages not selected included, as
+    inputs)."""
     keys: dict[StageName, str] = {}
-    for name in ORDER:
+    for name in UPSTREAM:
         config = to_dict(stage_config(cfg, name))
         config = {k: v for k, v in config.items() if k not in KEY_EXEMPT.get(name, ())}
         keys[name] = config_key(config, [keys[u] for u in UPSTREAM[name]])
@@ -143,17 +167,51 @@ def claim_stage_dir(run_dir: Path, out_dir: Path, key: str) -> None:
     write_json_atomic(key_file, {"key": key})
 
 
+def eval_configs(cfg: PipelineConfig, keys: dict[StageName, str]) -> dict[str, tuple[Any, str]]:
+    """(EvalConfig, cache key) of every model in `eval_models`, by model name."""
+    base = stage_config(cfg, "eval")
+    out: dict[str, tuple[Any, str]] = {}
+    for model in dict.fromkeys(cfg.eval_models):
+        path = base.generator.model if model == "base" else str(Path(cfg.run_dir) / model / "model")
+        ecfg = dataclasses.replace(
+            base, name=model, generator=dataclasses.replace(base.generator, model=path)
+        )
+        upstream = [] if model == "base" else [keys[model]]
+        out[model] = (ecfg, config_key(to_dict(ecfg), upstream))
+    return out
+
+
+def _run_evals(cfg: PipelineConfig, keys: dict[StageName, str]) -> dict[str, Any]:
+    """Evaluate every model of `eval_models`; their accuracies and the comparison table."""
+    run_dir = Path(cfg.run_dir)
+    summaries = []
+    for model, (ecfg, key) in eval_configs(cfg, keys).items():
+        claim_stage_dir(run_dir, run_dir / "eval" / model, key)
+        summaries.append(RUNNERS["eval"](ecfg))
+    table = render_table(summaries)
+    write_text_atomic(run_dir / "eval" / "table.txt", table + "\n")
+    return {
+        "models": {
+            s["name"]: {k: s["average"][k] for k in ("accuracy", "mean_tokens")} for s in summaries
+        },
+        "table": table,
+    }
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
-    """Run the selected stages in order; return each stage's counts."""
+    """Run the selected stages in order; return each stage's counts (eval: the table too)."""
     run_dir = Path(cfg.run_dir)
     keys = stage_keys(cfg)
     results: dict[str, dict[str, Any]] = {}
     for name in ORDER:
         if name not in cfg.stages:
             continue
-        claim_stage_dir(run_dir, run_dir / name, keys[name])
         start = time.perf_counter()
         log.info("stage %s: starting", name)
-        results[name] = RUNNERS[name](stage_config(cfg, name))
-        log.info("stage %s: done in %.1f s: %s", name, time.perf_counter() - start, results[name])
+        if name == "eval":
+            results[name] = _run_evals(cfg, keys)
+        else:
+            claim_stage_dir(run_dir, run_dir / name, keys[name])
+            results[name] = RUNNERS[name](stage_config(cfg, name))
+        log.info("stage %s: done in %.1f s", name, time.perf_counter() - start)
     return results

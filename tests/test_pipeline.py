@@ -31,8 +31,24 @@ def fake_runners(monkeypatch) -> list[str]:
 
         return run
 
-    monkeypatch.setattr(pipeline, "RUNNERS", {name: runner(name) for name in ORDER})
+    def evaluate(cfg: Any) -> dict[str, Any]:
+        """Like `run_eval`: a summary of the model it was given, in <run_dir>/eval/<name>."""
+        calls.append(f"eval:{cfg.name}")
+        (Path(cfg.run_dir) / "eval" / cfg.name / "model.txt").write_text(cfg.generator.model)
+        accuracy = {"base": 0.1, "sft": 0.5, "rl": 0.6}[cfg.name]
+        return {
+            "name": cfg.name,
+            "benchmarks": {"arith": {"accuracy": accuracy}},
+            "average": {"accuracy": accuracy, "mean_tokens": 50.0, "tool_calls_per_trajectory": 1},
+        }
+
+    runners = {name: runner(name) for name in ORDER if name != "eval"}
+    monkeypatch.setattr(pipeline, "RUNNERS", {**runners, "eval": evaluate})
     return calls
+
+
+TRAINING = [name for name in ORDER if name != "eval"]
+EVALS = ["eval:base", "eval:sft", "eval:rl"]
 
 
 def make_config(tmp_path: Path, queries: Path, **sections: Any) -> PipelineConfig:
@@ -53,11 +69,43 @@ def test_rerun_resumes_every_stage_in_place(tmp_path, fake_runners):
     queries.write_text('{"id": "a", "question": "1+1?", "answer": "2"}\n')
     cfg = make_config(tmp_path, queries)
     first = run_pipeline(cfg)
-    assert fake_runners == list(ORDER)
-    assert all(r == {"runs": 1} for r in first.values())
+    assert fake_runners == TRAINING + EVALS
+    assert all(first[name] == {"runs": 1} for name in TRAINING)
     second = run_pipeline(cfg)
-    assert all(r == {"runs": 2} for r in second.values())  # same folders, nothing moved
+    assert all(second[name] == {"runs": 2} for name in TRAINING)  # same folders, nothing moved
     assert stale_names(tmp_path) == []
+
+
+def test_eval_compares_the_base_sft_and_rl_models(tmp_path, fake_runners):
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"id": "a", "question": "1+1?", "answer": "2"}\n')
+    cfg = dataclasses.replace(make_config(tmp_path, queries), stages=("eval",))
+    result = run_pipeline(cfg)["eval"]
+    run = tmp_path / "run"
+    assert (run / "eval/base/model.txt").read_text() == cfg.eval.generator.model
+    assert (run / "eval/sft/model.txt").read_text() == str(run / "sft/model")
+    assert (run / "eval/rl/model.txt").read_text() == str(run / "rl/model")
+    assert result["models"]["rl"] == {"accuracy": 0.6, "mean_tokens": 50.0}
+    lines = result["table"].splitlines()
+    assert lines[0].split() == ["model", "arith", "average", "tokens", "tool", "calls"]
+    assert [line.split()[:2] for line in lines[1:]] == [
+        ["base", "10.0"],
+        ["sft", "50.0"],
+        ["rl", "60.0"],
+    ]
+    assert (run / "eval/table.txt").read_text() == result["table"] + "\n"
+
+
+def test_a_training_change_reevaluates_only_the_models_it_trained(tmp_path, fake_runners):
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"id": "a", "question": "1+1?", "answer": "2"}\n')
+    base = make_config(tmp_path, queries)
+    run_pipeline(base)
+    fake_runners.clear()
+    changed = dataclasses.replace(base, rl=dataclasses.replace(base.rl, clip=0.3))
+    run_pipeline(changed)
+    assert fake_runners == TRAINING + EVALS  # every stage resumes (a no-op in a real stage)
+    assert stale_names(tmp_path) == ["eval-rl", "rl"]
 
 
 def test_config_change_invalidates_the_stage_and_everything_downstream(tmp_path, fake_runners):
@@ -67,11 +115,17 @@ def test_config_change_invalidates_the_stage_and_everything_downstream(tmp_path,
     changed = make_config(tmp_path, queries, score=ScoreConfig(quality=QualityConfig(hq_best=0.8)))
     result = run_pipeline(changed)
     assert result["synthesize"] == {"runs": 2}
-    moved = ["build", "repair", "rl", "rm", "score", "sft"]
+    moved = ["build", "eval-rl", "eval-sft", "repair", "rl", "rm", "score", "sft"]
     assert stale_names(tmp_path) == moved
-    assert all(result[name] == {"runs": 1} for name in moved)  # fresh folders
+    assert all(result[name] == {"runs": 1} for name in moved if name in result)  # fresh folders
     # the stale outputs are kept, not deleted
-    assert all((p / "output.txt").read_text() == "x" for p in (tmp_path / "run/stale").iterdir())
+    for p in (tmp_path / "run/stale").iterdir():
+        marker = p / ("model.txt" if p.name.startswith("eval-") else "output.txt")
+        assert marker.read_text() == (
+            str(tmp_path / "run" / p.name[5:].split("-")[0] / "model")
+            if p.name.startswith("eval-")
+            else "x"
+        )
 
 
 def test_input_file_content_is_part_of_the_key(tmp_path, fake_runners):
@@ -81,7 +135,7 @@ def test_input_file_content_is_part_of_the_key(tmp_path, fake_runners):
     before = stage_keys(cfg)
     queries.write_text('{"id": "a", "question": "1+2?", "answer": "3"}\n')
     after = stage_keys(cfg)
-    assert all(before[name] != after[name] for name in ORDER)
+    assert all(before[name] != after[name] for name in TRAINING)
 
 
 def test_a_late_stage_change_leaves_the_upstream_keys(tmp_path):
@@ -90,7 +144,7 @@ def test_a_late_stage_change_leaves_the_upstream_keys(tmp_path):
     base = make_config(tmp_path, queries)
     changed = dataclasses.replace(base, rl=dataclasses.replace(base.rl, clip=0.3))
     a, b = stage_keys(base), stage_keys(changed)
-    assert [n for n in ORDER if a[n] != b[n]] == ["rl"]
+    assert [n for n in TRAINING if a[n] != b[n]] == ["rl"]
 
 
 def test_more_rl_steps_resume_the_same_run(tmp_path):
