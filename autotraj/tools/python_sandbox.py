@@ -11,8 +11,10 @@ active set is logged once and available as `PythonSandbox.isolation`):
 - rlimits: CPU seconds, address space (memory_mb on top of the preloaded prelude), processes,
   file size, open files, no core dumps;
 - no network: a network namespace without interfaces (as root, or via a user namespace);
-- filesystem: a read-only view of the host in a mount namespace, writable only in a throwaway
-  working directory on a small tmpfs, deleted after the call;
+- filesystem: in a mount namespace, a private root holding only the system directories (/usr,
+  /lib, /bin, /dev, /proc, ...) and the interpreter's standard library and site-packages, all
+  read-only, plus a throwaway working directory on a small tmpfs, deleted after the call: the
+  project, the run directory, home directories, /etc and /tmp are not there to read or write;
 - an unprivileged uid per worker, a scrubbed environment (PATH, HOME, LANG only), stdout
   captured and capped (first and last MiB), stderr discarded.
 
@@ -22,8 +24,7 @@ A snippet's failure is data (status error or timeout); a pool that cannot start 
 `ToolInfraError`.
 
 Not here: caching of results (tools/cache.py), the tool-call loop (rollout.py), seccomp
-filtering of syscalls, and a limit on what a snippet may read (it reads what the unprivileged
-uid may read).
+filtering of syscalls.
 """
 
 from __future__ import annotations
@@ -282,7 +283,7 @@ class PythonSandbox:
             _logged_isolation.add(self.isolation)
         weak = (
             iso["network"] not in ("netns", "userns+netns")
-            or iso["filesystem"] != "readonly-root"
+            or iso["filesystem"] != "private-root"
             or iso["uid"] is None
         )
         level = logging.WARNING if weak else logging.INFO

@@ -2,9 +2,9 @@
 
 `python_sandbox.py` starts this file as a script (`python -I sandbox_worker.py CONFIG_JSON`).
 The worker imports the prelude (math, numpy, sympy) once, isolates itself once (network
-namespace, read-only mount namespace with a small tmpfs scratch area; see `_isolate`), then
-serves requests read from its stdin: for each snippet it forks a child that runs the code in a
-fresh globals dict under an unprivileged uid, resource limits and a throwaway working
+namespace, a mount namespace with a private read-only root and a small tmpfs scratch area; see
+`_isolate`), then serves requests read from its stdin: for each snippet it forks a child that
+runs the code in a fresh globals dict under an unprivileged uid, resource limits and a throwaway working
 directory, captures the child's stdout (capped), enforces the wall-clock limit, kills the whole
 process group and every leftover descendant, and answers on its stdout.
 
@@ -44,13 +44,13 @@ MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x4000, 0x40000
 AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
 SYS_MOUNT_SETATTR = 442  # same number on x86_64 and the generic table (aarch64)
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
-MS_BIND, MNT_DETACH = 0x1000, 0x2
+MS_BIND = 0x1000
 
 # Snippets run as uid UID_BASE + worker pid: unique among live workers (pid_max <= 2**22), so
 # RLIMIT_NPROC counts only this snippet's processes and it cannot signal anyone else's.
 UID_BASE = 2_000_000_000
 CAPTURE_BYTES = 1 << 20  # keep the first and the last MiB of stdout; drop (and count) the middle
-SCRATCH_MB = 64  # tmpfs holding the per-call working directories (read-only root mode)
+SCRATCH_MB = 64  # tmpfs holding the per-call working directories (private-root mode)
 MAX_OPEN_FILES = 256
 _HEADER = struct.Struct(">I")
 
@@ -96,47 +96,46 @@ def _unshare(libc: ctypes.CDLL, flags: int) -> bool:
     return libc.unshare(flags) == 0
 
 
-def _blocking_ancestor(path: str) -> str | None:
-    """The shallowest ancestor directory of `path` that other users cannot traverse (e.g. /root)."""
-    parts = path.strip("/").split("/")
-    for i in range(1, len(parts)):
-        ancestor = "/" + "/".join(parts[:i])
-        if not os.stat(ancestor).st_mode & 0o001:
-            return ancestor
-    return None
+# What a snippet sees of the host besides its working directory and the interpreter: system
+# programs and libraries, devices and /proc. Everything else (/etc, /home, /root, /tmp, /var,
+# the project, the run directory, other mounts) is absent from its root.
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/dev", "/proc")
 
 
 def _interpreter_paths() -> list[str]:
-    """Directories the snippet needs to read (stdlib, site-packages), without nested duplicates."""
-    candidates = {sys.base_prefix, sys.prefix, sys.base_exec_prefix, sys.exec_prefix, *sys.path}
+    """Directories the snippet needs to read: the standard library and the site-packages holding
+    the prelude (numpy, sympy), without nested duplicates. Not the rest of `sys.path`: an
+    editable install puts the project itself there."""
+    import sysconfig
+
+    import numpy
+    import sympy
+
+    candidates = {sysconfig.get_path(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    candidates |= {os.path.dirname(os.path.dirname(m.__file__)) for m in (numpy, sympy)}
     paths = sorted({os.path.realpath(p) for p in candidates if p and os.path.isdir(p)})
     return [p for p in paths if not any(p.startswith(q + "/") for q in paths if q != p)]
 
 
-def _expose_interpreter(libc: ctypes.CDLL, scratch: str) -> None:
-    """Make the interpreter readable by the unprivileged uid when it lives under e.g. /root (0700).
-
-    Each blocking ancestor is covered by an empty tmpfs holding only bind mounts of the needed
-    directories, which also hides everything else in it (keys, tokens) from the snippet.
-    """
-    hidden: dict[str, list[tuple[str, str]]] = {}
-    hold = os.path.join(scratch, ".hold")
-    for i, path in enumerate(_interpreter_paths()):
-        ancestor = _blocking_ancestor(path)
-        if ancestor is None:
-            continue
-        holder = os.path.join(hold, str(i))
-        os.makedirs(holder, mode=0o700)
-        _mount(libc, path.encode(), holder.encode(), None, MS_BIND | MS_REC)
-        hidden.setdefault(ancestor, []).append((holder, path))
-    for ancestor, binds in hidden.items():
-        _mount(
-            libc, b"tmpfs", ancestor.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m,mode=0755"
-        )
-        for holder, path in binds:
-            os.makedirs(path, mode=0o755, exist_ok=True)
-            _mount(libc, holder.encode(), path.encode(), None, MS_BIND | MS_REC)
-            libc.umount2(holder.encode(), MNT_DETACH)
+def _private_root(libc: ctypes.CDLL, scratch: str, options: bytes) -> None:
+    """Build a new root on a tmpfs mounted over `scratch` (the worker's own empty directory on
+    the host), holding bind mounts of SYSTEM_DIRS and the interpreter's directories and a fresh
+    tmpfs at `scratch` inside it, and chroot the worker into it (the snippets cannot chroot
+    back: they run as an unprivileged uid)."""
+    new = scratch
+    _mount(libc, b"tmpfs", new.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m,mode=0755")
+    for path in (*SYSTEM_DIRS, *_interpreter_paths()):
+        target = new + path
+        if os.path.islink(path):  # a merged /usr: /lib -> usr/lib
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.symlink(os.readlink(path), target)
+        elif os.path.isdir(path) and not os.path.exists(target):
+            os.makedirs(target, mode=0o755)
+            _mount(libc, path.encode(), target.encode(), None, MS_BIND | MS_REC)
+    os.makedirs(new + scratch, mode=0o755)
+    _mount(libc, b"tmpfs", (new + scratch).encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options)
+    os.chroot(new)
+    os.chdir("/")
 
 
 def _mount(libc: ctypes.CDLL, src, target, fstype, flags: int, data=None) -> None:
@@ -154,15 +153,14 @@ def _mount_setattr(libc: ctypes.CDLL, path: str, flags: int, attr_set: int, attr
 
 
 def _readonly_root(libc: ctypes.CDLL, scratch: str) -> str:
-    """In a fresh mount namespace: everything read-only, a private tmpfs mounted on `scratch`.
+    """In a fresh mount namespace: a private root (`_private_root`), all of it read-only but a
+    private tmpfs mounted on `scratch`.
 
-    Returns "" on success, else why it failed (the worker then runs with a writable root).
+    Returns "" on success, else why it failed (the worker then runs with the host's root).
     """
     try:
         _mount(libc, None, b"/", None, MS_REC | MS_PRIVATE)  # nothing propagates to the host
-        options = f"size={SCRATCH_MB}m,mode=0711".encode()
-        _mount(libc, b"tmpfs", scratch.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options)
-        _expose_interpreter(libc, scratch)
+        _private_root(libc, scratch, f"size={SCRATCH_MB}m,mode=0711".encode())
         _mount_setattr(libc, "/", AT_RECURSIVE, MOUNT_ATTR_RDONLY, 0)
         _mount_setattr(libc, scratch, 0, 0, MOUNT_ATTR_RDONLY)
     except OSError as e:
@@ -216,7 +214,7 @@ def _isolate(scratch: str) -> dict:
     if root and _unshare(libc, CLONE_NEWNS | CLONE_NEWNET):
         iso["network"] = "netns"
         failure = _readonly_root(libc, scratch)
-        iso["filesystem"] = f"cwd-only ({failure})" if failure else "readonly-root"
+        iso["filesystem"] = f"cwd-only ({failure})" if failure else "private-root"
     elif _unshare(libc, CLONE_NEWNET):
         iso["network"] = "netns"
     elif not root and _user_netns(libc):
@@ -224,7 +222,7 @@ def _isolate(scratch: str) -> dict:
     if iso["network"] == "none":
         _block_sockets()
         iso["network"] = "socket-patch"
-    if iso["filesystem"] != "readonly-root":
+    if iso["filesystem"] != "private-root":
         os.chmod(scratch, 0o711)  # the unprivileged snippet uid must reach its own directory
     if root:
         iso["uid"] = UID_BASE + os.getpid()
