@@ -176,9 +176,16 @@ def eval_configs(cfg: PipelineConfig, keys: dict[StageName, str]) -> dict[str, t
         ecfg = dataclasses.replace(
             base, name=model, generator=dataclasses.replace(base.generator, model=path)
         )
-        upstream = [] if model == "base" else [keys[model]]
+        upstream = [] if model == "base" else [keys[model], _exempt_values(cfg, model)]
         out[model] = (ecfg, config_key(to_dict(ecfg), upstream))
     return out
+
+
+def _exempt_values(cfg: PipelineConfig, name: StageName) -> str:
+    """The fields left out of a stage's key (`KEY_EXEMPT`): they change what the stage produces
+    (more RL steps, another model), so they belong in the keys of the stages that read it."""
+    config = to_dict(stage_config(cfg, name))
+    return json.dumps({k: config[k] for k in KEY_EXEMPT.get(name, ())}, sort_keys=True)
 
 
 def _run_evals(cfg: PipelineConfig, keys: dict[StageName, str]) -> dict[str, Any]:

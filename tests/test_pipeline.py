@@ -147,6 +147,17 @@ def test_a_late_stage_change_leaves_the_upstream_keys(tmp_path):
     assert [n for n in TRAINING if a[n] != b[n]] == ["rl"]
 
 
+def test_more_rl_steps_reevaluate_the_rl_model_only(tmp_path, fake_runners):
+    queries = tmp_path / "q.jsonl"
+    queries.write_text("{}\n")
+    base = make_config(tmp_path, queries)
+    run_pipeline(base)
+    longer = dataclasses.replace(base, rl=dataclasses.replace(base.rl, steps=base.rl.steps * 2))
+    result = run_pipeline(longer)
+    assert result["rl"] == {"runs": 2}  # the rl folder is resumed, not replaced
+    assert stale_names(tmp_path) == ["eval-rl"]  # its evaluation is of the old model
+
+
 def test_more_rl_steps_resume_the_same_run(tmp_path):
     queries = tmp_path / "q.jsonl"
     queries.write_text("{}\n")
