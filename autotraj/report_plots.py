@@ -58,11 +58,13 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     >>> nice_ticks(3, 3)
     [2.0, 2.5, 3.0, 3.5, 4.0]
+    >>> nice_ticks(2, 24, 6)  # floats for whole-number ranges too (training steps)
+    [0.0, 5.0, 10.0, 15.0, 20.0, 25.0]
     """
     if hi <= lo:
         lo, hi = lo - 1, hi + 1
     raw = (hi - lo) / count
-    magnitude = 10 ** math.floor(math.log10(raw))
+    magnitude = 10.0 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
     first = math.floor(lo / step + 1e-9)
     last = math.ceil(hi / step - 1e-9)

@@ -285,6 +285,14 @@ def test_non_finite_numbers_become_null():
     assert script.endswith('>{"x":[null,null,1.5],"y":"a\ufffd"}</script>')
 
 
+def test_a_long_run_with_whole_number_steps_renders(run_dir):
+    """Trainers log integer steps; over 10+ steps the axis ticks are whole numbers too."""
+    rows = [{"step": step, "sft/train/loss": 2.0 / step} for step in range(2, 26, 2)]
+    write_jsonl(run_dir / "sft/metrics.jsonl", rows)
+    page = render_report(run_dir)
+    assert "SFT loss" in page and ">20<" in page  # a tick label of the step axis
+
+
 def test_non_finite_metrics_are_left_out(run_dir):
     rows = [{"step": 1, "sft/train/loss": 2.0}, {"step": 2, "sft/train/loss": float("nan")}]
     write_jsonl(run_dir / "sft/metrics.jsonl", rows)
