@@ -105,7 +105,7 @@ def main() -> int:
         sampler.start()
         done_at: list[float] = [0.0] * len(calls)
         start = time.perf_counter()
-        futures = [sandbox._executor.submit(sandbox._run_one, code) for _, code in calls]
+        futures = [sandbox.submit(code) for _, code in calls]
         for i, future in enumerate(futures):
             future.add_done_callback(lambda _, i=i: done_at.__setitem__(i, time.perf_counter()))
         results = [future.result() for future in futures]

@@ -44,7 +44,7 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -311,11 +311,15 @@ class PythonSandbox:
         finally:
             self._idle.put(worker)
 
-    def run_batch(self, inputs: Sequence[str]) -> list[ToolCall]:
-        """Run every snippet (concurrently across workers); one ToolCall per input, in order."""
+    def submit(self, code: str) -> Future[ToolCall]:
+        """Queue one snippet for the next free worker; its ToolCall arrives in the future."""
         if not self._finalizer.alive:
             raise ToolInfraError("python sandbox is closed")
-        futures = [self._executor.submit(self._run_one, code) for code in inputs]
+        return self._executor.submit(self._run_one, code)
+
+    def run_batch(self, inputs: Sequence[str]) -> list[ToolCall]:
+        """Run every snippet (concurrently across workers); one ToolCall per input, in order."""
+        futures = [self.submit(code) for code in inputs]
         return [future.result() for future in futures]
 
     def run(self, code: str) -> ToolCall:
