@@ -167,10 +167,12 @@ def claim_stage_dir(run_dir: Path, out_dir: Path, key: str) -> None:
     write_json_atomic(key_file, {"key": key})
 
 
-def eval_configs(cfg: PipelineConfig, keys: dict[StageName, str]) -> dict[str, tuple[Any, str]]:
+def eval_configs(
+    cfg: PipelineConfig, keys: dict[StageName, str]
+) -> dict[str, tuple[EvalConfig, str]]:
     """(EvalConfig, cache key) of every model in `eval_models`, by model name."""
     base = stage_config(cfg, "eval")
-    out: dict[str, tuple[Any, str]] = {}
+    out: dict[str, tuple[EvalConfig, str]] = {}
     for model in dict.fromkeys(cfg.eval_models):
         path = base.generator.model if model == "base" else str(Path(cfg.run_dir) / model / "model")
         ecfg = dataclasses.replace(
