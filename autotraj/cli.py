@@ -18,6 +18,7 @@ import yaml
 
 from autotraj.config import ConfigError, load_config, to_dict
 from autotraj.io import DataError
+from autotraj.quality import LABELS
 
 
 def _synthesize() -> tuple[type, Callable[[Any], Any]]:
@@ -210,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("trajectory_id", nargs="?", help="a trajectory or repair id")
     p.add_argument("--list", action="store_true", help="list trajectory ids with label and score")
-    p.add_argument("--label", choices=("HQ", "AC-LQ", "AW"), help="with --list: only this label")
+    p.add_argument("--label", choices=LABELS, help="with --list: only this label")
     p.add_argument(
         "--tokenizer", help="model name/path or 'embedded:smollm2-135m-instruct': show the mask"
     )

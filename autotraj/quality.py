@@ -49,6 +49,7 @@ from autotraj.records import RecordError, Trajectory
 from autotraj.tags import check_format
 
 Label = Literal["HQ", "AC-LQ", "AW"]
+LABELS: tuple[Label, ...] = get_args(Label)
 Dimension = Literal["confidence", "length", "repetition", "tool_validity", "format", "token_length"]
 DIMENSIONS: tuple[Dimension, ...] = get_args(Dimension)
 

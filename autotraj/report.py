@@ -35,6 +35,7 @@ from pathlib import Path
 
 from autotraj.build import RunFiles, SftRecord, load_preference_pairs, load_sft_records
 from autotraj.io import DataError
+from autotraj.quality import LABELS
 from autotraj.report_data import (
     EvalRun,
     Length,
@@ -51,7 +52,6 @@ from autotraj.show import load_run
 
 log = logging.getLogger(__name__)
 
-LABELS = ("HQ", "AC-LQ", "AW")
 MAX_TRAJECTORIES = 5000  # candidates embedded in the viewer (whole queries, in file order)
 
 

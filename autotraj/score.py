@@ -39,12 +39,16 @@ from autotraj.io import (
     write_jsonl_atomic,
     write_manifest,
 )
-from autotraj.quality import QualityConfig, group_length_refs, length_words, score_group
+from autotraj.quality import (
+    LABELS,
+    QualityConfig,
+    group_length_refs,
+    length_words,
+    score_group,
+)
 from autotraj.records import Query, Trajectory
 
 log = logging.getLogger(__name__)
-
-LABELS = ("HQ", "AC-LQ", "AW")
 
 
 @dataclass(frozen=True)
