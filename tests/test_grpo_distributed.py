@@ -30,6 +30,7 @@ MODE_ENV = {
         "FSDP_VERSION": "2",
         "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
         "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
+        "FSDP_CPU_RAM_EFFICIENT_LOADING": "true",  # as configs/accelerate/fsdp.yaml
     },
     "zero2": {
         "DS_ACCELERATOR": "cpu",

@@ -426,23 +426,21 @@ class GrpoRun:
         item_queries = [q for _, q in items]
         policy = acc.unwrap_model(self.model)
         policy.eval()  # no autocast here: it re-casts every weight at every token (2x slower)
+        generator = self._generator()
+        sync_s = time.perf_counter() - began
         trajectories = rollout(
-            self._generator(), tools, self.tokenizer, items, replace(cfg.rollout, seed=cfg.seed)
+            generator, tools, self.tokenizer, items, replace(cfg.rollout, seed=cfg.seed)
         )
         if isinstance(self.rollout_engine, VllmRolloutEngine):
             self.rollout_engine.release()
         policy.train()
-        down = [
-            t.error
-            for t in trajectories[:1]
-            if all(x.finish_reason == "infra_error" for x in trajectories)
-        ]
-        if down := gather_object(down):  # every process stops together
+        all_down = all(t.finish_reason == "infra_error" for t in trajectories)
+        if down := gather_object([trajectories[0].error] if all_down else []):  # all stop
             raise StageIncomplete(
                 f"rl step {step + 1}: every rollout of a process hit an infrastructure failure "
                 f"({down[0]}); re-run to resume from the last checkpoint"
             )
-        rollout_s = time.perf_counter() - began
+        rollout_s = time.perf_counter() - began - sync_s
         breakdowns = compute_rewards(
             trajectories, item_queries, self._rm_scores(trajectories, item_queries), cfg.reward
         )
@@ -463,6 +461,7 @@ class GrpoRun:
         zero = sum(1 for a in advantages if a == 0.0) / max(1, len(advantages))
         values.update(update)
         values["rl/advantage/zero_fraction"] = zero
+        values["rl/time/sync_s"] = sync_s  # full weights into the rollout engine
         values["rl/time/rollout_s"] = rollout_s
         values["rl/time/step_s"] = time.perf_counter() - began
         return values

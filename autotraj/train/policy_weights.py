@@ -83,20 +83,24 @@ def full_parameters(accelerator: Any, model: Any) -> Iterator[tuple[str, torch.T
 
 @contextlib.contextmanager
 def unsharded_load(accelerator: Any) -> Iterator[None]:
-    """A context in which `from_pretrained` loads a whole model even under ZeRO-3: transformers
-    partitions every model it loads while a ZeRO-3 config is registered with it, so the
-    registration is lifted for the duration and restored after."""
+    """A context in which `from_pretrained` loads the whole model on every process. Two
+    settings of the training layout would otherwise reach it: a registered ZeRO-3 config
+    (transformers partitions every model it loads) and FSDP's `cpu_ram_efficient_loading`
+    (processes other than the first load empty meta tensors, filled later by `prepare`)."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is None or plugin.zero_stage != 3:
-        yield
-        return
-    from transformers.integrations import unset_hf_deepspeed_config
+    zero3 = plugin is not None and plugin.zero_stage == 3
+    efficient = os.environ.pop("FSDP_CPU_RAM_EFFICIENT_LOADING", None)
+    if zero3:
+        from transformers.integrations import unset_hf_deepspeed_config
 
-    unset_hf_deepspeed_config()
+        unset_hf_deepspeed_config()
     try:
         yield
     finally:
-        plugin.set_deepspeed_weakref()
+        if zero3:
+            plugin.set_deepspeed_weakref()
+        if efficient is not None:
+            os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = efficient
 
 
 class HfRolloutCopy:
