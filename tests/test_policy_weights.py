@@ -1,6 +1,6 @@
 """Full policy weights into rollout engines: the bf16 transformers copy and the vLLM push.
 
-The sharded paths (FSDP2, ZeRO-3) run end to end in tests/test_grpo_distributed.py; vLLM needs a
+The sharded paths (FSDP2, ZeRO-3) run end to end in tests/test_distributed.py; vLLM needs a
 GPU, so here its engine is a stand-in that records what the trainer sends it.
 """
 

@@ -45,7 +45,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 import yaml
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
 from autotraj.config import ConfigError, to_dict
@@ -77,6 +77,7 @@ from autotraj.train.policy_weights import (
     sharding,
     unsharded_load,
 )
+from autotraj.train.processes import process_state
 from autotraj.train.sft import check_vocab
 
 log = logging.getLogger(__name__)
@@ -700,7 +701,7 @@ def run_rl(cfg: RlConfig, scorer: TrajectoryScorer | None = None) -> dict[str, A
     if cfg.steps < 0 or cfg.prompts_per_step < 1 or cfg.rollouts_per_prompt < 2:
         raise ConfigError("rl: need steps >= 0, prompts_per_step >= 1, rollouts_per_prompt >= 2")
     out_dir = stage_dir(cfg)
-    state = PartialState()
+    state = process_state()
     if state.is_main_process:
         check_same_config(out_dir, _comparable_yaml(cfg))
     state.wait_for_everyone()

@@ -127,17 +127,17 @@ def gradient_accumulation(effective: int, per_device: int, processes: int) -> in
 
 
 def num_processes() -> int:
-    from accelerate import PartialState
+    from autotraj.train.processes import process_state
 
-    return PartialState().num_processes
+    return process_state().num_processes
 
 
 def use_cpu(forced: bool) -> bool:
     """True when asked, or when accelerate finds no accelerator (the Trainer refuses bf16 on
     CPU unless told `use_cpu`)."""
-    from accelerate import PartialState
+    from autotraj.train.processes import process_state
 
-    return forced or PartialState().device.type == "cpu"
+    return forced or process_state().device.type == "cpu"
 
 
 def peft_config(lora: LoraSettings, task_type: Literal["CAUSAL_LM", "SEQ_CLS"]) -> Any:

@@ -1,4 +1,5 @@
-"""`autotraj rl` on two CPU processes under DDP, FSDP2 and DeepSpeed ZeRO-2/3 (tests/rl_launch.py).
+"""Training stages on two CPU processes: `autotraj rl` under DDP, FSDP2 and DeepSpeed ZeRO-2/3,
+`autotraj sft` under DDP (tests/stage_launch.py).
 
 With the same seed, every layout must roll out the same trajectories and end with the same
 weights as DDP: the sharded ones sample from an unsharded bf16 copy that the full weights are
@@ -24,7 +25,7 @@ from safetensors.torch import load_file
 HERE = Path(__file__).parent
 
 MODE_ENV = {
-    "ddp": {},
+    "ddp": {"ACCELERATE_USE_CPU": "1"},  # DDP over gloo
     "fsdp2": {
         "ACCELERATE_USE_FSDP": "true",
         "FSDP_VERSION": "2",
@@ -74,7 +75,7 @@ def write_config(dir_: Path, model_dir: Path, steps: int = 2, **overrides) -> Pa
         "save_every": 1,
         "generator": {"batch_size": 4, "dtype": "bfloat16"},
         "tools": {"python": {"workers": 1}},
-        "reward": {"rm_weight": 0.0, "components": [{"name": "rl_launch:char_reward"}]},
+        "reward": {"rm_weight": 0.0, "components": [{"name": "stage_launch:char_reward"}]},
         "rollout": {"max_new_tokens": 32, "max_response_tokens": 32, "system_prompt": "Tags."},
     }
     data.update(overrides)
@@ -83,7 +84,9 @@ def write_config(dir_: Path, model_dir: Path, steps: int = 2, **overrides) -> Pa
     return path
 
 
-def launch(mode: str, config: Path, drop: bool = False) -> subprocess.CompletedProcess:
+def launch(
+    mode: str, config: Path, drop: bool = False, stage: str = "rl"
+) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         **MODE_ENV[mode],
@@ -93,7 +96,7 @@ def launch(mode: str, config: Path, drop: bool = False) -> subprocess.CompletedP
         "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
     }
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node", "2", str(HERE / "rl_launch.py"), mode, str(config)]
+    command += ["--nproc_per_node", "2", str(HERE / "stage_launch.py"), mode, stage, str(config)]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -180,3 +183,38 @@ def test_sampling_from_a_sharded_policy_is_refused(tiny_model_dir, tmp_path):
     done = launch("fsdp2", config)
     assert done.returncode != 0
     assert "generator.dtype=policy" in done.stderr and "generator.dtype=bfloat16" in done.stderr
+
+
+def test_sft_on_two_processes(tiny_model_dir, tmp_path):
+    # the SFT stage is TRL's Trainer, which takes the process group from accelerate: each process
+    # trains on its half of every batch (gradient accumulation 1 = 4 / (2 per device x 2))
+    from test_train_batches import write_sft_file
+
+    write_sft_file(tmp_path / "build" / "sft.jsonl", 16)
+    config = tmp_path / "sft.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(tmp_path),
+                "model": str(tiny_model_dir),
+                "learning_rate": 1e-3,
+                "max_steps": 4,
+                "per_device_batch_size": 2,
+                "effective_batch_size": 4,
+                "warmup_ratio": 0.0,
+                "max_length": 256,
+                "bf16": False,
+                "gradient_checkpointing": False,
+                "logging_steps": 1,
+                "save_steps": 2,
+            }
+        )
+    )
+    done = launch("ddp", config, stage="sft")
+    assert done.returncode == 0, done.stderr[-6000:]
+    checkpoint = tmp_path / "sft" / "checkpoints" / "checkpoint-4"
+    assert (checkpoint / "rng_state_0.pth").exists() and (checkpoint / "rng_state_1.pth").exists()
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    losses = [r["loss"] for r in state["log_history"] if "loss" in r]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert (tmp_path / "sft" / "model" / "model.safetensors").exists()
