@@ -438,8 +438,9 @@ class GrpoRun:
         all_down = all(t.finish_reason == "infra_error" for t in trajectories)
         if down := gather_object([trajectories[0].error] if all_down else []):  # all stop
             raise StageIncomplete(
-                f"rl step {step + 1}: every rollout of a process hit an infrastructure failure "
-                f"({down[0]}); re-run to resume from the last checkpoint"
+                f"rl step {step + 1}: every rollout hit an infrastructure failure on "
+                f"{len(down)} of {acc.num_processes} processes ({down[0]}); re-run to resume "
+                f"from the last checkpoint"
             )
         rollout_s = time.perf_counter() - began - sync_s
         breakdowns = compute_rewards(
