@@ -25,6 +25,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from autotraj.config import ConfigError
 
 
@@ -206,17 +208,52 @@ class ResumableJsonl:
         os.replace(self.partial, self.path)
 
 
+RUN_DIR = "<run_dir>"
+
+
+def relocatable(value: Any, run_dir: str) -> Any:
+    """`value` (dicts, lists, strings) with the run directory written as `<run_dir>`, in strings
+    and dict keys, so that a run directory moved or copied elsewhere keeps its configs' identity
+    (the pipeline's cache keys, the stages' resume checks)."""
+    root = str(Path(run_dir))
+
+    def fix(item: Any) -> Any:
+        if isinstance(item, str):
+            if item == root:
+                return RUN_DIR
+            return RUN_DIR + item[len(root) :] if item.startswith(root + "/") else item
+        if isinstance(item, dict):
+            return {fix(k): fix(v) for k, v in item.items()}
+        if isinstance(item, list | tuple):
+            return [fix(v) for v in item]
+        return item
+
+    return fix(value)
+
+
+def _comparable(resolved_yaml: str) -> Any:
+    data = yaml.safe_load(resolved_yaml)
+    if isinstance(data, dict) and isinstance(data.get("run_dir"), str):
+        return relocatable(data, data["run_dir"])
+    return data
+
+
 def check_same_config(out_dir: str | Path, resolved_yaml: str) -> None:
     """Save `resolved_yaml` as `<out_dir>/config.resolved.yaml`, or raise `ConfigError` if the
     folder already holds the output of a different config (resuming it would mix the two).
 
-    A folder holding nothing but the saved config (a run that failed on its input before
-    writing anything) takes the new config: there is nothing to mix.
+    Configs are compared with their `run_dir` written as `<run_dir>` (`relocatable`): a run
+    directory moved elsewhere resumes. A folder holding nothing but the saved config (a run that
+    failed on its input before writing anything) takes the new config: there is nothing to mix.
     """
     out_dir = Path(out_dir)
     saved = out_dir / "config.resolved.yaml"
     output = [p for p in out_dir.iterdir() if p != saved] if out_dir.is_dir() else []
-    if output and saved.exists() and saved.read_text(encoding="utf-8") != resolved_yaml:
+    if (
+        output
+        and saved.exists()
+        and _comparable(saved.read_text(encoding="utf-8")) != _comparable(resolved_yaml)
+    ):
         raise ConfigError(
             f"{out_dir} holds output of a different config; use another run_dir "
             f"or delete that folder (compare {saved})"

@@ -38,7 +38,7 @@ from autotraj.build import BuildConfig, run_build
 from autotraj.config import ConfigError, to_dict
 from autotraj.eval_summary import render_table
 from autotraj.evaluate import EvalConfig, run_eval
-from autotraj.io import file_sha256, write_json_atomic, write_text_atomic
+from autotraj.io import file_sha256, relocatable, write_json_atomic, write_text_atomic
 from autotraj.repair import RepairConfig, run_repair
 from autotraj.score import ScoreConfig, run_score
 from autotraj.synthesize import SynthesizeConfig, run_synthesize
@@ -126,11 +126,13 @@ def _strings(value: Any) -> Iterator[str]:
 
 
 def config_key(config: dict[str, Any], upstream: list[str]) -> str:
-    """The cache key of a stage config: its values, its local input files' content, upstream keys."""
+    """The cache key of a stage config: its values, its local input files' content, upstream keys.
+    Paths inside the run directory count relative to it (a moved run directory keeps its keys)."""
     files = {s: file_sha256(s) for s in sorted(set(_strings(config))) if s and Path(s).is_file()}
-    payload = json.dumps(
-        {"config": config, "files": files, "upstream": upstream}, sort_keys=True, default=str
-    )
+    payload = {"config": config, "files": files, "upstream": upstream}
+    if isinstance(config.get("run_dir"), str):
+        payload = relocatable(payload, config["run_dir"])
+    payload = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

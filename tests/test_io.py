@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
+from autotraj.config import ConfigError
 from autotraj.io import (
     DataError,
     ResumableJsonl,
+    check_same_config,
     file_sha256,
     load_records,
     read_jsonl,
+    relocatable,
     write_json_atomic,
     write_jsonl_atomic,
     write_manifest,
@@ -254,3 +258,24 @@ def test_file_sha256(tmp_path):
     assert file_sha256(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     path.write_bytes(b"abd")
     assert file_sha256(path) != "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_a_config_in_a_moved_run_directory_is_the_same_config(tmp_path):
+    def resolved(run_dir, lr=1e-3):
+        data = {"run_dir": run_dir, "model": f"{run_dir}/sft/model", "lr": lr, "tag": "runs"}
+        return yaml.safe_dump(data, sort_keys=True)
+
+    out = tmp_path / "stage"
+    check_same_config(out, resolved("runs/a"))
+    (out / "output.jsonl").write_text("{}\n")
+    check_same_config(out, resolved("/data/b"))  # moved: accepted, and saved as it is now
+    assert yaml.safe_load((out / "config.resolved.yaml").read_text())["run_dir"] == "/data/b"
+    with pytest.raises(ConfigError, match="different config"):
+        check_same_config(out, resolved("/data/b", lr=2e-3))
+    # only the run directory itself or paths below it are rewritten: "runs/ab" is not in "runs/a"
+    assert relocatable(["runs/a", "runs/a/x", "runs/ab", {"runs/a/k": 1}], "runs/a/") == [
+        "<run_dir>",
+        "<run_dir>/x",
+        "runs/ab",
+        {"<run_dir>/k": 1},
+    ]

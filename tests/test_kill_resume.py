@@ -463,3 +463,16 @@ def test_the_script_kills_resumes_and_compares(tmp_path, tiny_model_dir):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "trajectories.jsonl.partial" in done.stdout  # killed while it was writing them
     assert done.stdout.rstrip().endswith("resumed run matches the reference"), done.stdout
+
+
+@pytest.mark.slow
+def test_a_finished_run_directory_moved_elsewhere_is_still_finished(tmp_path, pipeline_reference):
+    args, reference = pipeline_reference
+    moved = tmp_path / "moved"
+    shutil.copytree(reference, moved)
+    model = moved / "sft" / "model" / "model.safetensors"
+    written = model.stat().st_mtime_ns
+    run_to_end([*args, f"run_dir={moved}"], tmp_path / "log.txt")
+    assert not (moved / "stale").exists()  # every stage kept its key: nothing recomputed
+    assert model.stat().st_mtime_ns == written
+    assert kill_resume.records(moved) == kill_resume.records(reference)

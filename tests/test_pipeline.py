@@ -180,3 +180,19 @@ def test_a_section_run_dir_other_than_the_pipelines_is_an_error(tmp_path, fake_r
     cfg = make_config(tmp_path, queries, score=ScoreConfig(run_dir="elsewhere"))
     with pytest.raises(ConfigError, match="score.run_dir"):
         run_pipeline(cfg)
+
+
+def test_a_moved_run_directory_keeps_its_keys(tmp_path, fake_runners):
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"id": "a", "question": "1+1?", "answer": "2"}\n')
+    run_pipeline(make_config(tmp_path, queries))
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    (tmp_path / "run").rename(moved / "run")
+    again = run_pipeline(make_config(moved, queries))
+    assert all(again[name] == {"runs": 2} for name in TRAINING)  # resumed in place
+    assert not (moved / "run" / "stale").exists()
+    # the eval of the trained models now reads them from the new place
+    assert (moved / "run" / "eval" / "sft" / "model.txt").read_text() == str(
+        moved / "run" / "sft" / "model"
+    )
