@@ -1,0 +1,208 @@
+"""The GRPO update: PPO-clip optimizer steps on one step's rewarded rollouts, on accelerate.
+
+`PolicyUpdate.run(samples, step)` takes this process's `Sample`s (a rendering whose trainable
+flags are the loss mask, and the rollout's group advantage), computes the rollout policy's
+log-probs on them (and a frozen reference's when `kl_coef > 0`), then runs `ppo_epochs` x
+`mini_batches` optimizer steps of the PPO-clip loss with entropy bonus and optional k3 KL
+(advantages.policy_loss), each accumulated over micro-batches, and returns the step's loss, KL,
+entropy, clip and gradient-norm metrics.
+
+Under several processes every process runs as many micro-batches as the busiest one (empty ones
+on a filler with nothing trainable): FSDP2's and ZeRO-3's forward and backward passes are
+collectives, as a DDP backward is. Micro-batches before the last of an optimizer step neither
+synchronize gradients nor, under DeepSpeed, step the engine.
+
+Not here: rollouts, rewards and advantages (grpo.py, rewards.py, advantages.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from autotraj.render import RenderedTrajectory
+from autotraj.train.advantages import collate, policy_loss, token_logprobs
+
+if TYPE_CHECKING:
+    from autotraj.train.grpo import RlConfig
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One rewarded rollout ready for the update: its rendering and its advantage."""
+
+    rendered: RenderedTrajectory
+    advantage: float
+
+
+class PolicyUpdate:
+    """The policy, optimizer and frozen reference of an RL run, and the update between them."""
+
+    def __init__(
+        self,
+        cfg: RlConfig,
+        accelerator: Any,
+        model: Any,
+        optimizer: Any,
+        ref_model: Any | None,
+        tokenizer: Any,
+    ):
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.model = model
+        self.optimizer = optimizer
+        self.ref_model = ref_model
+        self.tokenizer = tokenizer
+        eos = int(tokenizer.eos_token_id)
+        self._filler = RenderedTrajectory((eos, eos), (False, False), 2)  # nothing trainable
+
+    def _forward_logprobs(
+        self, model: Any, batch: Sequence[RenderedTrajectory], with_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        pad = self.tokenizer.pad_token_id
+        ids, attention, mask = collate(batch, self.tokenizer.eos_token_id if pad is None else pad)
+        device = self.accelerator.device
+        ids, attention, mask = ids.to(device), attention.to(device), mask.to(device)
+        with self.accelerator.autocast():
+            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        logp, entropy = token_logprobs(logits, ids, with_entropy=with_entropy)
+        return logp, entropy, mask, ids
+
+    def _micro_batches(self, n: int, collective: bool) -> list[range]:
+        """Index ranges of the micro-batches over `n` items. `collective`: the passes run on the
+        prepared policy, whose forward and backward are collectives under FSDP2/ZeRO-3 (and a
+        DDP backward is one): every process gets as many micro-batches as the busiest one, the
+        extra ones empty (run on `_filler`, with nothing trainable)."""
+        mb = self.cfg.micro_batch_size
+        spans = [range(start, min(start + mb, n)) for start in range(0, n, mb)]
+        acc = self.accelerator
+        if collective and acc.num_processes > 1:
+            most = int(acc.gather(torch.tensor([len(spans)], device=acc.device)).max())
+            spans += [range(0)] * (most - len(spans))
+        return spans
+
+    @contextlib.contextmanager
+    def _accumulating(self, boundary: bool) -> Any:
+        """Around one micro-batch's backward: unless it is the last before the optimizer step,
+        gradients are not synchronized (DDP, FSDP2) and DeepSpeed does not step its engine."""
+        acc = self.accelerator
+        if boundary:
+            yield
+            return
+        acc.gradient_state._set_sync_gradients(False)  # what DeepSpeed's backward consults
+        try:
+            with acc.no_sync(self.model):
+                yield
+        finally:
+            acc.gradient_state._set_sync_gradients(True)
+
+    @torch.no_grad()
+    def _fixed_logprobs(
+        self, model: Any, samples: Sequence[Sample], collective: bool
+    ) -> list[torch.Tensor]:
+        """Per-sample log-probs under a model that does not change during the update."""
+        out = []
+        for span in self._micro_batches(len(samples), collective):
+            chunk = [samples[i].rendered for i in span] or [self._filler]
+            logp, _, _, _ = self._forward_logprobs(model, chunk, with_entropy=False)
+            out.extend(
+                logp[row, : len(samples[i].rendered.input_ids)] for row, i in enumerate(span)
+            )
+        return out
+
+    def run(self, samples: Sequence[Sample], step: int) -> dict[str, float]:
+        """PPO-clip updates on this process's samples; returns loss/kl/entropy/clip metrics."""
+        cfg = self.cfg
+        began = time.perf_counter()
+        old = self._fixed_logprobs(self.model, samples, collective=True)
+        ref = None
+        if self.ref_model is not None:  # unsharded on every process: no collective
+            ref = self._fixed_logprobs(self.ref_model, samples, collective=False)
+        totals: Counter[str] = Counter()
+        order = list(range(len(samples)))
+        rng = random.Random(f"{cfg.seed}/update/{step}")
+        for _ in range(cfg.ppo_epochs):
+            rng.shuffle(order)
+            for part in range(cfg.mini_batches):
+                chosen = order[part :: cfg.mini_batches]
+                self._optimizer_step(
+                    [(samples[i], old[i], ref[i] if ref else None) for i in chosen], totals
+                )
+        tokens = max(1.0, totals["tokens"])
+        return {
+            "rl/loss": totals["loss"] / max(1, totals["updates"]),
+            "rl/kl": totals["kl"] / tokens,
+            "rl/entropy": totals["entropy"] / tokens,
+            "rl/clip_fraction": totals["clipped"] / tokens,
+            "rl/ratio_mean": totals["ratio"] / tokens,
+            "rl/grad_norm": totals["grad_norm"] / max(1, totals["updates"]),
+            "rl/lr": cfg.lr,
+            "rl/trainable_tokens": totals["tokens"] / max(1, cfg.ppo_epochs),
+            "rl/time/update_s": time.perf_counter() - began,
+        }
+
+    def _optimizer_step(
+        self,
+        chosen: Sequence[tuple[Sample, torch.Tensor, torch.Tensor | None]],
+        totals: Counter[str],
+    ) -> None:
+        """Accumulate the loss of `chosen` over micro-batches, then one optimizer step."""
+        cfg, acc = self.cfg, self.accelerator
+        local = sum(sum(s.rendered.trainable) for s, _, _ in chosen)
+        count = torch.tensor(float(local), device=acc.device)
+        # Token mean over all processes: DDP averages gradients, so scale by the process count.
+        normalizer = float(acc.reduce(count, reduction="sum")) / acc.num_processes
+        ref = self.ref_model is not None
+        spans = self._micro_batches(len(chosen), collective=True)
+        empty = torch.zeros(len(self._filler.input_ids))
+        loss_sum = 0.0
+        for n, span in enumerate(spans):
+            part = [chosen[i] for i in span] or [
+                (Sample(self._filler, 0.0), empty, empty if ref else None)
+            ]
+            with self._accumulating(boundary=n == len(spans) - 1):
+                logp, entropy, mask, _ = self._forward_logprobs(
+                    self.model, [s.rendered for s, _, _ in part], with_entropy=True
+                )
+                loss, stats = policy_loss(
+                    logp,
+                    _pad_rows([o for _, o, _ in part], logp),
+                    torch.tensor([s.advantage for s, _, _ in part], device=logp.device),
+                    mask,
+                    normalizer=max(normalizer, 1.0),
+                    clip=cfg.clip,
+                    entropy=entropy,
+                    entropy_coef=cfg.entropy_coef,
+                    ref_logprobs=_pad_rows([r for _, _, r in part], logp) if ref else None,
+                    kl_coef=cfg.kl_coef,
+                )
+                acc.backward(loss)
+            loss_sum += float(loss.detach())
+            for key in ("tokens", "clipped", "entropy", "kl", "ratio"):
+                totals[key] += getattr(stats, key)
+        # DeepSpeed clipped and stepped inside the last backward; this returns its norm
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals["loss"] += loss_sum
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
+        totals["grad_norm"] += float(grad_norm) if grad_norm is not None else 0.0
+        totals["updates"] += 1
+
+
+def _pad_rows(rows: Sequence[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
+    """Stack per-sample 1-D tensors into `like`'s (B, T) shape, zero-padded on the right."""
+    out = torch.zeros_like(like)
+    for i, row in enumerate(rows):
+        if row is None:
+            raise ValueError("missing log-probs for a sample")
+        out[i, : row.shape[0]] = row.to(like.device)
+    return out
