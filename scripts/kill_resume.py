@@ -37,6 +37,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from autotraj.io import relocatable
+
 # Output file name -> how a row names the record it holds.
 RECORD_KEYS: dict[str, Callable[[dict[str, Any]], str]] = {
     "queries.jsonl": lambda row: row["id"],
@@ -73,10 +75,9 @@ def manifest_counts(run_dir: Path) -> dict[str, dict[str, Any]]:
     """Every stage's manifest counts, less the volatile ones; paths into `run_dir` relative."""
     out = {}
     for path in sorted(run_dir.glob("*/manifest.json")):
-        text = path.read_text(encoding="utf-8")
+        counts = json.loads(path.read_text(encoding="utf-8"))["counts"]
         for prefix in (str(run_dir.resolve()), str(run_dir)):
-            text = text.replace(json.dumps(prefix)[1:-1], "<run_dir>")
-        counts = json.loads(text)["counts"]
+            counts = relocatable(counts, prefix)
         out[path.parent.name] = {k: v for k, v in counts.items() if k not in VOLATILE_COUNTS}
     return out
 

@@ -252,12 +252,12 @@ class GrpoRun:
             log_with=list(cfg.report_to) or None,
             project_dir=str(self.out_dir),
         )
-        self.sharding = sharding(self.accelerator)
+        layout = sharding(self.accelerator)
         gen = cfg.generator
-        if self.sharding != "none" and gen.backend == "transformers" and gen.dtype == "policy":
+        if layout != "none" and gen.backend == "transformers" and gen.dtype == "policy":
             raise ConfigError(
                 f"rl: generator.dtype=policy samples from the policy object itself, which "
-                f"{self.sharding} shards across processes; set generator.dtype=bfloat16 (an "
+                f"{layout} shards across processes; set generator.dtype=bfloat16 (an "
                 f"unsharded copy per process) or generator.backend=vllm"
             )
         if cfg.prompts_per_step % self.accelerator.num_processes:

@@ -31,9 +31,6 @@ log = logging.getLogger(__name__)
 
 Sharding = Literal["none", "fsdp2", "zero3"]
 
-# What wrappers insert into parameter names (activation checkpointing under FSDP).
-_WRAPPER_PARTS = ("_checkpoint_wrapped_module.",)
-
 
 def sharding(accelerator: Any) -> Sharding:
     """How the prepared policy's parameters are laid out across processes.
@@ -55,9 +52,8 @@ def sharding(accelerator: Any) -> Sharding:
 
 
 def _clean(name: str) -> str:
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
+    """The checkpoint's name: without what activation checkpointing under FSDP inserts."""
+    return name.replace("_checkpoint_wrapped_module.", "")
 
 
 def full_parameters(accelerator: Any, model: Any) -> Iterator[tuple[str, torch.Tensor]]:
