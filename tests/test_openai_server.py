@@ -62,7 +62,9 @@ def server():
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(
-                    f"llama.cpp server exited: {proc.stderr.read().decode()[-2000:]}"
+                    f"llama.cpp server exited with code {proc.returncode} (negative: killed by "
+                    f"that signal; -11 is a kernel this CPU cannot run, see "
+                    f"tests/test_llama_build.py): {proc.stderr.read().decode()[-2000:]}"
                 )
             try:
                 if httpx.get(f"{url}/models", timeout=1).status_code == 200:
