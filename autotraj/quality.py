@@ -5,8 +5,10 @@ one. With the default `QualityConfig` the score is exactly the release's
 
     S = 0.4 c + 0.3 l + 0.3 e
 
-- confidence c: 0 if any closed `<think>` block contains a hedging word (whole word, any case),
-  else 1. Hedging outside `<think>` does not count.
+- confidence c: 0 if any closed `<think>` block contains a hedging word or phrase (whole words,
+  any case), else 1. Hedging outside `<think>` does not count. The release's list is nine words
+  (`flaws.RELEASE_HEDGING_WORDS`); autotraj's default (`flaws.HEDGES`) adds phrases such as "I
+  think" and "not sure", which the nine words let through.
 - length l = exp(-(L - L*)^2 / (2 sigma^2)), sigma = 0.5 L*, L = whitespace words of the whole
   trajectory text, L* = the shortest candidate of the same query (a singleton gets l = 1).
   Edge case (ours; the release divides by zero there): L* = 0 gives l = 1 if L == 0 else 0.
@@ -30,7 +32,11 @@ reproduce the release bit for bit.
 
 Partition (per query): wrong answer -> AW; if every correct candidate has S >= hq_all (0.9) all
 correct ones are HQ; else the best correct one (the first of equal bests) is HQ if S >= hq_best
-(0.86), and the other correct ones are AC-LQ.
+(0.86), and the other correct ones are AC-LQ. With `flawless_hq` (autotraj's default; the release
+has no such rule) a correct candidate with a flaw (`flaws.flaws`: a hedging phrase anywhere in
+the model's text, a fragment, a repeated identical tool call, a `<result>` the model wrote) is
+never HQ, whatever its S: it is AC-LQ and goes to repair. `QualityConfig.release()` is the
+release's scorer exactly: its nine words and no flaw rule.
 
 Not here: deciding correctness (grading.py), repairing (repair.py), reading or writing files.
 """
@@ -42,9 +48,9 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Literal, NamedTuple, get_args
 
+from autotraj.flaws import HEDGES, RELEASE_HEDGING_WORDS, flaws, hedge_regex
 from autotraj.records import RecordError, Trajectory
 from autotraj.tags import check_format
 
@@ -52,19 +58,6 @@ Label = Literal["HQ", "AC-LQ", "AW"]
 LABELS: tuple[Label, ...] = get_args(Label)
 Dimension = Literal["confidence", "length", "repetition", "tool_validity", "format", "token_length"]
 DIMENSIONS: tuple[Dimension, ...] = get_args(Dimension)
-
-# Release hedging words (METHOD.md section 5).
-RELEASE_HEDGING_WORDS: tuple[str, ...] = (
-    "maybe",
-    "unsure",
-    "guess",
-    "seems",
-    "perhaps",
-    "probably",
-    "might",
-    "likely",
-    "recheck",
-)
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 _SPACES = re.compile(r"\s+")
@@ -82,10 +75,13 @@ class QualityConfig:
     weight_token_length: float = 0.0  # autotraj extra, off by default
     hq_all: float = 0.9  # release: every correct candidate >= 0.9 -> all HQ
     hq_best: float = 0.86  # release: else the best correct one is HQ if >= 0.86
-    hedging_words: tuple[str, ...] = RELEASE_HEDGING_WORDS  # release list
+    # autotraj: the release's nine words plus hedging phrases (release: RELEASE_HEDGING_WORDS)
+    hedging_words: tuple[str, ...] = HEDGES
     length_sigma_ratio: float = 0.5  # release: sigma = 0.5 L*
     min_words_repetition: int = 6  # release: fewer than 6 words -> e = 1
     exclude_tool_results: bool = False  # release scored the whole text, tool results included
+    # autotraj: a flawed correct candidate is AC-LQ, never HQ (release: no such rule)
+    flawless_hq: bool = True
 
     def __post_init__(self) -> None:
         weights = self.weights()
@@ -104,6 +100,11 @@ class QualityConfig:
     def weights(self) -> tuple[tuple[Dimension, float], ...]:
         return tuple((d, float(getattr(self, f"weight_{d}"))) for d in DIMENSIONS)
 
+    @classmethod
+    def release(cls) -> QualityConfig:
+        """The release's scorer exactly (METHOD.md section 5): nine words, no flaw rule."""
+        return cls(hedging_words=RELEASE_HEDGING_WORDS, flawless_hq=False)
+
 
 @dataclass(frozen=True)
 class QualityScore:
@@ -116,6 +117,7 @@ class QualityScore:
     components: tuple[tuple[str, float], ...]
     correct: bool
     label: Label
+    flaws: tuple[str, ...] = ()  # flaws.flaws of the trajectory (why it cannot be HQ)
 
     def component(self, name: str) -> float:
         return dict(self.components)[name]
@@ -128,6 +130,7 @@ class QualityScore:
             "components": dict(self.components),
             "correct": self.correct,
             "label": self.label,
+            "flaws": list(self.flaws),
         }
 
     @classmethod
@@ -151,6 +154,9 @@ class QualityScore:
             raise RecordError(f"{where}: field 'label' must be one of {get_args(Label)}")
         if not isinstance(data["correct"], bool):
             raise RecordError(f"{where}: field 'correct' must be a bool")
+        found = data.get("flaws", [])
+        if not isinstance(found, list) or not all(isinstance(f, str) for f in found):
+            raise RecordError(f"{where}: field 'flaws' must be a list of strings")
         return cls(
             trajectory_id=str(data["trajectory_id"]),
             query_id=str(data["query_id"]),
@@ -158,6 +164,7 @@ class QualityScore:
             components=tuple((str(k), float(v)) for k, v in components.items()),
             correct=data["correct"],
             label=data["label"],
+            flaws=tuple(found),
         )
 
 
@@ -165,22 +172,19 @@ class QualityScore:
 # Dimensions (pure functions of text or trajectory)
 
 
-@lru_cache(maxsize=16)
-def _hedging_regex(words: tuple[str, ...]) -> re.Pattern[str]:
-    alternatives = "|".join(re.escape(w) for w in words)
-    return re.compile(rf"\b(?:{alternatives.lower()})\b")  # matched on lowercased text
-
-
-def confidence(text: str, hedging_words: Sequence[str] = RELEASE_HEDGING_WORDS) -> float:
-    """1.0 unless a closed `<think>` block holds a hedging word (whole word, any case): 0.0.
+def confidence(text: str, hedging_words: Sequence[str] = HEDGES) -> float:
+    """1.0 unless a closed `<think>` block holds a hedging word or phrase (whole words, any
+    case): 0.0.
 
     >>> confidence("<think>It seems right</think> maybe")
     0.0
     >>> confidence("<think>It is right</think> maybe")
     1.0
+    >>> confidence("<think>I am not sure.</think>"), confidence("<think>I am not sure.</think>", RELEASE_HEDGING_WORDS)
+    (0.0, 1.0)
     """
     blocks = _THINK.findall(text)
-    if blocks and _hedging_regex(tuple(hedging_words)).search("\n".join(blocks).lower()):
+    if blocks and hedge_regex(tuple(hedging_words)).search("\n".join(blocks)):
         return 0.0
     return 1.0
 
@@ -307,30 +311,39 @@ def _weighted(
 
 
 def partition(
-    scores: Sequence[float], correct: Sequence[bool], hq_all: float = 0.9, hq_best: float = 0.86
+    scores: Sequence[float],
+    correct: Sequence[bool],
+    hq_all: float = 0.9,
+    hq_best: float = 0.86,
+    clean: Sequence[bool] | None = None,
 ) -> list[Label]:
     """Labels for the candidates of one query (see the module docstring); ties: first best.
+    `clean[i]` False keeps candidate i out of HQ (None: every candidate may be HQ, the release).
 
     >>> partition([0.95, 0.5, 0.88], [True, False, True])
     ['HQ', 'AW', 'AC-LQ']
     >>> partition([0.86, 0.7], [True, True])
     ['HQ', 'AC-LQ']
+    >>> partition([0.95, 0.92], [True, True], clean=[False, True])
+    ['AC-LQ', 'HQ']
     """
-    if len(scores) != len(correct):
+    if len(scores) != len(correct) or (clean is not None and len(clean) != len(scores)):
         raise ValueError(f"{len(scores)} scores but {len(correct)} correctness flags")
     labels: list[Label] = ["AW"] * len(scores)
     right = [i for i, ok in enumerate(correct) if ok]
+    eligible = [i for i in right if clean is None or clean[i]]
     if not right:
         return labels
-    if all(scores[i] >= hq_all for i in right):
+    if len(eligible) == len(right) and all(scores[i] >= hq_all for i in right):
         for i in right:
             labels[i] = "HQ"
         return labels
-    best = max(right, key=lambda i: scores[i])  # max() keeps the first of equal values
     for i in right:
         labels[i] = "AC-LQ"
-    if scores[best] >= hq_best:
-        labels[best] = "HQ"
+    if eligible:
+        best = max(eligible, key=lambda i: scores[i])  # max() keeps the first of equal values
+        if scores[best] >= hq_best:
+            labels[best] = "HQ"
     return labels
 
 
@@ -374,10 +387,14 @@ def score_group(
     ]
     weights = cfg.weights()
     scores = [_weighted(p, weights) for p in parts]
-    labels = partition(scores, correct, cfg.hq_all, cfg.hq_best)
+    found = [flaws(t, cfg.hedging_words) for t in trajectories]
+    clean = [not f for f in found] if cfg.flawless_hq else None
+    labels = partition(scores, correct, cfg.hq_all, cfg.hq_best, clean)
     return [
-        QualityScore(t.id, t.query_id, s, p, bool(ok), label)
-        for t, s, p, ok, label in zip(trajectories, scores, parts, correct, labels, strict=True)
+        QualityScore(t.id, t.query_id, s, p, bool(ok), label, f)
+        for t, s, p, ok, label, f in zip(
+            trajectories, scores, parts, correct, labels, found, strict=True
+        )
     ]
 
 
@@ -392,10 +409,13 @@ def score_one(
     """Score one trajectory against a given L* (for repairs: min(original, repair) or itself).
 
     The label is the one a group of just this trajectory would get: AW if wrong, else HQ iff
-    S >= hq_best. `token_length_ref` None makes token_length fall back to words.
+    S >= hq_best (and, with `flawless_hq`, it has no flaw). `token_length_ref` None makes
+    token_length fall back to words.
     """
     _check_scorable([trajectory])
     parts = _components(trajectory, _measure(trajectory, cfg), cfg, length_ref, token_length_ref)
     score = _weighted(parts, cfg.weights())
-    (label,) = partition([score], [correct], cfg.hq_all, cfg.hq_best)
-    return QualityScore(trajectory.id, trajectory.query_id, score, parts, correct, label)
+    found = flaws(trajectory, cfg.hedging_words)
+    clean = [not found] if cfg.flawless_hq else None
+    (label,) = partition([score], [correct], cfg.hq_all, cfg.hq_best, clean)
+    return QualityScore(trajectory.id, trajectory.query_id, score, parts, correct, label, found)

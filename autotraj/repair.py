@@ -3,17 +3,24 @@
 Takes the synthesize outputs and `score/scores.jsonl`; every AC-LQ and AW trajectory gets a
 repair (METHOD.md section 6):
 
-1. First pass (`first_pass=True`, AC-LQ only): where the only thing to fix is hedging inside
-   `<think>` blocks, a deterministic edit deletes the hedging words. The candidate keeps the
-   original's tool calls, which are re-executed and must give the same outputs.
+1. First pass (`first_pass=True`, AC-LQ only): a deterministic edit by whole units
+   (edits.edit): hedging sentences and clauses out, a step that repeats an earlier tool call
+   out (its reasoning, call and result together). It never deletes a word from inside a clause
+   (an earlier version did, and left "It fine, I so I will go with 12"); where a reasoning block
+   would be left empty the edit does not apply and the repairer model gets the trajectory. The
+   candidate keeps the original's other tool calls, which are re-executed and must give the
+   same outputs.
 2. The repairer model (attempts 1..k, release k = 1, greedy): it sees its instructions
    (prompts/repair_aclq.txt or repair_aw.txt) + the protocol system prompt, and the question with
    the whole low-quality trajectory, tool results included, never the gold answer. Its reply is a
    real rollout: tools execute. All repairs of a chunk go through one batched rollout call.
-3. Every candidate is verified the same way (`judge`): graded against the gold answer and
-   scored. AC-LQ: accepted iff correct, S > 0.86 and S > the original's S, both scored with
-   L* = the shorter of the two. AW: accepted iff correct and S > 0.8 with L* = itself. Attempts
-   stop at the first acceptance; an original with no accepted attempt is a hard case.
+3. Every candidate is verified the same way (`judge`): checked for flaws (flaws.flaws: a
+   hedging phrase, a fragment left by a deletion, a repeated identical tool call, a `<result>`
+   the model wrote itself: any one rejects it, whatever its score; METHOD.md section 6), graded
+   against the gold answer and scored. AC-LQ: accepted iff correct, S > 0.86 and S > the
+   original's S, both scored with L* = the shorter of the two. AW: accepted iff correct and
+   S > 0.8 with L* = itself. Attempts stop at the first acceptance; an original with no accepted
+   attempt is a hard case.
 
 A repaired trajectory is stored as a trajectory of the ORIGINAL question (standard prompt): id
 `<original id>/r<attempt>` (r0 = first pass), `parent_id` = original id, provenance role
@@ -23,7 +30,8 @@ segment (tool-result spans stay separate and masked).
 
 Output under `<run_dir>/repair/`: `repairs.jsonl` (accepted) and `hard_cases.jsonl` (not
 accepted), one `records.Repair` row per original in exactly one of the two; `metrics.jsonl`,
-`inputs.json`, `config.resolved.yaml`, `manifest.json`. Resumable: both files are appended chunk
+`inputs.json`, `config.resolved.yaml`, `manifest.json` (its counts say, per label, how much of
+the originals the accepted repairs keep: `edits.calls_kept` and `edits.similarity`). Resumable: both files are appended chunk
 by chunk and share one done-set keyed by the original id, so a kill loses at most one chunk,
 which is redone without duplicates.
 
@@ -54,6 +62,8 @@ import yaml
 from tqdm import tqdm
 
 from autotraj.config import ConfigError, to_dict
+from autotraj.edits import calls_kept, edit, from_original, similarity
+from autotraj.flaws import flaws
 from autotraj.grading import Checker, grade_trajectory
 from autotraj.io import (
     DataError,
@@ -107,7 +117,7 @@ class RepairConfig:
     quality: QualityConfig = field(default_factory=QualityConfig)
     checker: Checker = "default"
     chunk: int = 16  # repairs issued together (one batched rollout), and written together
-    first_pass: bool = True  # deterministic hedging edit before calling the model (AC-LQ)
+    first_pass: bool = True  # deterministic edit before calling the model (AC-LQ): edits.edit
     accept_ac_lq: float = 0.86  # release: AC-LQ repair needs S > 0.86 (and > the original's)
     accept_aw: float = 0.8  # release: AW repair needs S > 0.8
 
@@ -167,14 +177,20 @@ def rejection_reason(
     score: float,
     original_score: float | None,
     threshold: float,
+    found: Sequence[str] = (),
 ) -> str:
-    """Why a repair is rejected, or "" if it is accepted (METHOD.md section 6).
+    """Why a repair is rejected, or "" if it is accepted (METHOD.md section 6). `found`: the
+    repair's flaws (flaws.flaws); any one rejects it.
 
     >>> rejection_reason("AW", True, 0.85, None, 0.8)
     ''
     >>> rejection_reason("AC-LQ", True, 0.88, 0.9, 0.86)
     'S 0.880 <= original 0.900'
+    >>> rejection_reason("AW", True, 0.95, None, 0.8, ["hedging: 'maybe'"])
+    "flaw: hedging: 'maybe'"
     """
+    if found:
+        return f"flaw: {'; '.join(found)}"
     if not correct:
         return "wrong answer"
     if score <= threshold:
@@ -207,7 +223,10 @@ def judge(
     else:  # AW: L* = itself
         length_ref, threshold = length_words(repair, q), cfg.accept_aw
     scored = score_one(repair, q, length_ref, correct=grade.correct)
-    reason = rejection_reason(target.label, grade.correct, scored.score, original_s, threshold)
+    found = flaws(repair, q.hedging_words)
+    reason = rejection_reason(
+        target.label, grade.correct, scored.score, original_s, threshold, found
+    )
     return RepairAttempt(
         attempt=attempt,
         how=how,
@@ -223,11 +242,7 @@ def judge(
 
 
 # ---------------------------------------------------------------------------------------------
-# First pass: delete hedging words inside <think> blocks of a correct trajectory
-
-_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-_SPACE_BEFORE_PUNCT = re.compile(r"[ \t]+([.,;:!?])")
-_RUNS_OF_SPACES = re.compile(r"[ \t]{2,}")
+# First pass: a deterministic edit of a correct trajectory (edits.edit)
 
 FIRST_PASS_PROVENANCE = Provenance(
     model="autotraj:first-pass",
@@ -239,52 +254,21 @@ FIRST_PASS_PROVENANCE = Provenance(
 )
 
 
-def strip_hedging(text: str, words: Sequence[str]) -> str:
-    """`text` with the hedging words (whole words, any case) deleted inside `<think>` blocks.
-
-    A following comma goes with the word; a sentence that started with it starts with a capital.
-
-    >>> strip_hedging("<think>Maybe, the total is probably 12.</think> maybe", ["maybe", "probably"])
-    '<think>The total is 12.</think> maybe'
-    """
-    hedge = re.compile(rf"\b(?:{'|'.join(re.escape(w) for w in words)})\b,?[ \t]*", re.IGNORECASE)
-
-    def clean(block: re.Match[str]) -> str:
-        inner, out, pos, capital = block.group(1), [], 0, False
-        for m in hedge.finditer(inner):
-            piece = inner[pos : m.start()]
-            out.append(piece[:1].upper() + piece[1:] if capital and piece else piece)
-            capital = (capital and not piece) or m.group(0)[0].isupper()
-            pos = m.end()
-        rest = inner[pos:]
-        out.append(rest[:1].upper() + rest[1:] if capital else rest)
-        tidy = _RUNS_OF_SPACES.sub(" ", _SPACE_BEFORE_PUNCT.sub(r"\1", "".join(out)))
-        return f"<think>{tidy}</think>"
-
-    return _THINK.sub(clean, text)
-
-
 def first_pass_candidate(target: Target, cfg: QualityConfig) -> Trajectory | None:
-    """The hedging-free edit of a correct trajectory whose confidence is 0, or None if the edit
-    does not apply (not AC-LQ, no hedging in the model's text, or a rejected tool call)."""
-    original = target.original
-    if target.label != "AC-LQ" or target.score.component("confidence") != 0.0:
+    """The whole-unit edit of an AC-LQ trajectory (hedging sentences and repeated steps out), or
+    None if it does not apply: not AC-LQ, nothing to edit, a reasoning block that would be left
+    empty, or flaws the edit cannot remove (then the repairer model gets it)."""
+    if target.label != "AC-LQ":
         return None
-    if any(c.status == "rejected" for c in original.tool_calls):
-        return None
-    segments = tuple(
-        Segment(strip_hedging(s.text, cfg.hedging_words) if s.trainable else s.text, s.trainable)
-        for s in original.segments
-    )
-    if all(a.text == b.text for a, b in zip(segments, original.segments, strict=True)):
+    edited = edit(target.original, cfg.hedging_words)
+    if edited is None or flaws(edited, cfg.hedging_words):
         return None
     return dataclasses.replace(
-        original,
-        id=f"{original.id}/r0",
-        segments=segments,
+        edited,
+        id=f"{target.original.id}/r0",
         provenance=FIRST_PASS_PROVENANCE,
         prompt_ids=(),
-        parent_id=original.id,
+        parent_id=target.original.id,
         extra=(),
     )
 
@@ -562,14 +546,42 @@ def summarize(out_dir: Path, targets: Sequence[Target]) -> dict[str, Any]:
     to_repair = Counter(t.label for t in targets)
     accepted_by = Counter(r.label for r in accepted)
     reasons = Counter(_reason_kind(r.final.reason) for r in rejected)
+    originals = {t.original.id: t.original for t in targets}
     return {
         "to_repair": {label: to_repair[label] for label in PROMPT_FILES},
         "accepted": {label: accepted_by[label] for label in PROMPT_FILES},
         "hard_cases": len(rejected),
         "hard_case_reasons": dict(sorted(reasons.items())),
         "first_pass_accepted": sum(r.final.how == "first_pass" for r in accepted),
+        "kept": {
+            label: kept_measures(
+                [
+                    (originals[r.original_id], r.final.trajectory)
+                    for r in accepted
+                    if r.label == label
+                ]
+            )
+            for label in PROMPT_FILES
+        },
         "model_attempts": sum(a.how == "model" for a in attempts),
         "infra_errors": sum(a.reason.startswith("infra error") for a in attempts),
+    }
+
+
+def kept_measures(pairs: Sequence[tuple[Trajectory, Trajectory]]) -> dict[str, float | None]:
+    """How much of its original an accepted repair keeps, averaged over (original, repair):
+    the share of the original's tool calls it makes too (over originals that made any), the
+    word-sequence similarity of what the two models wrote, and the share of the repair's words
+    that the original wrote (edits.py)."""
+    shares = [k for o, r in pairs if (k := calls_kept(o.tool_calls, r.tool_calls)) is not None]
+    similarities = [similarity(o.model_text, r.model_text) for o, r in pairs]
+    kept_words = [from_original(o.model_text, r.model_text) for o, r in pairs]
+    return {
+        "repairs": len(pairs),
+        "calls_kept": sum(shares) / len(shares) if shares else None,
+        "originals_with_calls": len(shares),
+        "similarity": sum(similarities) / len(similarities) if similarities else None,
+        "from_original": sum(kept_words) / len(kept_words) if kept_words else None,
     }
 
 
@@ -577,4 +589,6 @@ def _reason_kind(reason: str) -> str:
     """A rejection reason without its numbers, for counting: 'S <= original', 'S <= 0.86' ..."""
     if reason.startswith("infra error"):
         return "infra error"
+    if reason.startswith("flaw: "):
+        return "flaw: " + reason.removeprefix("flaw: ").split(":")[0]
     return re.sub(r"original [0-9.]+", "original", re.sub(r"^S [0-9.]+", "S", reason))

@@ -143,7 +143,7 @@ def test_tool_validity():
 
 def test_release_score_by_hand():
     a, b = traj(A_TEXT, tid="a"), traj(B_TEXT, tid="b")
-    sa, sb = score_group([a, b], [True, True], QualityConfig())
+    sa, sb = score_group([a, b], [True, True], QualityConfig.release())
     # A: c = 1, L = L* = 7 -> l = 1, e = 1 -> S = 0.4 + 0.3 + 0.3 = 1.0
     assert sa.score == pytest.approx(1.0)
     assert dict(sa.components)["length"] == 1.0
@@ -160,19 +160,55 @@ def test_release_score_by_hand():
 
 
 def test_singleton_gets_full_length():
-    (s,) = score_group([traj(B_TEXT)], [True], QualityConfig())
+    (s,) = score_group([traj(B_TEXT)], [True], QualityConfig.release())
     # l = 1 (L = L*), c = 0, e = 0.6 -> S = 0.3 + 0.18 = 0.48
     assert s.component("length") == 1.0
     assert s.score == pytest.approx(0.48)
     assert s.label == "AC-LQ"  # the best (only) one is below 0.86
 
 
-def test_hedging_outside_think_not_penalized():
+def test_release_does_not_penalize_hedging_outside_think():
     text = f"<think> alpha beta gamma delta </think> Maybe probably {ANSWER}"
-    (s,) = score_group([traj(text)], [True], QualityConfig())
+    (s,) = score_group([traj(text)], [True], QualityConfig.release())
     assert s.component("confidence") == 1.0
     assert s.score == pytest.approx(1.0)
     assert s.label == "HQ"
+
+
+def test_default_keeps_hedging_outside_think_out_of_hq():
+    # The score is the release's (confidence reads <think> only), but the flaw rule sees the
+    # hedging anywhere in the model's text: a correct candidate, S = 1.0, still AC-LQ.
+    text = f"<think> alpha beta gamma delta </think> Maybe probably {ANSWER}"
+    (s,) = score_group([traj(text)], [True], QualityConfig())
+    assert s.score == pytest.approx(1.0)
+    assert (s.label, s.flaws) == ("AC-LQ", ("hedging: 'maybe'", "hedging: 'probably'"))
+
+
+@pytest.mark.parametrize(
+    "think",
+    [
+        "I think the total is 4.",  # a phrase the release's nine words miss
+        "The total is 4, but I am not sure.",
+        "Hmm, the total is 4.",
+        "It prints 4. Let me check it again.",
+    ],
+)
+def test_default_confidence_catches_hedging_phrases(think):
+    text = f"<think>{think}</think> {ANSWER}"
+    (s,) = score_group([traj(text)], [True], QualityConfig())
+    assert s.component("confidence") == 0.0
+    assert s.label == "AC-LQ"
+    (r,) = score_group([traj(text)], [True], QualityConfig.release())
+    assert r.component("confidence") == 1.0
+
+
+def test_a_repeated_call_is_never_hq_by_default():
+    call = ToolCall("python", "print(2+2)", "4", "ok")
+    text = ("<think>Add.</think><code>print(2+2)</code>", ("result", "<result>4</result>"))
+    t = traj(*text, *text, f"<think>Four.</think>{ANSWER}", calls=(call, call))
+    (s,) = score_group([t], [True], QualityConfig())
+    assert s.label == "AC-LQ" and s.flaws == ("repeated tool call 1",)
+    assert score_group([t], [True], QualityConfig.release())[0].label == "HQ"
 
 
 def test_wrong_answers_are_aw():

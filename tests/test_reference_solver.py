@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import pytest
 
+from autotraj.edits import calls_kept, similarity
+from autotraj.flaws import flaws
 from autotraj.models import reference
 from autotraj.models.generator import GenerationRequest, GeneratorError
 from autotraj.models.loading import GeneratorConfig, load_generator
@@ -102,6 +105,7 @@ def test_clean_style_solves_with_real_tools(generator, tools, monkeypatch):
     rows = score_rows({q.id: q for q in queries}, trajectories, ScoreConfig())
     for query, traj, row in zip(queries, trajectories, rows, strict=True):
         assert traj.finish_reason == "answer" and row["label"] == "HQ", traj.text
+        assert flaws(traj) == () and row["flaws"] == []  # no false positive on clean text
         assert row["extracted"] == query.answers[0]
         assert all(c.status == "ok" for c in traj.tool_calls)
         parsed = multihop.parse_question(query.question)
@@ -148,3 +152,73 @@ def test_wrong_multihop_answers_the_city(generator, tools, monkeypatch):
         kind, _ = multihop.parse_question(query.question)
         assert len(traj.tool_calls) == len(multihop.CHAINS[kind]) - 1  # one hop short
         assert extract_answer(traj.text) in cities and query.answers[0] not in traj.model_text
+
+
+def _repairs_of(style, n_arith, n_multihop, generator, tools, monkeypatch):
+    """Teacher trajectories of one style and the stand-in repairer's verified repairs of them
+    (no first pass: the repairer gets every one)."""
+    monkeypatch.setattr(reference, "TEACHER_STYLES", ((style, 1.0),))
+    monkeypatch.setattr(reference, "REPAIR_STYLES", (("clean", 1.0),))
+    queries = load_queries("builtin:arithmetic:train", limit=n_arith)
+    queries += load_queries("builtin:multihop:train", limit=n_multihop)
+    items = [(f"{q.id}/s0", q) for q in queries]
+    trajectories = rollout(generator, tools, generator.tokenizer, items, RolloutConfig())
+    rows = score_rows({q.id: q for q in queries}, trajectories, ScoreConfig())
+    targets = [
+        Target(t, q, row["label"], QualityScore.from_dict(row))
+        for t, q, row in zip(trajectories, queries, rows, strict=True)
+    ]
+    cfg = RepairConfig(tools=TOOLS, first_pass=False)
+    repairs = repair_chunk(targets, lambda: generator, tools, cfg)
+    # what a repairer that ignores the trajectory would write: the clean solver's own solution
+    monkeypatch.setattr(reference, "TEACHER_STYLES", (("clean", 1.0),))
+    resolved = rollout(generator, tools, generator.tokenizer, items, RolloutConfig())
+    return targets, repairs, resolved
+
+
+@pytest.mark.parametrize("style", ["hedge", "recheck"])
+def test_repairs_of_correct_trajectories_are_edits(style, generator, tools, monkeypatch):
+    targets, repairs, resolved = _repairs_of(style, 6, 6, generator, tools, monkeypatch)
+    for target, repair, solution in zip(targets, repairs, resolved, strict=True):
+        assert target.label == "AC-LQ" and repair.accepted, repair.final.reason
+        original, fixed = target.original, repair.final.trajectory
+        assert flaws(fixed) == ()
+        # every distinct call of the original is kept, in order; only repeats go
+        assert [c.input for c in fixed.tool_calls] == list(
+            dict.fromkeys(c.input for c in original.tool_calls)
+        )
+        assert calls_kept(original.tool_calls, fixed.tool_calls) == 1.0
+        # the original's own wording survives where it did not hedge: the repair is closer to
+        # the original than a fresh solution of the same question is
+        assert any(s in original.model_text for s in _sentences(fixed.model_text))
+        assert similarity(original.model_text, fixed.model_text) > similarity(
+            original.model_text, solution.model_text
+        )
+
+
+def test_repairs_of_wrong_trajectories_keep_the_right_steps(generator, tools, monkeypatch):
+    # The teacher's wrong trajectories are right up to the step that went wrong, so a fresh
+    # solution makes the same calls; what tells an edit apart is tested on AC-LQ above.
+    targets, repairs, _ = _repairs_of("wrong", 6, 8, generator, tools, monkeypatch)
+    for target, repair in zip(targets, repairs, strict=True):
+        assert target.label == "AW" and repair.accepted, repair.final.reason
+        original, fixed = target.original, repair.final.trajectory
+        assert flaws(fixed) == () and "by hand" not in fixed.model_text
+        calls = [(c.tool, c.input) for c in fixed.tool_calls]
+        if multihop.parse_question(target.query.question):
+            # the searches it made are kept and the missing hop is added after them
+            made = [(c.tool, c.input) for c in original.tool_calls]
+            assert calls[: len(made)] == made and len(calls) == len(made) + 1
+            # its wrong claim goes, its sound reasoning stays ("I search for X.")
+            assert "the place the question asks for" not in fixed.model_text
+            assert original.model_text.split("</think>")[0].split(". ")[-1] in fixed.model_text
+        else:  # the hand computation is replaced by the tool call; the plan sentence is kept
+            # (a one-step original: the repair can keep nothing else, so it reads like a fresh
+            # solution here)
+            assert original.tool_calls == () and [t for t, _ in calls] == ["python"]
+            plan = original.model_text.split(". I can work")[0].removeprefix("<think>")
+            assert plan in fixed.model_text
+
+
+def _sentences(text):
+    return [s.strip() for s in re.split(r"(?<=[.?!])\s+|</?think>", text) if s.strip()]

@@ -14,7 +14,7 @@ import pytest
 from autotraj.io import read_jsonl
 from autotraj.models.scripted import ScriptedGenerator
 from autotraj.records import Repair, ToolCall
-from autotraj.repair import RepairConfig, run_repair, strip_hedging
+from autotraj.repair import RepairConfig, run_repair
 from autotraj.score import ScoreConfig, run_score
 from autotraj.tools.tool import ToolInfraError
 from autotraj.tools.toolbox import PythonToolConfig, ToolsConfig, open_tools
@@ -166,9 +166,9 @@ def test_acceptance_rules_release_one_attempt(tmp_path, tokenizer, tools):
     assert got["acl_ok"].final.reference_score < got["acl_ok"].final.score
     assert got["acl_not_better"].final.reason == "S 0.908 <= original 1.000"
     assert got["acl_not_better"].final.length_ref == 14  # L* = the shorter: the original
-    assert got["acl_low"].final.reason == "S 0.600 <= 0.86"
+    assert got["acl_low"].final.reason == "flaw: hedging: 'probably'"
     assert got["aw_wrong"].final.reason == "wrong answer"
-    assert got["aw_low"].final.reason == "S 0.600 <= 0.80"
+    assert got["aw_low"].final.reason == "flaw: hedging: 'seems'; hedging: 'probably'"
     assert got["aw_ok"].final.length_ref == 6  # AW: L* = itself
     assert got["k2"].final.reason == "wrong answer" and not got["k2"].rejected
     assert got["infra"].final.reason.startswith("infra error: search: retrieval server")
@@ -248,11 +248,59 @@ def test_first_pass_falls_back_to_the_model_when_a_tool_output_changed(tmp_path,
     assert first.how == "first_pass" and "different output" in first.reason
 
 
-def test_strip_hedging_only_touches_think_blocks():
-    text = "<think>Maybe, it is 5. We recheck it.</think><answer>maybe \\boxed{5}</answer>"
-    assert strip_hedging(text, ["maybe", "recheck"]) == (
-        "<think>It is 5. We it.</think><answer>maybe \\boxed{5}</answer>"
+def test_first_pass_never_leaves_a_fragment(tmp_path, tokenizer, tools):
+    # The reference teacher's hedging trajectory that the old word-deleting pass turned into
+    # "I think this be 8056020 + ..., I? That right,. ... It fine, I so I will go with ...".
+    call = ToolCall("python", "print(8056020 + 1679215 - 371493)", "9363742", "ok")
+    original = traj(
+        "ore/s0",
+        "ore",
+        "<think>Hmm, I think this might be 8056020 + 1679215 - 371493, but I am not sure. The "
+        "ore left is the two years of output added together, minus the ore sold, I guess? That "
+        "seems right, maybe. I should probably let Python do the arithmetic.</think>\n<code>\n"
+        "print(8056020 + 1679215 - 371493)\n</code>",
+        "\n<result>\n9363742\n</result>\n",
+        "<think>It prints 9363742. I think that is probably the answer, but maybe I misread the "
+        "question. It seems fine, I guess, so I will go with 9363742.</think>\n"
+        "<answer>\\boxed{9363742}</answer>",
+        calls=[call],
     )
+    queries = [{"id": "ore", "question": "How much ore is left?", "answers": ["9363742"]}]
+    synth = tmp_path / "synthesize"
+    synth.mkdir(parents=True)
+    (synth / "queries.jsonl").write_text(json.dumps(queries[0]) + "\n")
+    (synth / "trajectories.jsonl").write_text(json.dumps(original) + "\n")
+    run_score(ScoreConfig(run_dir=str(tmp_path)))
+    gen = ScriptedGenerator(lambda r: pytest.fail("the repairer must not be called"), tokenizer)
+    run_repair(RepairConfig(run_dir=str(tmp_path)), gen, tools)
+    repair = outcomes(tmp_path)["ore"]
+    assert repair.accepted and repair.final.how == "first_pass"
+    assert repair.final.trajectory.model_text == (
+        "<think>The ore left is the two years of output added together, minus the ore sold. "
+        "I should let Python do the arithmetic.</think>\n<code>\n"
+        "print(8056020 + 1679215 - 371493)\n</code>"
+        "<think>It prints 9363742.</think>\n<answer>\\boxed{9363742}</answer>"
+    )
+
+
+def test_first_pass_leaves_a_trajectory_it_cannot_edit_whole_to_the_model(
+    tmp_path, tokenizer, tools
+):
+    # Every sentence of the first reasoning block hedges: no whole-sentence edit is left.
+    call = ToolCall(tool="python", input="print(6*7)", output="42", status="ok")
+    hedged = traj(
+        "fp/s0",
+        "fp",
+        "<think>Maybe it is six times seven, I am not sure.</think>\n<code>\nprint(6*7)\n</code>",
+        "\n<result>\n42\n</result>\n",
+        "<think>The product is 42.</think>\n<answer>\\boxed{42}</answer>",
+        calls=[call],
+    )
+    make_run(tmp_path, {"fp": [hedged]})
+    gen = Repairer(tokenizer, {"fp": (SHORT, SHORT)})
+    run_repair(RepairConfig(run_dir=str(tmp_path)), gen, tools)
+    repair = outcomes(tmp_path)["fp"]
+    assert gen.calls == [1] and repair.final.how == "model" and not repair.rejected
 
 
 def test_resume_after_a_crash_has_no_duplicates_or_losses(tmp_path, tokenizer, tools):

@@ -17,9 +17,11 @@ Styles (docs/tasks.md explains why the teacher is imperfect on purpose):
   short, answering the city instead of the country (-> AW).
 A teacher reply picks a style from sha256(question, the first request's seed), so the candidates
 of one query (different trajectory ids, so different seeds) differ; shares are `TEACHER_STYLES`.
-A repairer reply (recognised by repair.py's trajectory markers) is clean except for a small
-deterministic share (`REPAIR_STYLES`) that verification should reject. Later calls recover the
-style from the first segment already written, so the solver keeps no state between calls.
+A repairer reply (recognised by repair.py's trajectory markers) is an edit of the trajectory in
+the prompt, written by models/reference_repairer.py: it keeps the original's right steps and
+tool calls and fixes the flaw; a small deterministic share of repairs (`REPAIR_STYLES` there)
+stays imperfect for verification to reject. Later calls recover the style from the segments
+already written, so the solver keeps no state between calls.
 
 Not here: the task generators (tasks/), stop-string and token-budget handling (ScriptedGenerator).
 """
@@ -32,6 +34,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from autotraj.models.generator import GenerationRequest, GeneratorError
+from autotraj.models.reference_repairer import (
+    REPAIR_STYLES,
+    original_of,
+    piece_matches,
+    repair_piece,
+)
 from autotraj.models.scripted import ScriptedGenerator
 from autotraj.render import Tokenizer
 from autotraj.tasks import arithmetic, multihop
@@ -45,8 +53,6 @@ TEACHER_STYLES: tuple[tuple[Style, float], ...] = (
     ("recheck", 0.15),
     ("wrong", 0.35),
 )
-# About 10% of repairs stay imperfect so that verification visibly rejects some.
-REPAIR_STYLES: tuple[tuple[Style, float], ...] = (("clean", 0.9), ("hedge", 0.05), ("wrong", 0.05))
 MAX_TOOL_CALLS = 3  # the rollout's release limit: a redundant call must fit under it
 
 REPAIR_MARKER = "=== TRAJECTORY START ==="  # repair.py's repairer prompt
@@ -64,6 +70,8 @@ class Context:
     repair: bool
     pieces: tuple[str, ...]  # the segments it wrote so far, one per earlier call
     results: tuple[str, ...]  # the tool outputs that followed them
+    original: str = ""  # repairs: the trajectory to repair
+    wrong: bool = False  # repairs: the prompt says its answer is wrong (AW)
 
 
 def read_context(prompt_text: str) -> Context:
@@ -74,22 +82,24 @@ def read_context(prompt_text: str) -> Context:
         raise GeneratorError("the reference solver needs a ChatML prompt (<|im_start|>user ...)")
     user = turns[-1]
     repair = REPAIR_MARKER in user
+    original, wrong = original_of(user) if repair else ("", False)
     if repair:
         match = _REPAIR_QUESTION.search(user)
         if match is None:
             raise GeneratorError("repairer prompt without its 'Question:' block")
         user = match.group(1)
     parts = _RESULT.split(prompt_text[start + len(_ASSISTANT_START) :])
-    return Context(user.strip(), repair, tuple(parts[0:-1:2]), tuple(parts[1::2]))
+    return Context(user.strip(), repair, tuple(parts[0:-1:2]), tuple(parts[1::2]), original, wrong)
 
 
-def choose_style(question: str, seed: int | None, repair: bool) -> Style:
-    """The style of a new reply, fixed by (role, question, first request seed).
+def choose_style(question: str, seed: int | None, repair: bool) -> str:
+    """The style of a new reply, fixed by (role, question, first request seed): a teacher
+    `Style`, or a repairer's `reference_repairer.RepairStyle`.
 
     >>> choose_style("What is 2 + 2?", 7, repair=False) == choose_style("What is 2 + 2?", 7, False)
     True
     """
-    shares = REPAIR_STYLES if repair else TEACHER_STYLES
+    shares: tuple[tuple[str, float], ...] = REPAIR_STYLES if repair else TEACHER_STYLES
     digest = hashlib.sha256(f"{'repair' if repair else 'teach'}\0{question}\0{seed}".encode())
     u = int.from_bytes(digest.digest()[:8], "big") / 2**64
     for style, share in shares:
@@ -102,6 +112,8 @@ def choose_style(question: str, seed: int | None, repair: bool) -> Style:
 def reference_reply(request: GenerationRequest) -> str:
     """The next segment of the reference solver's reply to `request` (see the module docstring)."""
     context = read_context(request.prompt_text)
+    if context.repair:
+        return _repair_reply(context, request.seed)
     if context.pieces:  # later call: the style is the one that wrote the first segment
         style = next(
             (s for s in STYLES if write(context.question, s, ()) == context.pieces[0]), None
@@ -111,6 +123,18 @@ def reference_reply(request: GenerationRequest) -> str:
     else:
         style = choose_style(context.question, request.seed, context.repair)
     return write(context.question, style, context.results)
+
+
+def _repair_reply(context: Context, seed: int | None) -> str:
+    """The next piece of the repair of `context.original` (reference_repairer.py)."""
+    question, original, wrong = context.question, context.original, context.wrong
+    if context.pieces:  # later call: the style is the one that wrote the pieces so far
+        style = piece_matches(question, original, wrong, context.pieces, context.results)
+        if style is None:
+            raise GeneratorError("the partial repair was not written by the reference repairer")
+    else:
+        style = choose_style(question, seed, repair=True)
+    return repair_piece(question, original, wrong, style, context.results)  # type: ignore[arg-type]
 
 
 def write(question: str, style: Style, results: tuple[str, ...]) -> str:
