@@ -36,6 +36,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from autotraj.config import to_dict
+from autotraj.flaws import flaws
 from autotraj.io import (
     DataError,
     check_same_config,
@@ -60,7 +61,20 @@ from autotraj.render import chat_messages
 
 log = logging.getLogger(__name__)
 
-SftSource = Literal["HQ", "repair:AC-LQ", "repair:AW"]
+# HQ candidates and accepted repairs form the SFT set; "AC-LQ" and "AW" (candidates as they
+# were sampled) appear only in the ablation's baseline sets (`BuildConfig.extra_sets`).
+SftSource = Literal["HQ", "repair:AC-LQ", "repair:AW", "AC-LQ", "AW"]
+# Which records an SFT set holds: AutoTraj's (HQ + verified repairs) and the ablation baselines
+# (METHOD.md section 6b): HQ only, every correct candidate (rejection sampling), every candidate.
+SftData = Literal["autotraj", "hq", "correct", "all"]
+SFT_FILES: dict[SftData, str] = {
+    "autotraj": "sft.jsonl",
+    "hq": "sft_hq.jsonl",
+    "correct": "sft_correct.jsonl",
+    "all": "sft_all.jsonl",
+}
+# The sets that must be clean (flaws.flaws) record by record; the baselines are not, on purpose.
+CLEAN_SETS: frozenset[SftData] = frozenset({"autotraj", "hq"})
 Role = Literal["system", "user", "assistant"]
 REPAIR_SOURCE: dict[str, SftSource] = {"AC-LQ": "repair:AC-LQ", "AW": "repair:AW"}
 T = TypeVar("T")
@@ -75,6 +89,9 @@ class BuildConfig:
     # The system prompt of the SFT/preference prompts. None: the synthesize stage's
     # rollout.system_prompt (the packaged protocol prompt when that is unset too).
     system_prompt: str | None = None
+    # Baseline SFT sets to write beside sft.jsonl for the ablation (`autotraj ablate`):
+    # sft_hq.jsonl, sft_correct.jsonl, sft_all.jsonl (JSONL only).
+    extra_sets: tuple[Literal["hq", "correct", "all"], ...] = ()
 
 
 def stage_dir(cfg: BuildConfig) -> Path:
@@ -485,14 +502,22 @@ def prompt_messages(question: str, system_prompt: str | None) -> tuple[Message, 
     return tuple(Message.from_dict(m) for m in chat_messages(question, system_prompt))
 
 
-def sft_records(inputs: RunFiles, system_prompt: str | None = None) -> list[SftRecord]:
-    """HQ trajectories (file order), then accepted repairs (file order); nothing else."""
+def sft_records(
+    inputs: RunFiles, system_prompt: str | None = None, data: SftData = "autotraj"
+) -> list[SftRecord]:
+    """The records of one SFT set. "autotraj": HQ trajectories (file order), then accepted
+    repairs (file order); nothing else. "hq": the HQ ones only. "correct": every candidate with
+    a correct answer, as sampled. "all": every scored candidate, as sampled."""
+    wanted = {"autotraj": {"HQ"}, "hq": {"HQ"}, "correct": {"HQ", "AC-LQ"}}.get(
+        data, {"HQ", "AC-LQ", "AW"}
+    )
     chosen: list[tuple[Trajectory, SftSource]] = [
-        (t, "HQ")
+        (t, inputs.scores[t.id].quality.label)
         for t in inputs.trajectories.values()
-        if t.id in inputs.scores and inputs.scores[t.id].quality.label == "HQ"
+        if t.id in inputs.scores and inputs.scores[t.id].quality.label in wanted
     ]
-    chosen += [(r.trajectory, REPAIR_SOURCE[r.label]) for r in inputs.repairs.values()]
+    if data == "autotraj":
+        chosen += [(r.trajectory, REPAIR_SOURCE[r.label]) for r in inputs.repairs.values()]
     records = []
     for trajectory, source in chosen:
         question = inputs.queries[trajectory.query_id].question
@@ -508,6 +533,24 @@ def sft_records(inputs: RunFiles, system_prompt: str | None = None) -> list[SftR
         )
     check_unique_ids((r.id for r in records), "sft set")
     return records
+
+
+def drop_flawed(items: list[T], trajectory: Callable[[T], Trajectory], what: str) -> list[T]:
+    """`items` without those whose trajectory has a flaw (flaws.flaws), each drop logged.
+
+    Upstream, the scorer keeps flawed candidates out of HQ and the repair stage rejects flawed
+    repairs, so with the default scorer nothing is dropped; the release's scorer
+    (`QualityConfig.release()`) lets hedging phrases and repeated calls into HQ, and they stop
+    here.
+    """
+    kept = []
+    for item in items:
+        found = flaws(trajectory(item))
+        if found:
+            log.warning("%s %s left out: %s", what, trajectory(item).id, "; ".join(found))
+        else:
+            kept.append(item)
+    return kept
 
 
 def preference_pairs(inputs: RunFiles, system_prompt: str | None = None) -> list[PreferencePair]:
@@ -644,6 +687,7 @@ def _outputs(out_dir: Path, cfg: BuildConfig) -> list[Path]:
     names = ["sft.jsonl", "preferences.jsonl"] + (
         ["sft_hf", "preferences_hf"] if cfg.save_hf else []
     )
+    names += [SFT_FILES[name] for name in cfg.extra_sets]
     return [out_dir / name for name in names]
 
 
@@ -678,10 +722,19 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
         system_prompt = synthesize_system_prompt(cfg.run_dir)
     inputs = load_inputs(cfg.run_dir)
     (out_dir / "manifest.json").unlink(missing_ok=True)  # a crash below leaves no stale "finished"
-    sft = sft_records(inputs, system_prompt)
-    pairs = preference_pairs(inputs, system_prompt)
+    all_sft = sft_records(inputs, system_prompt)
+    all_pairs = preference_pairs(inputs, system_prompt)
+    sft = drop_flawed(all_sft, lambda r: r.trajectory, "SFT record")
+    pairs = drop_flawed(all_pairs, lambda p: p.chosen_trajectory, "preference pair")
     write_jsonl_atomic(out_dir / "sft.jsonl", (r.to_dict() for r in sft))
     write_jsonl_atomic(out_dir / "preferences.jsonl", (p.to_dict() for p in pairs))
+    extra: dict[str, int] = {}
+    for name in cfg.extra_sets:
+        records = sft_records(inputs, system_prompt, name)
+        if name in CLEAN_SETS:
+            records = drop_flawed(records, lambda r: r.trajectory, f"SFT record ({name})")
+        write_jsonl_atomic(out_dir / SFT_FILES[name], (r.to_dict() for r in records))
+        extra[name] = len(records)
     if cfg.save_hf or cfg.push_to_hub:
         sft_ds, pairs_ds = hf_datasets(sft, pairs)
         if cfg.save_hf:
@@ -690,6 +743,12 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
         if cfg.push_to_hub:
             push_to_hub(sft_ds, pairs_ds, cfg.push_to_hub)
     counts = build_counts(inputs, sft, pairs)
+    counts["dropped_flawed"] = {
+        "sft": len(all_sft) - len(sft),
+        "preference_pairs": len(all_pairs) - len(pairs),
+    }
+    if extra:
+        counts["extra_sets"] = extra
     log.info(
         "SFT records: %d (%s); preference pairs: %d",
         counts["sft"]["total"],

@@ -75,6 +75,12 @@ def _run() -> tuple[type, Callable[[Any], Any]]:
     return PipelineConfig, run_pipeline
 
 
+def _ablate() -> tuple[type, Callable[[Any], Any]]:
+    from autotraj.ablate import AblateConfig, run_ablation
+
+    return AblateConfig, run_ablation
+
+
 # stage name -> (help, loader of (config class, run function)); imports stay lazy so that
 # `autotraj --help` does not import torch.
 STAGES: dict[str, tuple[str, Callable[[], tuple[type, Callable[[Any], Any]]]]] = {
@@ -114,6 +120,10 @@ STAGES: dict[str, tuple[str, Callable[[], tuple[type, Callable[[Any], Any]]]]] =
         "the whole pipeline in one run directory; finished stages are skipped",
         _run,
     ),
+    "ablate": (
+        "variants of the method side by side (SFT data, RL reward, a floor) with intervals",
+        _ablate,
+    ),
 }
 
 
@@ -124,7 +134,10 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
         sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     result = run(cfg)
-    table = result.get("eval", {}).pop("table", None) if name == "run" else None
+    if name == "run":
+        table = result.get("eval", {}).pop("table", None)
+    else:
+        table = result.pop("table", None) if name == "ablate" else None
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
     if table:
         sys.stdout.write(f"\n{table}\n")

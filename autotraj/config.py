@@ -4,6 +4,10 @@
 frozen dataclass; unknown keys and values of the wrong type raise `ConfigError` naming the file
 and the dotted field. `to_dict` gives the resolved config to save beside a stage's outputs.
 
+A file may start from another: a top-level `extends: other.yaml` (a path relative to the file)
+reads that file first and merges this one over it, mappings key by key, any other value
+replaced whole (a list included). Chains are followed; a cycle is an error.
+
 Not here: the stage configs themselves (each stage module defines its own `<Stage>Config`).
 """
 
@@ -185,23 +189,53 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` merged into `base`: mappings key by key, anything else replaced.
+
+    >>> merge({"a": {"x": 1, "y": 2}, "b": [1]}, {"a": {"y": 3}, "b": [2]})
+    {'a': {'x': 1, 'y': 3}, 'b': [2]}
+    """
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of a config file, with its `extends:` chain merged under it."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `extends` goes round in a cycle")
+    try:
+        loaded = _parse_yaml(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(e)}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    data = loaded or {}
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends: must be a file path, got {parent!r}")
+    base = read_yaml_file(path.parent / parent, (*seen, path.resolve()))
+    return merge(base, data)
+
+
 def load_config(
     cls: type, path: str | Path | None = None, overrides: typing.Sequence[str] = ()
 ) -> Any:
-    """Defaults < YAML file < `key=value` overrides, as a checked `cls` instance."""
+    """Defaults < YAML file (after the files it extends) < `key=value` overrides, as a checked
+    `cls` instance."""
     data: dict[str, Any] = {}
     source = "overrides" if overrides else "defaults"
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = _parse_yaml(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(e)}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-        data = loaded or {}
+        data = read_yaml_file(path)
         source = str(path)
     for item in overrides:
         if "=" not in item:

@@ -126,6 +126,7 @@ def test_counts_per_partition_and_source(run_dir):
         "hard_cases": {"AW": 2, "total": 2},
         "sft": {"HQ": 2, "repair:AC-LQ": 1, "repair:AW": 1, "total": 4},
         "preference_pairs": 2,
+        "dropped_flawed": {"sft": 0, "preference_pairs": 0},
     }
     manifest = json.loads((run_dir / "build/manifest.json").read_text())
     assert manifest["counts"] == counts and manifest["stage"] == "build"
@@ -339,3 +340,31 @@ def test_system_prompt_follows_the_synthesize_stage(run_dir):
     pairs = load_preference_pairs(run_dir / "build/preferences.jsonl")
     assert {r.messages[0].content for r in records} == {"Be brief."}
     assert {p.prompt[0].content for p in pairs} == {"Be brief."}
+
+
+def test_ablation_sets_hold_what_their_names_say(run_dir):
+    counts = run_build(BuildConfig(run_dir=str(run_dir), extra_sets=("hq", "correct", "all")))
+    assert counts["extra_sets"] == {"hq": 2, "correct": 3, "all": 5}
+    sets = {
+        name: load_sft_records(run_dir / "build" / build.SFT_FILES[name])
+        for name in ("hq", "correct", "all")
+    }
+    assert [r.id for r in sets["hq"]] == ["q1/s0", "q3/s0"]
+    assert [(r.id, r.source) for r in sets["correct"]] == [
+        ("q1/s0", "HQ"),
+        ("q1/s1", "AC-LQ"),  # as sampled: hedging and all
+        ("q3/s0", "HQ"),
+    ]
+    assert {r.source for r in sets["all"]} == {"HQ", "AC-LQ", "AW"}
+    assert not any(r.trajectory.parent_id for s in sets.values() for r in s)  # no repairs
+
+
+def test_a_flawed_repair_never_enters_the_training_sets(tmp_path):
+    rows = repair_rows()
+    rows[0]["trajectory"] = traj("q1/s1/r", "q1", "6", "I think I multiply", "q1/s1").to_dict()
+    run = write_run(tmp_path / "run", repairs=rows)
+    counts = run_build(BuildConfig(run_dir=str(run)))
+    assert counts["dropped_flawed"] == {"sft": 1, "preference_pairs": 1}
+    sft_ids = [r.id for r in load_sft_records(run / "build/sft.jsonl")]
+    pair_ids = [p.id for p in load_preference_pairs(run / "build/preferences.jsonl")]
+    assert "q1/s1/r" not in sft_ids and pair_ids == ["q2/s0/r"]

@@ -258,3 +258,26 @@ def test_resolved_config_dumped_as_yaml_loads_back(tmp_path):
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_extends_merges_mappings_and_replaces_lists(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "name: base\nbenchmarks: [a, b]\nsampler: {temperature: 0.5, top_p: 0.8}\n"
+    )
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text(
+        "extends: ../base.yaml\nbenchmarks: [c]\nsampler: {top_p: 0.7}\n"
+    )
+    cfg = load_config(ToyConfig, tmp_path / "sub" / "child.yaml", ["sampler.seed=3"])
+    assert cfg.name == "base" and cfg.benchmarks == ("c",)
+    assert (cfg.sampler.temperature, cfg.sampler.top_p, cfg.sampler.seed) == (0.5, 0.7, 3)
+
+
+def test_extends_cycle_and_missing_file_are_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(ToyConfig, tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml: config file not found"):
+        load_config(ToyConfig, tmp_path / "c.yaml")

@@ -135,7 +135,7 @@ def test_index_is_built_once_and_reused(index, home):
 def test_cli_writes_splits_and_corpus(tmp_path, capsys):
     assert main(["tasks", str(tmp_path)]) == 0
     counts = json.loads(capsys.readouterr().out)
-    assert counts["arithmetic-train"] == 600 and counts["multihop-test"] == 100
+    assert counts["arithmetic-train"] == 600 and counts["multihop-test"] == builtin.TEST_SIZE
     assert load_queries(str(tmp_path / "multihop-test.jsonl"))[0].id == "multihop-test-0"
     rows = [json.loads(line) for line in (tmp_path / "multihop-corpus.jsonl").open()]
     assert len(rows) == counts["multihop-corpus"] and set(rows[0]) == {"id", "title", "text"}
