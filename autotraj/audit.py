@@ -1,0 +1,178 @@
+"""Checks that a finished pipeline run did what the method says, from its files.
+
+`audit_run(run_dir)` returns one `Check` per property; scripts/check_demo.py prints them after
+CI's demo run and fails on any that does not hold. Each check is built to fail when the method
+is broken, and none asserts a research outcome that could legitimately be null (that a trained
+model is more accurate, say):
+
+- clean training data: no SFT record and no preferred side of a pair has a flaw (flaws.py: a
+  hedging phrase, a fragment left by a deletion, a repeated identical tool call, a `<result>`
+  the model wrote); fails on the word-deleting first pass this project once had;
+- repairs exist and are edits: some repairs were accepted; accepted repairs make the original's
+  tool calls (mean share >= 0.9 per label) and a correct original's repair is made of its
+  original's words (mean share >= 0.9: fails for a repairer that re-solves from the question);
+- a reward model above chance: the saved model, reloaded, scores the held-out preference pairs
+  (the RM stage's own seeded split) again; its pairwise accuracy must beat 0.5 with a one-sided
+  binomial p-value below 0.05 (fails for an untrained or randomly initialised head);
+- RL changed the policy: the RL model's weights differ from the SFT model's (relative L2 change
+  above 1e-5) and its greedy held-out trajectories differ from the SFT model's on at least 5% of
+  the items (fails with `rl.steps=0` or a learning rate too small to matter).
+
+Not here: computing any of these during the stages (they write what is read here).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from autotraj.build import load_preference_pairs, load_sft_records
+from autotraj.flaws import flaws
+
+MIN_CALLS_KEPT = 0.9
+MIN_FROM_ORIGINAL = 0.97
+MAX_P_VALUE = 0.05
+MIN_WEIGHT_CHANGE = 1e-5
+MIN_CHANGED_ITEMS = 0.05
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def binomial_p_value(wins: int, n: int) -> float:
+    """P(X >= wins) for X ~ Binomial(n, 1/2): the one-sided p-value of beating a coin.
+
+    >>> round(binomial_p_value(15, 20), 4)
+    0.0207
+    """
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
+
+
+def check_training_data(run_dir: Path) -> Check:
+    sft = load_sft_records(run_dir / "build" / "sft.jsonl")
+    pairs = load_preference_pairs(run_dir / "build" / "preferences.jsonl")
+    bad = [(r.id, flaws(r.trajectory)) for r in sft]
+    bad += [(f"pair {p.id} (chosen)", flaws(p.chosen_trajectory)) for p in pairs]
+    bad = [(i, f) for i, f in bad if f]
+    detail = f"{len(sft)} SFT records, {len(pairs)} pairs"
+    if bad:
+        detail += f"; {len(bad)} flawed, e.g. {bad[0][0]}: {'; '.join(bad[0][1][:3])}"
+    return Check("training data is clean", not bad and bool(sft), detail)
+
+
+def check_repairs(run_dir: Path) -> Check:
+    counts = json.loads((run_dir / "repair" / "manifest.json").read_text(encoding="utf-8"))
+    kept = counts["counts"]["kept"]
+    accepted = sum(counts["counts"]["accepted"].values())
+    problems = []
+    if not accepted:
+        problems.append("no repair accepted")
+    for label, m in kept.items():
+        if m["calls_kept"] is not None and m["calls_kept"] < MIN_CALLS_KEPT:
+            problems.append(f"{label} repairs keep {m['calls_kept']:.2f} of the calls")
+    aclq = kept.get("AC-LQ", {})
+    if aclq.get("repairs") and aclq["from_original"] < MIN_FROM_ORIGINAL:
+        problems.append(f"AC-LQ repairs take {aclq['from_original']:.2f} of their words from it")
+    detail = f"{accepted} accepted; " + ", ".join(
+        f"{label}: calls kept {_fmt(m['calls_kept'])}, words from the original "
+        f"{_fmt(m['from_original'])}, similarity {_fmt(m['similarity'])}"
+        for label, m in kept.items()
+    )
+    if problems:
+        detail += "; " + "; ".join(problems)
+    return Check("repairs are verified edits of their originals", not problems, detail)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def check_reward_model(run_dir: Path) -> Check:
+    """Re-score the held-out pairs with the saved reward model (not the stage's own number)."""
+    from autotraj.models.loading import GeneratorConfig, load_tokenizer
+    from autotraj.train.batches import preference_examples_from_file
+    from autotraj.train.reward_model import TrajectoryRewardModel, split_by_query
+
+    rm_dir = run_dir / "rm"
+    cfg = yaml.safe_load((rm_dir / "config.resolved.yaml").read_text(encoding="utf-8"))
+    model = TrajectoryRewardModel.load(rm_dir / "model")
+    data = Path(cfg["data"]) if cfg.get("data") else run_dir / "build" / "preferences.jsonl"
+    tokenizer = load_tokenizer(GeneratorConfig(model=str(rm_dir / "model")))
+    examples, _, _ = preference_examples_from_file(tokenizer, data, cfg["max_length"])
+    _, heldout = split_by_query(examples, cfg["heldout_fraction"], cfg["seed"])
+    if not heldout:
+        return Check("reward model above chance", False, "no held-out preference pair")
+    chosen = model.score_ids([e.chosen_ids for e in heldout])
+    rejected = model.score_ids([e.rejected_ids for e in heldout])
+    wins = sum(c > r for c, r in zip(chosen, rejected, strict=True))
+    p = binomial_p_value(wins, len(heldout))
+    detail = f"{wins}/{len(heldout)} held-out pairs ranked right, one-sided p = {p:.2g}"
+    return Check("reward model above chance", p < MAX_P_VALUE, detail)
+
+
+def weight_change(a: Path, b: Path) -> float:
+    """||W_b - W_a|| / ||W_a|| over every tensor of two saved models (safetensors files)."""
+    import torch
+    from safetensors.torch import load_file
+
+    def tensors(path: Path) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for f in sorted(path.glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
+
+    wa, wb = tensors(a), tensors(b)
+    if set(wa) != set(wb):
+        raise ValueError(f"{a} and {b} hold different tensors")
+    num = sum(float((wb[k].float() - wa[k].float()).pow(2).sum()) for k in wa)
+    den = sum(float(wa[k].float().pow(2).sum()) for k in wa)
+    return math.sqrt(num / max(den, 1e-30))
+
+
+def changed_items(a: Path, b: Path) -> tuple[int, int]:
+    """How many items two evaluations (results.jsonl, same items) answered with other text."""
+    def texts(path: Path) -> dict[str, str]:
+        rows = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines())
+        return {
+            r["id"]: "".join(s["text"] for s in r["trajectory"]["segments"] if s["trainable"])
+            for r in rows
+        }
+
+    ta, tb = texts(a), texts(b)
+    if set(ta) != set(tb):
+        raise ValueError(f"{a} and {b} hold different items")
+    return sum(ta[i] != tb[i] for i in ta), len(ta)
+
+
+def check_rl_changed_policy(run_dir: Path) -> Check:
+    change = weight_change(run_dir / "sft" / "model", run_dir / "rl" / "model")
+    changed, n = changed_items(
+        run_dir / "eval" / "sft" / "results.jsonl", run_dir / "eval" / "rl" / "results.jsonl"
+    )
+    ok = change > MIN_WEIGHT_CHANGE and changed >= MIN_CHANGED_ITEMS * n
+    detail = (
+        f"weights moved {change:.2e} (relative L2); greedy held-out trajectories changed on "
+        f"{changed}/{n} items (need >= {MIN_CHANGED_ITEMS:.0%})"
+    )
+    return Check("RL changed the policy", ok, detail)
+
+
+def audit_run(run_dir: str | Path, skip: Sequence[str] = ()) -> list[Check]:
+    """Every check on a finished `autotraj run` directory (names in `skip` left out)."""
+    run = Path(run_dir)
+    checks = {
+        "data": check_training_data,
+        "repairs": check_repairs,
+        "rm": check_reward_model,
+        "rl": check_rl_changed_policy,
+    }
+    return [fn(run) for name, fn in checks.items() if name not in skip]

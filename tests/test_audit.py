@@ -1,0 +1,131 @@
+"""autotraj.audit (CI's demo check) on real tiny runs: it passes a sound run and fails each way
+the method can be broken (flawed data, re-solving repairs, an untrained reward model, no RL)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from autotraj import audit
+from autotraj.config import load_config
+from autotraj.models import reference, reference_repairer
+from autotraj.ablate import AblateConfig
+from autotraj.pipeline import run_pipeline
+from autotraj.records import Trajectory
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_demo.py"
+
+
+def pipeline(tmp_path: Path, tiny: Path, *overrides: str) -> AblateConfig:
+    """The tiny config as a pipeline (an AblateConfig is a PipelineConfig; its ablation section
+    is not read by `run_pipeline`)."""
+    from conftest import write_tiny_ablation_config
+
+    path = write_tiny_ablation_config(tmp_path, tiny)
+    base = [
+        f"eval.generator.model={tiny}",
+        f"sft.model={tiny}",
+        "synthesize.limit=100",
+        "sft.max_steps=4",
+        "rm.max_steps=40",
+        "rm.learning_rate=0.001",
+        "rl.steps=2",
+        "rl.lr=0.001",
+    ]
+    cfg = load_config(AblateConfig, path, [*base, *overrides])
+    return dataclasses.replace(cfg, run_dir=str(tmp_path / "run"))
+
+
+@pytest.fixture(scope="module")
+def sound_run(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("audit")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AUTOTRAJ_HOME", str(tmp / "home"))
+        cfg = pipeline(tmp, tiny_model_dir)
+        run_pipeline(cfg)
+    return Path(cfg.run_dir)
+
+
+def test_binomial_p_value():
+    assert audit.binomial_p_value(10, 10) == pytest.approx(2**-10)
+    assert audit.binomial_p_value(0, 10) == 1.0
+    assert audit.binomial_p_value(5, 10) > 0.5
+
+
+def test_a_sound_run_passes_every_check(sound_run):
+    checks = audit.audit_run(sound_run)
+    assert [c.name for c in checks] == [
+        "training data is clean",
+        "repairs are verified edits of their originals",
+        "reward model above chance",
+        "RL changed the policy",
+    ]
+    assert all(c.ok for c in checks), checks
+
+
+def test_a_flawed_record_fails_the_data_check(sound_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(sound_run / "build", run / "build")
+    path = run / "build" / "sft.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    t = Trajectory.from_dict(rows[0]["trajectory"])
+    broken = "<think>It fine, I so I will go with it.</think>" + t.segments[-1].text
+    segments = [*rows[0]["trajectory"]["segments"][:-1], {"text": broken, "trainable": True}]
+    rows[0]["trajectory"]["segments"] = segments
+    rows[0]["messages"][-1]["content"] = "".join(s["text"] for s in segments)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    check = audit.check_training_data(run)
+    assert not check.ok and "fragment" in check.detail
+
+
+def test_a_repairer_that_re_solves_fails_the_repair_check(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("AUTOTRAJ_HOME", str(tmp_path / "home"))
+
+    def re_solve(question, original, wrong, style, results):
+        return reference.write(question, "clean", results)  # the original is never read
+
+    monkeypatch.setattr(reference_repairer, "repair_piece", re_solve)
+    monkeypatch.setattr(reference, "repair_piece", re_solve)
+    cfg = pipeline(tmp_path, tiny_model_dir, "repair.first_pass=false")
+    run_pipeline(dataclasses.replace(cfg, stages=("synthesize", "score", "repair")))
+    check = audit.check_repairs(Path(cfg.run_dir))
+    assert not check.ok and "AC-LQ repairs take" in check.detail
+
+
+def test_an_untrained_reward_model_fails(sound_run, tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("AUTOTRAJ_HOME", str(tmp_path / "home"))
+    run = Path(tmp_path / "run")
+    for stage in ("synthesize", "score", "repair", "build", "sft"):
+        shutil.copytree(sound_run / stage, run / stage)
+    cfg = pipeline(tmp_path, tiny_model_dir, "rm.learning_rate=0.0")
+    run_pipeline(dataclasses.replace(cfg, stages=("rm",)))
+    check = audit.check_reward_model(run)
+    assert not check.ok and "p =" in check.detail
+
+
+def test_rl_with_no_steps_fails(sound_run, tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("AUTOTRAJ_HOME", str(tmp_path / "home"))
+    run = Path(tmp_path / "run")
+    for stage in ("synthesize", "score", "repair", "build", "sft", "rm", "eval"):
+        shutil.copytree(sound_run / stage, run / stage)
+    shutil.rmtree(run / "eval" / "rl")
+    cfg = pipeline(tmp_path, tiny_model_dir, "rl.steps=0")
+    run_pipeline(dataclasses.replace(cfg, stages=("rl", "eval")))
+    check = audit.check_rl_changed_policy(run)
+    assert not check.ok and "changed on 0/" in check.detail
+
+
+def test_the_script_prints_the_table_and_every_check(sound_run):
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(sound_run)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[0] == "model"
+    assert sum(line.startswith("check_demo: ok") for line in lines) == 4
