@@ -77,20 +77,22 @@ _TEXT_CMD = re.compile(
 _DIGIT_GROUP = re.compile(r"(?<=\d)(?:,\\!|\{,\})\s*(?=\d)")  # 10,\!080 and 14{,}916
 _SPACING = re.compile(r"\\\\|\\[!,;: ]")  # a LaTeX row break `\\` is kept, thin spaces dropped
 _DOUBLED_COMMAND = re.compile(r"(?<!\\)\\\\(?=[A-Za-z])")  # \\frac typed for \frac
-_NUMBER = r"[-+]?(?:\d[\d,]*)?\.?\d+"
-_NUMBER_WITH_UNITS = re.compile(
-    rf"^({_NUMBER})\s*(?:[A-Za-z]{{2,}}\.?(?:\^\{{?\d\}}?)?\s*)+$"  # 18 dollars, 10 cm^2
-)
+# Number patterns are unambiguous (one way to match a digit run), so a failed match is linear.
+_DECIMAL = r"(?:\d+(?:\.\d+)?|\.\d+)"
+_NUMBER = r"[-+]?(?:\d(?:,?\d)*(?:\.\d+)?|\.\d+)"  # 1,000.5 or .5
+_UNIT = r"[A-Za-z]{2,}\.?(?:\^\{?\d\}?)?"  # a unit word, maybe with a power: cm^2, sq.
+# "18 dollars", "10 cm^2", "5 sq. ft": words apart by spaces, so matching stays linear
+_NUMBER_WITH_UNITS = re.compile(rf"^({_NUMBER})\s*{_UNIT}(?:\s+{_UNIT})*\s*$")
 _THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _SPACE_THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?: \d{3})+(?:\.\d+)?$")
-_E_NOTATION = re.compile(r"^([-+]?\d*\.?\d+)[eE]([-+]?\d+)$")
+_E_NOTATION = re.compile(rf"^([-+]?{_DECIMAL})[eE]([-+]?\d+)$")
 _TIMES_TEN = re.compile(
-    r"^([-+]?\d*\.?\d+)\s*(?:\\times|\\cdot|\*)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?$"
+    rf"^([-+]?{_DECIMAL})\s*(?:\\times|\\cdot|\*)\s*10\s*\^\s*\{{?\s*([-+]?\d+)\s*\}}?$"
 )
 _MIXED_NUMBER = re.compile(r"^([-+]?\d+)\s+(\d+)\s*/\s*(\d+)$")
 _FUNCTION_LHS = re.compile(r"^[A-Za-z]\s*\(\s*[A-Za-z]\s*\)\s*=")  # f(x) = ...
 _TRIG = re.compile(r"\\(?:sin|cos|tan|sec|csc|cot)\b")
-_DEGREES = re.compile(r"(\d+(?:\.\d+)?)\s*\^\s*(?:\{\s*\\circ\s*\}|\\circ)")
+_DEGREES = re.compile(rf"(?<![\d.])({_DECIMAL})\s*\^\s*(?:\{{\s*\\circ\s*\}}|\\circ)")
 _IMAGINARY = re.compile(r"(?<![\\A-Za-z])i(?![A-Za-z])")
 _CLOCK = re.compile(r"^(\d{1,2}):([0-5]\d)\s*(?:([ap])\.?\s*m\.?)?$", re.IGNORECASE)
 _CHOICE = re.compile(r"^\(?([A-E])\)?$")

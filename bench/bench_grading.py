@@ -6,9 +6,9 @@ next item's gold as the prediction (a wrong answer: a full parse and compare) an
 itself respelled (other spacing around `,`, `&`, `\\`: the same answer, another string, so the
 exact-string shortcut does not apply); every QA gold (HotpotQA, 2Wiki, MuSiQue, Bamboogle; 725
 items) likewise against the next item's gold and itself. Both implementations grade the same
-pairs in this one process, one after the other, `repeats` times each (best run kept), in CPU
-seconds of this process (`time.process_time`); the memo of parsed answers is emptied before
-every run, so each run parses every gold once and every prediction fresh.
+pairs in this one process, alternating, `repeats` times each after one untimed run each (best
+run kept), in CPU seconds of this process (`time.process_time`); the memo of parsed answers is
+emptied before every run, so each run parses every gold once and every prediction fresh.
 
 The baseline is `autotraj/grading.py` as of `--baseline` (default: the commit before issue 14),
 loaded from git into a throwaway module. The verdicts that differ between the two are counted.
@@ -78,15 +78,30 @@ def pairs(names: tuple[str, ...]) -> list[tuple[str, Query]]:
     return out
 
 
-def run(module: ModuleType, work: list[tuple[str, Query]], repeats: int) -> tuple[float, list]:
-    """Best CPU seconds over `repeats` runs, and the verdicts of the last run."""
-    best, verdicts = float("inf"), []
+def timed(module: ModuleType, work: list[tuple[str, Query]]) -> tuple[float, list[bool]]:
+    """CPU seconds of one run with an empty memo of parsed answers, and its verdicts."""
+    module._parse_cached.cache_clear()
+    start = time.process_time()
+    verdicts = [module.grade_answer(pred, q).correct for pred, q in work]
+    return time.process_time() - start, verdicts
+
+
+def compare(
+    old: ModuleType, new: ModuleType, work: list[tuple[str, Query]], repeats: int
+) -> tuple[float, float, int]:
+    """Best CPU seconds of each grader and the count of differing verdicts.
+
+    The runs alternate (old, new, old, new, ...) after one untimed run of each, so sympy's own
+    caches are equally warm for both."""
+    timed(old, work), timed(new, work)
+    best_old = best_new = float("inf")
     for _ in range(repeats):
-        module._parse_cached.cache_clear()
-        start = time.process_time()
-        verdicts = [module.grade_answer(pred, q).correct for pred, q in work]
-        best = min(best, time.process_time() - start)
-    return best, verdicts
+        seconds, verdicts_old = timed(old, work)
+        best_old = min(best_old, seconds)
+        seconds, verdicts_new = timed(new, work)
+        best_new = min(best_new, seconds)
+    changed = sum(a != b for a, b in zip(verdicts_old, verdicts_new, strict=True))
+    return best_old, best_new, changed
 
 
 def main() -> None:
@@ -98,9 +113,7 @@ def main() -> None:
     print(f"{'answers':<8} {'n':>5} {'grader':<16} {'CPU s':>7} {'answers/s':>10} {'changed':>8}")
     for label, names in (("math", MATH), ("qa", QA)):
         work = pairs(names)
-        seconds_old, verdicts_old = run(old, work, args.repeats)
-        seconds_new, verdicts_new = run(grading, work, args.repeats)
-        changed = sum(a != b for a, b in zip(verdicts_old, verdicts_new, strict=True))
+        seconds_old, seconds_new, changed = compare(old, grading, work, args.repeats)
         for name, seconds in ((f"git {args.baseline}", seconds_old), ("this tree", seconds_new)):
             print(
                 f"{label:<8} {len(work):>5} {name:<16} {seconds:>7.2f} "

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -308,6 +309,28 @@ def test_grader_safe_in_threads():
     thread.start()
     thread.join()
     assert results == [True, False, True]
+
+
+PATHOLOGICAL = [
+    "1 " + "a" * 5000 + "!",  # unit words that fail at the end (the old unit rule backtracked)
+    "1" * 5000 + "x",
+    "1 " + "a " * 2500 + "1",
+    "4:" + "3" * 5000,
+    "(" + "1," * 2500,
+    r"\sin(" + "9" * 5000 + r"^\circ",
+    "ed{" * 2000,
+    "<answer>" + r"\boxed{" * 1000,
+]
+
+
+@pytest.mark.parametrize("text", PATHOLOGICAL, ids=lambda t: f"{t[:12]}...{len(t)}")
+def test_rules_stay_linear_on_long_garbage(text):
+    start = time.perf_counter()
+    grading._prenormalize(text)
+    grading._exact_rule(text, text + "x")
+    release_checker.filter_extract(text)
+    release_checker.repair_correct(text, "72")
+    assert time.perf_counter() - start < 0.5
 
 
 @pytest.mark.parametrize("module", [grading, release_checker], ids=lambda m: m.__name__)
