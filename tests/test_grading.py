@@ -228,6 +228,27 @@ def test_qa_rule_per_benchmark(source, rule):
     assert qa_rule(qa_query("x", source=source)) == rule
 
 
+@pytest.mark.parametrize(
+    ("stem", "rule"), [("hotpotqa", "hotpot"), ("musique", "squad"), ("bamboogle", "hotpot")]
+)
+def test_rule_follows_the_loaded_file_and_a_written_query_file(tmp_path, stem, rule):
+    from autotraj.querysets import load_queries
+
+    path = tmp_path / f"{stem}.jsonl"
+    path.write_text(json.dumps({"id": "a", "question": "?", "answers": ["yes"]}) + "\n")
+    [query] = load_queries(str(path))
+    assert qa_rule(query) == rule
+    copy = tmp_path / "queries.jsonl"  # the data engine's and RL's own query file
+    copy.write_text(json.dumps(query.to_dict()) + "\n")
+    assert qa_rule(load_queries(str(copy))[0]) == rule
+
+
+def test_builtin_multihop_rule_survives_loading():
+    from autotraj.querysets import load_queries
+
+    assert {qa_rule(q) for q in load_queries("builtin:mixed:test") if q.kind == "qa"} == {"exact"}
+
+
 # (prediction, golds, source, em, f1, correct)
 QA_TABLE = [
     ("New York City", ["the five boroughs", "New York City", "NYC"], "2wiki", 1.0, 1.0, True),
