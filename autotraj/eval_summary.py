@@ -11,8 +11,10 @@ r"""Evaluation results and their summary: one graded record per item, metrics, a
 Definitions. Lengths count what the model wrote, tool results excluded: `tokens` are the model's
 tokens (the generated ids; text-only segments are tokenized on their own), `words` the whitespace
 words of `Trajectory.model_text`; `total_tokens` adds the tool-result tokens. `accuracy` is the
-fraction of correct answers (grading.py: math equivalence for math, EM or F1 >= 0.5 for QA).
-`em` / `f1` are the SQuAD metrics of the extracted answer (QA only; None for math). The tool
+fraction of correct answers (grading.py: math equivalence for math; for QA the benchmark's
+official rule, `grading.qa_rule`: EM or F1 >= 0.5 under SQuAD's or HotpotQA's F1, EM alone for
+the built-in multi-hop task). `em` / `f1` are that rule's metrics of the extracted answer (QA
+only; None for math). The tool
 error rate is the fraction of tool calls whose status is not "ok" (errors, timeouts, rejected),
 pooled over the benchmark's trajectories (0.0 when none made a call). `format_valid` is the
 release's format rule with a balanced `\boxed{}` (rewards.format_valid).
@@ -29,8 +31,9 @@ summary.json schema (what `evaluate.run_eval` writes; the HTML report reads it):
     average     metrics: unweighted mean over benchmarks (em/f1 over QA benchmarks only; n is the
                 total number of questions; file_sha256 null) + "per_seed"
     sources     dict: benchmark name -> {path, split, kind, limit, sample_seed, file_sha256,
-                queries_sha256}; queries_sha256 fingerprints the evaluated questions and gold
-                answers (it identifies a Hub dataset's content, which has no file to hash)
+                queries_sha256, qa_rules}; queries_sha256 fingerprints the evaluated questions
+                and gold answers (it identifies a Hub dataset's content, which has no file to
+                hash); qa_rules lists the QA rule(s) its answers were graded with
     search_index dict | null: meta.json of the BM25 index used (corpus path and sha256)
     git_sha, versions: from the stage's manifest.json
     metrics     n (questions per seed), accuracy, em, f1 (QA, else null), mean_tokens,

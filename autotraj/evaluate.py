@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from autotraj.config import ConfigError, to_dict
 from autotraj.eval_summary import EvalResult, grade_result, summarize_results
-from autotraj.grading import Checker
+from autotraj.grading import Checker, qa_rule
 from autotraj.io import (
     DataError,
     ResumableJsonl,
@@ -79,7 +79,8 @@ class EvalConfig:
     name: str = "base"  # label of the evaluated model: output in <run_dir>/eval/<name>/
     benchmarks: tuple[BenchmarkConfig, ...] = ()
     seeds: tuple[int, ...] = (0,)  # one pass per seed; more than one needs temperature > 0
-    checker: Checker = "default"  # grading.py: "release" reproduces the authors' checker
+    # grading.py; "release"/"release_repair": the authors' checkers (release_checker.py)
+    checker: Checker = "default"
     batch_queries: int = 32  # trajectories rolled out together
     corpus: str = ""  # a JSONL corpus to index into <run_dir>/index (tools.search.backend: bm25)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
@@ -104,6 +105,8 @@ class Benchmark:
             **to_dict(self.config),
             "file_sha256": self.file_sha256,
             "queries_sha256": self.queries_sha256,
+            # the official QA rule(s) its answers were graded with (grading.qa_rule)
+            "qa_rules": sorted({qa_rule(q) for q in self.queries if q.kind == "qa"}),
         }
 
 

@@ -11,8 +11,11 @@ into one `RewardBreakdown` per trajectory with every component recorded:
   F = outcome
   if F > 0:  R = max(F, clip(F + rm_weight * RM, -clip, clip))   else: R = F
   ```
-  with rm_weight 0.2 and clip 3 (release). autotraj's outcome is math equivalence for math and
-  token F1 for QA (the release used F1 even on math: `f1_on_math=True` reproduces that), and RM is
+  with rm_weight 0.2 and clip 3 (release). autotraj's outcome is `grading.Grade.score`: math
+  equivalence (1/0) for math, and for QA the query's benchmark rule (grading.qa_rule): F1 under
+  SQuAD's or HotpotQA's rule, EM under "exact" (the built-in multi-hop task), the same rule
+  evaluation reports. The release scored every answer with HotpotQA's F1, math included
+  (Tool-Star re_search.py get_f1_score): `f1_on_math=True` reproduces that on math. RM is
   the z-score-normalized trajectory-RM score (`normalize_rm`; the caller chooses which score to
   pass, this module only records it);
 - plus a weighted list of named reward functions (`RewardConfig.components`): each adds
@@ -32,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from autotraj.grading import grade_answer, token_f1
+from autotraj.grading import Grade, grade_answer, qa_f1
 from autotraj.records import Query, Trajectory
 from autotraj.tags import check_format, extract_answer
 
@@ -64,35 +67,40 @@ def outcome(
 ) -> float:
     r"""Outcome score F in [0, 1] of the final answer (the last `\boxed{}` in `<answer>`).
 
-    Math: 1.0 if mathematically equivalent to a gold answer (grading.math_equal), else 0.0. QA:
-    token F1 against the gold aliases. `f1_on_math=True` scores math with token F1 too, as the
-    release did (a defect: `\frac{1}{2}` vs `0.5` gets 0, `72` vs `720` gets 0 but `72 apples`
-    vs `72` gets 0.67).
+    `grading.grade_answer(...).score`, the rule evaluation uses too: math, 1.0 if mathematically
+    equivalent to a gold answer, else 0.0; QA, the F1 of the query's benchmark rule (HotpotQA's:
+    0 for a yes/no answer that differs) or its EM (the built-in multi-hop task's "exact" rule).
+    `f1_on_math=True` scores math with HotpotQA's F1, as the release did (a defect: `\frac{1}{2}`
+    vs `0.5` gets 0, `72` vs `720` gets 0 but `72 apples` vs `72` gets 0.67).
 
     >>> q = Query(id="q", question="?", answers=("0.5",), kind="math")
     >>> outcome(r"<answer>\boxed{\frac{1}{2}}</answer>", q)
     1.0
     >>> outcome(r"<answer>\boxed{\frac{1}{2}}</answer>", q, f1_on_math=True)
     0.0
-    >>> qa = Query(id="h", question="?", answers=("Frank Lowy",), kind="qa")
-    >>> round(outcome(r"<answer>\boxed{Frank Lowy AC}</answer>", qa), 3)
-    0.8
+    >>> qa = Query(id="h", question="?", answers=("yes",), kind="qa", source="hotpotqa")
+    >>> outcome(r"<answer>\boxed{yes, it is}</answer>", qa)  # HotpotQA: a yes/no is all or none
+    0.0
     """
     answer = extract_answer(text)
-    if query.kind == "qa" or f1_on_math:
-        return token_f1(answer, query.answers)
-    return 1.0 if grade_answer(answer, query).correct else 0.0
+    return _outcome(answer, grade_answer(answer, query), query, f1_on_math)
+
+
+def _outcome(answer: str | None, grade: Grade, query: Query, f1_on_math: bool) -> float:
+    if f1_on_math and query.kind == "math":
+        return qa_f1(answer, query.answers, "hotpot")
+    return grade.score
 
 
 def outcome_f1(text: str, query: Query, trajectory: Trajectory | None = None) -> float:
-    r"""Token F1 in [0, 1] of the final answer against the gold answers, for any kind (a log-only
-    view of the release's outcome).
+    r"""HotpotQA-rule token F1 in [0, 1] of the final answer against the gold answers, for any
+    kind: the release's outcome (Tool-Star re_search.py get_f1_score), as a log-only view.
 
     >>> q = Query(id="q", question="?", answers=("72",), kind="math")
     >>> outcome_f1(r"<answer>\boxed{72}</answer>", q)
     1.0
     """
-    return token_f1(extract_answer(text), query.answers)
+    return qa_f1(extract_answer(text), query.answers, "hotpot")
 
 
 def tool_error_rate(text: str, query: Query, trajectory: Trajectory) -> float:
@@ -174,7 +182,7 @@ class RewardConfig:
     formula: Literal["release", "none"] = "release"
     rm_weight: float = 0.2  # release: 0.2 * RM; 0 disables the reward model
     clip: float = 3.0  # release: clip(F + 0.2 RM, -3, 3)
-    f1_on_math: bool = False  # release: True (token F1 on math answers, a defect)
+    f1_on_math: bool = False  # release: True (HotpotQA's token F1 on math answers, a defect)
     # autotraj: z-score the RM with the stats stored with the model; release: raw scores
     normalize_rm: bool = True
     components: tuple[ComponentConfig, ...] = ()
@@ -191,7 +199,7 @@ class RewardBreakdown:
     reason: str  # why excluded ("" otherwise)
     format_valid: bool
     outcome: float
-    correct: bool  # the grader's verdict (math equivalence; QA: EM or F1 >= 0.5)
+    correct: bool  # the grader's verdict (math equivalence; QA: the benchmark rule, grading.py)
     rm: float | None  # the RM value used in the formula (normalized or raw, see RewardConfig)
     components: tuple[tuple[str, float], ...] = ()
 
@@ -262,7 +270,9 @@ def _breakdown(
         )
     text = traj.text
     fmt = format_valid(text, query, traj) == 1.0
-    f = outcome(text, query, traj, f1_on_math=cfg.f1_on_math)
+    answer = extract_answer(text)
+    grade = grade_answer(answer, query)  # graded once: the outcome and the verdict
+    f = _outcome(answer, grade, query, cfg.f1_on_math)
     if uses_rm and f > 0 and rm is None:
         raise ValueError(f"trajectory {traj.id}: no reward-model score for a scored trajectory")
     reward = (
@@ -281,7 +291,7 @@ def _breakdown(
         reason="",
         format_valid=fmt,
         outcome=f,
-        correct=grade_answer(extract_answer(text), query).correct,
+        correct=grade.correct,
         rm=rm,
         components=tuple(values),
     )

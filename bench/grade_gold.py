@@ -13,6 +13,15 @@ For each file of ../shared/data/benchmarks/*.jsonl, every gold is wrapped as
     python bench/grade_gold.py [--data ../shared/data/benchmarks]
 
 The release checker's rates are printed beside ours for comparison.
+
+Structured golds (matrices, tuples and intervals, unions, sets, lists, complex numbers) of the
+math files get three cross-item checks (`structure_report`), which catch a normalization that
+breaks both sides of a comparison alike (a self-match cannot see it):
+- distinct: every two golds of the same structure with different canonical strings must not
+  grade equal (pairs checked by hand and found equal are listed in LEGITIMATE_PAIRS);
+- respelled: each gold must equal itself written with other spacing (`(1,2)` / `(1, 2)`,
+  `\\` / `\\ ` between matrix rows), so the exact-string shortcut cannot hide a parse failure;
+- perturbed: each gold must not equal itself with its last number changed by one.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from autotraj.grading import grade_trajectory, normalize_answer
+from autotraj.grading import grade_trajectory, math_equal, normalize_answer
 from autotraj.records import Query
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
@@ -110,6 +119,95 @@ def gold_report(path: Path) -> GoldReport:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Cross-item checks on structured golds
+
+MATH_FILES = ("math500", "gsm8k_test", "aime24", "aime25", "amc23")
+# Distinct gold strings the grader calls equal, checked by hand: the same value.
+LEGITIMATE_PAIRS = frozenset(
+    {
+        ("math500-25", "math500-456"),  # "1,-2" and "-2,1": the same two solutions
+    }
+)
+_IMAGINARY = re.compile(r"(?<![\\A-Za-z])i(?![A-Za-z])")
+_SEPARATOR = re.compile(r"\s*(\\\\|&|,)\s*")
+_LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)", re.DOTALL)
+
+
+def structure_of(gold: str) -> str | None:
+    """The structure of a math gold worth cross-checking, or None for a plain value."""
+    s = gold.replace("\\left", "").replace("\\right", "").replace("{,}", "").strip()
+    s = re.sub(r",\\!\s*", "", s)  # 10,\!080 is one number
+    if "\\begin" in s:
+        return "matrix"
+    if "\\cup" in s or "\\infty" in s:
+        return "union/unbounded interval"
+    if s.startswith("\\{"):
+        return "set"
+    if re.match(r"^[\[(].*,.*[\])]$", s):
+        return "tuple/interval"
+    if _IMAGINARY.search(s):
+        return "complex"
+    if "," in s and not re.match(r"^\d{1,3}(,\d{3})+$", s):
+        return "list"
+    return None
+
+
+def respell(gold: str) -> str:
+    r"""The gold with other spacing around `,`, `&` and `\\`: the same answer, another string."""
+    tight = _SEPARATOR.sub(r"\1", gold)
+    return tight if tight != gold else _SEPARATOR.sub(r"\1 ", gold)
+
+
+def perturb(gold: str) -> str:
+    """The gold with its last number increased by one: another answer."""
+    return _LAST_NUMBER.sub(lambda m: str(int(m.group(1)) + 1), gold, count=1)
+
+
+@dataclass(frozen=True)
+class StructureReport:
+    golds: dict[str, int]  # structure -> distinct golds
+    pairs: int
+    equal_pairs: tuple[tuple[str, str], ...]  # distinct golds graded equal (either direction)
+    respell_failures: tuple[str, ...]  # ids not equal to their respelled self
+    perturb_hits: tuple[str, ...]  # ids equal to their perturbed self
+
+
+def _structured(data: Path) -> dict[str, list[tuple[str, str]]]:
+    groups: dict[str, dict[str, tuple[str, str]]] = {}
+    for name in MATH_FILES:
+        for q in load_queries(data / f"{name}.jsonl"):
+            kind = structure_of(q.answers[0])
+            if kind is not None:
+                groups.setdefault(kind, {}).setdefault(
+                    _canonical(q.answers[0]), (q.id, q.answers[0])
+                )
+    return {kind: list(golds.values()) for kind, golds in groups.items()}
+
+
+def structure_report(data: Path = DATA) -> StructureReport:
+    """The three cross-item checks (module docstring) over the structured math golds."""
+    groups = _structured(data)
+    equal, respelled, perturbed, pairs = [], [], [], 0
+    for items in groups.values():
+        for i, (id_a, a) in enumerate(items):
+            if not math_equal(respell(a), a):
+                respelled.append(id_a)
+            if math_equal(perturb(a), a):
+                perturbed.append(id_a)
+            for id_b, b in items[i + 1 :]:
+                pairs += 1
+                if math_equal(a, b) or math_equal(b, a):
+                    equal.append((id_a, id_b))
+    return StructureReport(
+        golds={kind: len(items) for kind, items in groups.items()},
+        pairs=pairs,
+        equal_pairs=tuple(equal),
+        respell_failures=tuple(respelled),
+        perturb_hits=tuple(perturbed),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA)
@@ -131,6 +229,21 @@ def main() -> None:
             print(f"  self-match FAILED: {item}")
         for a, b in r.cross_correct:
             print(f"  cross-match coincidence: {a} vs {b}")
+    start = time.perf_counter()
+    s = structure_report(args.data)
+    print(
+        f"structured math golds {s.golds}: {s.pairs} distinct pairs, "
+        f"{time.perf_counter() - start:.1f} s"
+    )
+    for a, b in s.equal_pairs:
+        print(
+            f"  distinct golds graded equal: {a} vs {b}"
+            + (" (legitimate)" if (a, b) in LEGITIMATE_PAIRS else "")
+        )
+    for item in s.respell_failures:
+        print(f"  not equal to itself respelled: {item}")
+    for item in s.perturb_hits:
+        print(f"  equal to itself with a number changed: {item}")
 
 
 if __name__ == "__main__":

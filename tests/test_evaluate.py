@@ -138,6 +138,9 @@ def test_records_and_summary_match_hand_computed_values(tmp_path, files, tokeniz
     assert avg["n"] == 8 and avg["accuracy"] == pytest.approx((2 / 5 + 2 / 3) / 2)
     assert avg["em"] == pytest.approx(1 / 3) and avg["file_sha256"] is None
     assert summary["name"] == "base" and summary["seeds"] == [0]
+    # qa.jsonl matches no benchmark name: HotpotQA's rule, the default (grading.QA_RULES)
+    assert summary["sources"]["qa"]["qa_rules"] == ["hotpot"]
+    assert summary["sources"]["math"]["qa_rules"] == []
     assert summary["decoding"]["temperature"] == 0.0 and summary["git_sha"]
     assert load_summary(Path(cfg.run_dir) / "eval" / "base") == summary
     for name in ("manifest.json", "config.resolved.yaml", "metrics.jsonl"):

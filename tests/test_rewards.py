@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from autotraj.eval_summary import grade_result
 from autotraj.records import Provenance, Query, Segment, ToolCall, Trajectory
 from autotraj.rewards import (
     ComponentConfig,
@@ -14,6 +15,7 @@ from autotraj.rewards import (
     release_reward,
     reward_summary,
 )
+from autotraj.tasks.builtin import task_splits
 
 PROV = Provenance(model="m", backend="scripted", temperature=1.0, top_p=1.0, max_new_tokens=8)
 MATH = Query(id="m", question="1/2 as a decimal?", answers=("0.5",), kind="math")
@@ -83,6 +85,68 @@ def test_qa_outcome_is_token_f1_against_aliases():
     assert b.outcome == pytest.approx(0.8)
     assert b.reward == pytest.approx(0.8)
     assert b.correct  # F1 >= 0.5 counts as correct (the release's QA rule)
+
+
+def test_qa_outcome_follows_the_benchmark_rule():
+    hotpot = Query(id="h", question="Is it?", answers=("yes",), kind="qa", source="hotpotqa")
+    musique = Query(id="u", question="Is it?", answers=("yes",), kind="qa", source="musique")
+    text = answer("yes, it is")
+    assert outcome(text, hotpot) == 0.0  # HotpotQA's official F1 for a yes/no answer
+    assert outcome(text, musique) == pytest.approx(0.5)  # MuSiQue's is SQuAD's
+    [b] = compute_rewards([traj(text, hotpot)], [hotpot], None, RewardConfig(rm_weight=0))
+    assert (b.outcome, b.reward, b.correct) == (0.0, 0.0, False)
+
+
+def test_builtin_multihop_outcome_is_exact_match():
+    query = task_splits("multihop")["train"][0]
+    country = query.answers[0]
+    assert outcome(answer(f"Republic of {country}"), query) == 1.0
+    assert outcome(answer("Republic of Zzyzx"), query) == 0.0  # F1 0.67 under SQuAD's rule
+    assert outcome(answer("Republic"), query) == 0.0
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from autotraj.models.tiny import build_char_tokenizer
+
+    return build_char_tokenizer()
+
+
+# One (answer, query) per rule and kind: the RL outcome must be the number evaluation reports.
+SAME_RULE = [
+    ("yes, it is", Query(id="h", question="?", answers=("yes",), kind="qa", source="hotpotqa")),
+    (
+        "New York",
+        Query(id="w", question="?", answers=("New York City",), kind="qa", source="2wiki"),
+    ),
+    ("yes, it is", Query(id="u", question="?", answers=("yes",), kind="qa", source="musique")),
+    ("Titan IIIE rocket", Query(id="b", question="?", answers=("Titan IIIE",), kind="qa")),
+    ("\\frac{1}{2}", MATH),
+    ("0.6", MATH),
+]
+
+
+@pytest.mark.parametrize(("boxed", "query"), SAME_RULE, ids=[q.id + b for b, q in SAME_RULE])
+def test_reward_outcome_is_the_evaluation_rule(boxed, query, tokenizer):
+    text = answer(boxed)
+    t = traj(text, query)
+    result = grade_result(t, query, "bench", 0, tokenizer)
+    [b] = compute_rewards([t], [query], None, RewardConfig(rm_weight=0))
+    assert b.correct == result.correct
+    if query.kind == "qa":
+        assert b.outcome == pytest.approx(result.f1)
+    else:
+        assert b.outcome == float(result.correct)
+
+
+def test_release_outcome_on_math_is_hotpot_f1():
+    yes = Query(id="y", question="?", answers=("yes",), kind="math")
+    assert outcome(answer("yes indeed"), yes, f1_on_math=True) == 0.0
+    assert outcome(
+        answer("72 apples"),
+        Query(id="a", question="?", answers=("72",), kind="math"),
+        f1_on_math=True,
+    ) == pytest.approx(2 / 3)
 
 
 def test_rm_score_is_used_and_recorded():
