@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from autotraj.build import SFT_FILES, SftData
-from autotraj.compare import compare, render_markdown
+from autotraj.compare import compare, render_markdown, sft_note
 from autotraj.config import ConfigError, to_dict
 from autotraj.eval_summary import EvalResult
 from autotraj.evaluate import run_eval
@@ -243,13 +243,7 @@ def write_comparison(cfg: AblateConfig, results: dict[str, list[EvalResult]]) ->
         seed=a.bootstrap_seed,
     )
     curves = sft_curves(cfg)
-    notes = {
-        name: (
-            f"{c['records']} records, {c['steps']} steps ({c['epochs']:.1f} epochs), final loss "
-            f"{c['final_loss']:.3f}, {'plateaued' if c['converged'] else 'still falling'}"
-        )
-        for name, c in curves.items()
-    }
+    notes = {name: sft_note(c) for name, c in curves.items()}
     out = Path(cfg.run_dir) / "ablation"
     table = render_markdown(rows, notes)
     write_text_atomic(out / "table.md", table + "\n")

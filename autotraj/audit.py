@@ -140,6 +140,7 @@ def weight_change(a: Path, b: Path) -> float:
 
 def changed_items(a: Path, b: Path) -> tuple[int, int]:
     """How many items two evaluations (results.jsonl, same items) answered with other text."""
+
     def texts(path: Path) -> dict[str, str]:
         rows = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines())
         return {

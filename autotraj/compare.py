@@ -61,6 +61,54 @@ class Row:
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "significant": self.significant}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Row:
+        """A row as `to_dict` wrote it (comparison.json); `significant` is derived again."""
+        return cls(**{k: v for k, v in d.items() if k != "significant"})
+
+
+HEADER = (
+    "model",
+    "benchmark",
+    "n",
+    "accuracy % [95% CI]",
+    "vs reference, points [95% CI]",
+    "tokens",
+    "tool calls",
+    "format valid %",
+    "hedging %",
+    "repeated calls %",
+)
+
+
+def row_cells(r: Row) -> list[str]:
+    """The row's cells under HEADER, as the Markdown table and the HTML report show them."""
+    versus = "reference"
+    if r.diff is not None:
+        mark = " *" if r.significant else ""
+        versus = f"{100 * r.diff:+.1f} [{100 * r.diff_low:+.1f}, {100 * r.diff_high:+.1f}]{mark}"
+    return [
+        r.model,
+        r.benchmark,
+        str(r.n),
+        f"{100 * r.accuracy:.1f} [{100 * r.low:.1f}, {100 * r.high:.1f}]",
+        versus,
+        f"{r.mean_tokens:.0f}",
+        f"{r.tool_calls:.2f}",
+        f"{100 * r.format_valid:.0f}",
+        f"{100 * r.hedging:.0f}",
+        f"{100 * r.repeated_calls:.0f}",
+    ]
+
+
+def sft_note(curve: dict[str, Any]) -> str:
+    """One SFT variant's size, length and convergence (an entry of ablation/sft.json)."""
+    return (
+        f"{curve['records']} records, {curve['steps']} steps ({curve['epochs']:.1f} epochs), "
+        f"final loss {curve['final_loss']:.3f}, "
+        f"{'plateaued' if curve['converged'] else 'still falling'}"
+    )
+
 
 def bootstrap_interval(
     values: Sequence[float], samples: int, rng: np.random.Generator
@@ -166,26 +214,12 @@ def render_markdown(rows: Sequence[Row], notes: Mapping[str, str] | None = None)
 
     `notes[model]` adds a last column (e.g. the SFT variant's steps and whether it converged).
     """
-    header = (
-        "| model | benchmark | n | accuracy % [95% CI] | vs reference, points [95% CI] | "
-        "tokens | tool calls | format valid % | hedging % | repeated calls % |"
-    )
+    header = "| " + " | ".join(HEADER) + " |"
     if notes:
         header += " notes |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
-        versus = "reference"
-        if r.diff is not None:
-            mark = " *" if r.significant else ""
-            versus = (
-                f"{100 * r.diff:+.1f} [{100 * r.diff_low:+.1f}, {100 * r.diff_high:+.1f}]{mark}"
-            )
-        line = (
-            f"| {r.model} | {r.benchmark} | {r.n} | {100 * r.accuracy:.1f} "
-            f"[{100 * r.low:.1f}, {100 * r.high:.1f}] | {versus} | {r.mean_tokens:.0f} | "
-            f"{r.tool_calls:.2f} | {100 * r.format_valid:.0f} | {100 * r.hedging:.0f} | "
-            f"{100 * r.repeated_calls:.0f} |"
-        )
+        line = "| " + " | ".join(row_cells(r)) + " |"
         if notes:
             line += f" {notes.get(r.model, '')} |"
         lines.append(line)

@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from autotraj.build import RunFiles, SftRecord, load_preference_pairs, load_sft_records
+from autotraj.compare import HEADER, Row, row_cells, sft_note
 from autotraj.io import DataError
 from autotraj.quality import LABELS
 from autotraj.report_data import (
@@ -165,6 +166,24 @@ def results_section(evals: list[EvalRun]) -> str:
         charts.append(not_run("length before / after", "results.jsonl of base and a trained model"))
     body = _results_table(evals, names) + f'<div class="charts">{"".join(charts)}</div>'
     return _section("results", "Results", body)
+
+
+def ablation_section(run_dir: Path) -> str:
+    """The `autotraj ablate` comparison (ablation/comparison.json), "" when there is none."""
+    out = run_dir / "ablation"
+    if not (out / "comparison.json").is_file():
+        return ""
+    rows = [Row.from_dict(r) for r in read_json(out / "comparison.json")["rows"]]
+    curves = read_json(out / "sft.json") if (out / "sft.json").is_file() else {}
+    table = _table(
+        [*HEADER, "SFT"],
+        [[*row_cells(r), sft_note(curves[r.model]) if r.model in curves else ""] for r in rows],
+    )
+    note = (
+        '<p class="muted">* the paired 95% bootstrap interval of the difference excludes 0. '
+        "SFT variants train for the same number of steps; docs/ablation.md.</p>"
+    )
+    return _section("ablation", "Ablation", table + note)
 
 
 def _engine_counts(run_dir: Path, files: RunFiles, sft: list[SftRecord] | None) -> str:
@@ -348,7 +367,9 @@ def render_report(run_dir: str | Path, max_trajectories: int | None = None) -> s
     sft = load_sft_records(sft_path) if sft_path.is_file() else None
     cap = MAX_TRAJECTORIES if max_trajectories is None else max_trajectories
     viewer, data = viewer_section(files, cap)
+    ablation = ablation_section(run)
     sections = [
+        ablation,
         results_section(read_evals(run)),
         engine_section(run, files, sft),
         training_section(run),
@@ -361,6 +382,7 @@ def render_report(run_dir: str | Path, max_trajectories: int | None = None) -> s
     nav = "".join(
         f'<a href="#{a}">{t}</a>'
         for a, t in (
+            *((("ablation", "Ablation"),) if ablation else ()),
             ("results", "Results"),
             ("data", "Data engine"),
             ("training", "Training"),

@@ -19,6 +19,7 @@ from autotraj.compare import compare, paired_difference
 from autotraj.config import ConfigError, load_config
 from autotraj.eval_summary import EvalResult
 from autotraj.records import Provenance, Trajectory
+from autotraj.report import render_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,6 +67,8 @@ def test_every_variant_is_trained_evaluated_and_compared(
     sft = json.loads((root / "ablation" / "sft.json").read_text())
     assert all(v["steps"] == 2 and len(v["losses"]) == 2 for v in sft.values())
     assert "| sft-hq | all | 6 |" in (root / "ablation" / "table.md").read_text()
+    page = render_report(root)
+    assert '<section id="ablation">' in page and "rl-autotraj-outcome_format_rm" in page
     # a re-run trains and evaluates nothing again
     stamps = {p: p.stat().st_mtime_ns for p in root.glob("variants/*/*/model/*.safetensors")}
     run_ablation(cfg)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from autotraj import audit
+from autotraj.ablate import AblateConfig
 from autotraj.config import load_config
 from autotraj.models import reference, reference_repairer
-from autotraj.ablate import AblateConfig
 from autotraj.pipeline import run_pipeline
 from autotraj.records import Trajectory
 
@@ -103,7 +103,7 @@ def test_an_untrained_reward_model_fails(sound_run, tmp_path, tiny_model_dir, mo
     run = Path(tmp_path / "run")
     for stage in ("synthesize", "score", "repair", "build", "sft"):
         shutil.copytree(sound_run / stage, run / stage)
-    cfg = pipeline(tmp_path, tiny_model_dir, "rm.learning_rate=0.0")
+    cfg = pipeline(tmp_path, tiny_model_dir, "rm.learning_rate=0.0", "rm.max_steps=1")
     run_pipeline(dataclasses.replace(cfg, stages=("rm",)))
     check = audit.check_reward_model(run)
     assert not check.ok and "p =" in check.detail
