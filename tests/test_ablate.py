@@ -95,6 +95,16 @@ def _result(i: int, correct: bool, bench: str = "b") -> EvalResult:
     )  # fmt: skip
 
 
+def test_the_shipped_ablation_configs_name_their_variants():
+    """The budget config has the RL start the full one adds; both share one run directory."""
+    budget = load_config(AblateConfig, ROOT / "configs" / "ablation_cpu.yaml", [])
+    full = load_config(AblateConfig, ROOT / "configs" / "ablation_cpu_full.yaml", [])
+    extra = set(variant_names(full)) - set(variant_names(budget))
+    assert extra == {"rl-all-outcome_format", "rl-all-outcome_format_rm"}
+    assert set(variant_names(budget)) < set(variant_names(full))
+    assert budget.run_dir == full.run_dir and budget.eval == full.eval
+
+
 def test_paired_intervals_separate_a_real_difference_from_noise():
     better = [_result(i, i % 10 != 0) for i in range(200)]  # 90%
     worse = [_result(i, i % 2 == 0) for i in range(200)]  # 50%
@@ -116,7 +126,7 @@ def test_paired_difference_needs_the_same_items():
 
 @pytest.mark.slow
 def test_the_ablation_config_runs_shrunk(tmp_path):
-    """configs/ablation_cpu.yaml on the embedded model, shrunk to minutes."""
+    """configs/ablation_cpu_full.yaml (every variant) on the embedded model, shrunk to minutes."""
     overrides = [
         f"run_dir={tmp_path / 'ablation'}",
         "synthesize.limit=8",
@@ -132,7 +142,7 @@ def test_the_ablation_config_runs_shrunk(tmp_path):
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(
-        [sys.executable, "-m", "autotraj.cli", "ablate", "--config", "configs/ablation_cpu.yaml",
+        [sys.executable, "-m", "autotraj.cli", "ablate", "--config", "configs/ablation_cpu_full.yaml",
          *overrides],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000,
     )  # fmt: skip
