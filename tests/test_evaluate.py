@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
+from conftest import CrashOnRound, write_jsonl
 
 from autotraj.config import ConfigError, load_config
 from autotraj.eval_summary import EvalResult, render_table, summarize_results
@@ -67,11 +67,6 @@ def tokenizer():
     from autotraj.models.tiny import build_char_tokenizer
 
     return build_char_tokenizer()
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture
@@ -156,17 +151,8 @@ def test_finished_eval_is_a_no_op(tmp_path, files, tokenizer):
 
 def test_resume_after_crash_has_no_duplicates(tmp_path, files, tokenizer):
     cfg = config(tmp_path, files)
-    rounds = {"n": 0}
-
-    class Crash(ScriptedGenerator):
-        def generate(self, requests):
-            rounds["n"] += 1
-            if rounds["n"] == 3:  # the first round of the second chunk
-                raise RuntimeError("killed")
-            return super().generate(requests)
-
-    with pytest.raises(RuntimeError, match="killed"):
-        run_eval(cfg, Crash(reply, tokenizer))
+    with pytest.raises(RuntimeError, match="killed"):  # in the second chunk's first round
+        run_eval(cfg, CrashOnRound(reply, tokenizer, crash_round=3))
     assert len(results_on_disk(cfg, "results.jsonl.partial")) == 3  # the first chunk survived
     resumed = ScriptedGenerator(reply, tokenizer)
     summary = run_eval(cfg, resumed)

@@ -7,6 +7,7 @@ import doctest
 import math
 
 import pytest
+from conftest import traj
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,37 +24,14 @@ from autotraj.quality import (
     score_one,
     tool_validity,
 )
-from autotraj.records import Provenance, RecordError, Segment, ToolCall, Trajectory
+from autotraj.records import RecordError, ToolCall
 
-PROV = Provenance(model="test", backend="scripted", temperature=0.0, top_p=1.0, max_new_tokens=0)
 ANSWER = r"<answer>\boxed{4}</answer>"
 
 
-def traj(
-    *pieces: str | tuple[str, str],
-    tid: str = "t",
-    qid: str = "q",
-    calls: tuple[ToolCall, ...] = (),
-    token_ids: bool = False,
-    finish_reason: str = "answer",
-) -> Trajectory:
-    """Model text pieces are str; ("result", text) pieces are tool results (not trainable).
-
-    With token_ids=True every whitespace word gets one token id (so tokens == words per segment).
-    """
-    segments = []
-    for piece in pieces:
-        text, trainable = (piece[1], False) if isinstance(piece, tuple) else (piece, True)
-        ids = tuple(range(len(text.split()))) if token_ids else ()
-        segments.append(Segment(text=text, trainable=trainable, token_ids=ids))
-    return Trajectory(
-        id=tid,
-        query_id=qid,
-        segments=tuple(segments),
-        tool_calls=calls,
-        finish_reason=finish_reason,  # type: ignore[arg-type]
-        provenance=PROV,
-    )
+def test_doctests():
+    failures, tried = doctest.testmod(quality)
+    assert tried > 5 and failures == 0
 
 
 # A: 7 words, all distinct: <think> alpha beta gamma delta </think> <answer>...</answer>
@@ -61,11 +39,6 @@ A_TEXT = f"<think> alpha beta gamma delta </think> {ANSWER}"
 # B: 12 words [T a b g d maybe a b g d /T ANS]; 10 trigrams, "a b g" and "b g d" occur twice
 #    -> R = (2 + 2) / 10 = 0.4, e = 0.6; "maybe" in <think> -> c = 0
 B_TEXT = f"<think> alpha beta gamma delta maybe alpha beta gamma delta </think> {ANSWER}"
-
-
-def test_doctests():
-    failures, tried = doctest.testmod(quality)
-    assert tried > 5 and failures == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +318,7 @@ def test_group_boundaries_raise():
     with pytest.raises(ValueError, match="correctness"):
         score_group([traj(A_TEXT)], [True, False], cfg)
     with pytest.raises(ValueError, match="infra"):
-        score_group([traj(A_TEXT, finish_reason="infra_error")], [True], cfg)
+        score_group([traj(A_TEXT, finish="infra_error")], [True], cfg)
     assert score_group([], [], cfg) == []
 
 

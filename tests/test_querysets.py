@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import write_jsonl
 
 from autotraj import querysets
 from autotraj.io import DataError
@@ -28,11 +29,6 @@ ROWS = [
     {"id": "b", "problem": "What is 6*7?", "answer": 42},
     {"id": "c", "question": "Who wrote Hamlet?", "answers": ["Shakespeare", "W. Shakespeare"]},
 ]
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def check_rows(queries: list[Query]) -> None:

@@ -6,27 +6,20 @@ Python tool is the real sandbox (one worker, shared by the module).
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
+from conftest import traj, write_jsonl
 
 from autotraj.io import read_jsonl
 from autotraj.models.scripted import ScriptedGenerator
-from autotraj.records import Repair, ToolCall
+from autotraj.records import Repair, ToolCall, Trajectory
 from autotraj.repair import RepairConfig, run_repair
 from autotraj.score import ScoreConfig, run_score
 from autotraj.tools.tool import ToolInfraError
 from autotraj.tools.toolbox import PythonToolConfig, ToolsConfig, open_tools
 
 GOLD = "42.0000"  # equal to 42, but the string itself appears nowhere else
-PROVENANCE = {
-    "model": "policy",
-    "backend": "scripted",
-    "temperature": 0.3,
-    "top_p": 0.9,
-    "max_new_tokens": 64,
-}
 SHORT = "<think>Six times seven is 42.</think>\n<answer>\\boxed{42}</answer>"  # 6 words, S = 1
 LONG = (
     "<think>Multiply the two factors given in this question: six times seven gives 42."
@@ -93,33 +86,16 @@ def tools(sandbox):
     return {"python": Recording(sandbox), "search": DownSearch()}
 
 
-def traj(tid, qid, *texts, calls=()):
-    segments = [
-        {"text": t, "trainable": not t.startswith("\n<result>"), "token_ids": []} for t in texts
-    ]
-    return {
-        "id": tid,
-        "query_id": qid,
-        "segments": segments,
-        "tool_calls": [c.to_dict() for c in calls],
-        "finish_reason": "answer",
-        "provenance": PROVENANCE,
-    }
-
-
 def make_run(run_dir, originals):
-    """Write synthesize outputs for {case: [trajectory texts or dicts]} and run the score stage."""
+    """Write synthesize outputs for {case: [texts or trajectories]} and run the score stage."""
     queries, trajectories = [], []
     for case, texts in originals.items():
         queries.append({"id": case, "question": f"What is 6*7? (case {case})", "answers": [GOLD]})
         for k, text in enumerate(texts):
-            trajectories.append(
-                text if isinstance(text, dict) else traj(f"{case}/s{k}", case, text)
-            )
-    synth = run_dir / "synthesize"
-    synth.mkdir(parents=True)
-    (synth / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
-    (synth / "trajectories.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trajectories))
+            t = text if isinstance(text, Trajectory) else traj(text, tid=f"{case}/s{k}", qid=case)
+            trajectories.append(t.to_dict())
+    write_jsonl(run_dir / "synthesize/queries.jsonl", queries)
+    write_jsonl(run_dir / "synthesize/trajectories.jsonl", trajectories)
     run_score(ScoreConfig(run_dir=str(run_dir)))
     return {row["trajectory_id"]: row for _, row in read_jsonl(run_dir / "score/scores.jsonl")}
 
@@ -213,11 +189,11 @@ def test_prompt_shows_the_trajectory_and_never_the_gold_answer(tmp_path, tokeniz
 def hedged_tool_trajectory(case, output="42"):
     call = ToolCall(tool="python", input="print(6*7)", output=output, status="ok")
     return traj(
-        f"{case}/s0",
-        case,
         "<think>Perhaps multiply six by seven.</think>\n<code>\nprint(6*7)\n</code>",
         f"\n<result>\n{output}\n</result>\n",
         "<think>The product is probably 42.</think>\n<answer>\\boxed{42}</answer>",
+        tid=f"{case}/s0",
+        qid=case,
         calls=[call],
     )
 
@@ -253,8 +229,6 @@ def test_first_pass_never_leaves_a_fragment(tmp_path, tokenizer, tools):
     # "I think this be 8056020 + ..., I? That right,. ... It fine, I so I will go with ...".
     call = ToolCall("python", "print(8056020 + 1679215 - 371493)", "9363742", "ok")
     original = traj(
-        "ore/s0",
-        "ore",
         "<think>Hmm, I think this might be 8056020 + 1679215 - 371493, but I am not sure. The "
         "ore left is the two years of output added together, minus the ore sold, I guess? That "
         "seems right, maybe. I should probably let Python do the arithmetic.</think>\n<code>\n"
@@ -263,13 +237,13 @@ def test_first_pass_never_leaves_a_fragment(tmp_path, tokenizer, tools):
         "<think>It prints 9363742. I think that is probably the answer, but maybe I misread the "
         "question. It seems fine, I guess, so I will go with 9363742.</think>\n"
         "<answer>\\boxed{9363742}</answer>",
+        tid="ore/s0",
+        qid="ore",
         calls=[call],
     )
     queries = [{"id": "ore", "question": "How much ore is left?", "answers": ["9363742"]}]
-    synth = tmp_path / "synthesize"
-    synth.mkdir(parents=True)
-    (synth / "queries.jsonl").write_text(json.dumps(queries[0]) + "\n")
-    (synth / "trajectories.jsonl").write_text(json.dumps(original) + "\n")
+    write_jsonl(tmp_path / "synthesize/queries.jsonl", queries)
+    write_jsonl(tmp_path / "synthesize/trajectories.jsonl", [original.to_dict()])
     run_score(ScoreConfig(run_dir=str(tmp_path)))
     gen = ScriptedGenerator(lambda r: pytest.fail("the repairer must not be called"), tokenizer)
     run_repair(RepairConfig(run_dir=str(tmp_path)), gen, tools)
@@ -289,11 +263,11 @@ def test_first_pass_leaves_a_trajectory_it_cannot_edit_whole_to_the_model(
     # Every sentence of the first reasoning block hedges: no whole-sentence edit is left.
     call = ToolCall(tool="python", input="print(6*7)", output="42", status="ok")
     hedged = traj(
-        "fp/s0",
-        "fp",
         "<think>Maybe it is six times seven, I am not sure.</think>\n<code>\nprint(6*7)\n</code>",
         "\n<result>\n42\n</result>\n",
         "<think>The product is 42.</think>\n<answer>\\boxed{42}</answer>",
+        tid="fp/s0",
+        qid="fp",
         calls=[call],
     )
     make_run(tmp_path, {"fp": [hedged]})

@@ -11,7 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_build import PROV, traj, write_jsonl, write_run  # the build tests' hand-made run
+from conftest import PROV, write_jsonl
+from test_build import product_traj, write_run  # the build tests' hand-made run
 
 from autotraj import markup, report_data, report_plots, report_viewer
 from autotraj.build import BuildConfig, run_build
@@ -247,7 +248,7 @@ def test_viewer_keeps_whole_queries_up_to_the_cap(tmp_path):
 
 
 def test_long_texts_are_cut():
-    long = traj("q1/long", "q1", "6", think="word " * 3000)
+    long = product_traj("q1/long", "q1", "6", think="word " * 3000)
     entry = viewer_data_of(long)
     think = entry["segments"][0][1][0][1]
     assert len(think) < 4100 and think.endswith("more characters not shown]")

@@ -5,41 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import traj, write_jsonl
 
 from autotraj.config import ConfigError
 from autotraj.io import DataError, read_jsonl
 from autotraj.quality import QualityConfig
 from autotraj.score import ScoreConfig, run_score
 
-PROVENANCE = {
-    "model": "scripted",
-    "backend": "scripted",
-    "temperature": 0.3,
-    "top_p": 0.9,
-    "max_new_tokens": 64,
-}
-
-
-def traj(tid, qid, *texts):
-    """A trajectory made of model text segments (results: text starting with '\\n<result>')."""
-    segments = [
-        {"text": t, "trainable": not t.startswith("\n<result>"), "token_ids": []} for t in texts
-    ]
-    return {
-        "id": tid,
-        "query_id": qid,
-        "segments": segments,
-        "tool_calls": [],
-        "finish_reason": "answer",
-        "provenance": PROVENANCE,
-    }
-
 
 def write_synthesized(run_dir, queries, trajectories):
-    synth = run_dir / "synthesize"
-    synth.mkdir(parents=True)
-    (synth / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
-    (synth / "trajectories.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trajectories))
+    write_jsonl(run_dir / "synthesize/queries.jsonl", queries)
+    write_jsonl(run_dir / "synthesize/trajectories.jsonl", [t.to_dict() for t in trajectories])
 
 
 CLEAN = "<think>Six times seven is 42.</think>\n<answer>\\boxed{42}</answer>"
@@ -59,13 +35,13 @@ def run_dir(tmp_path):
         },
     ]
     trajectories = [
-        traj("q1/s0", "q1", CLEAN),
-        traj("q1/s1", "q1", HEDGING),
-        traj("q1/s2", "q1", WRONG),
+        traj(CLEAN, tid="q1/s0", qid="q1"),
+        traj(HEDGING, tid="q1/s1", qid="q1"),
+        traj(WRONG, tid="q1/s2", qid="q1"),
         traj(
-            "q2/s0",
-            "q2",
             "<think>Hamlet is by Shakespeare.</think>\n<answer>\\boxed{Shakespeare}</answer>",
+            tid="q2/s0",
+            qid="q2",
         ),
     ]
     write_synthesized(tmp_path, queries, trajectories)
@@ -137,7 +113,9 @@ def test_missing_inputs_name_the_file_and_the_stage(tmp_path):
 
 def test_unknown_query_is_an_error(tmp_path):
     write_synthesized(
-        tmp_path, [{"id": "q1", "question": "?", "answers": ["1"]}], [traj("q9/s0", "q9", CLEAN)]
+        tmp_path,
+        [{"id": "q1", "question": "?", "answers": ["1"]}],
+        [traj(CLEAN, tid="q9/s0", qid="q9")],
     )
     with pytest.raises(DataError, match="q9"):
         run_score(ScoreConfig(run_dir=str(tmp_path)))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from test_build import write_jsonl, write_run  # the hand-made run directory of the build tests
+from conftest import write_jsonl
+from test_build import write_run  # the hand-made run directory of the build tests
 
 from autotraj.cli import main
 from autotraj.show import (
