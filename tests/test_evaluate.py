@@ -342,7 +342,8 @@ def test_render_table():
 
 
 @pytest.mark.parametrize("name", ["eval_cpu.yaml", "eval_paper.yaml"])
-def test_shipped_configs_load(name):
+def test_shipped_configs_pass_the_stage_check_greedy_and_zero_shot(name):
+    # (that every shipped config loads: tests/test_config.py)
     cfg = load_config(EvalConfig, ROOT / "configs" / name)
     check_config(cfg)
     assert cfg.rollout.temperature == 0.0 and cfg.rollout.demonstrations == 0

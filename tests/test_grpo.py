@@ -321,7 +321,8 @@ def test_infra_failed_rollout_is_excluded_from_its_group(tmp_path, tiny_model_di
 
 
 @pytest.mark.parametrize("name", ["rl_cpu.yaml", "rl_paper.yaml"])
-def test_shipped_configs_load(name):
+def test_shipped_configs_keep_the_release_objective(name):
+    # (that every shipped config loads: tests/test_config.py)
     from pathlib import Path
 
     from autotraj.config import load_config

@@ -135,7 +135,8 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.parametrize("name", ["sft_cpu.yaml", "sft_paper.yaml"])
-def test_shipped_configs_load(name):
+def test_shipped_batches_divide(name):
+    # (that every shipped config loads: tests/test_config.py)
     cfg = load_config(SftConfig, CONFIGS / name)
     assert cfg.effective_batch_size % cfg.per_device_batch_size == 0
 
