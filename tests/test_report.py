@@ -3,7 +3,6 @@ runs, and the viewer executed by a real headless Chromium."""
 
 from __future__ import annotations
 
-import doctest
 import json
 import re
 import shutil
@@ -14,7 +13,7 @@ import pytest
 from conftest import PROV, write_jsonl
 from test_build import product_traj, write_run  # the build tests' hand-made run
 
-from autotraj import markup, report_data, report_plots, report_viewer
+from autotraj import report_plots, report_viewer
 from autotraj.build import BuildConfig, run_build
 from autotraj.cli import main
 from autotraj.io import DataError
@@ -329,11 +328,6 @@ def test_tag_spans():
         ("text", " <code>open"),  # unclosed: plain text
     ]
     assert tag_spans("") == [] and tag_spans("</think>x") == [("text", "</think>x")]
-
-
-def test_doctests():
-    for module in (markup, report_data, report_plots, report_viewer):
-        assert doctest.testmod(module).failed == 0, module.__name__
 
 
 # ---------------------------------------------------------------------------------------------
