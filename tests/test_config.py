@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -64,24 +64,23 @@ def test_file_over_defaults_and_overrides_over_file(tmp_path):
           seed: 3
         """,
     )
-    cfg = load_config(ToyConfig, path)
-    assert cfg.name == "from-file" and cfg.kind == "qa"
-    assert cfg.benchmarks == ("hotpotqa", "bamboogle")
-    assert cfg.limit == 100
-    assert cfg.sampler == SamplerConfig(temperature=0.7, seed=3)  # other fields keep defaults
-    assert cfg.greedy is False and cfg.lr == 1e-6
-
-    cfg = load_config(
-        ToyConfig,
-        path,
-        ["sampler.temperature=0.1", "greedy=true", "limit=null", "benchmarks=[aime24]", "name=cli"],
+    from_file = ToyConfig(
+        name="from-file",
+        kind="qa",
+        benchmarks=("hotpotqa", "bamboogle"),
+        limit=100,
+        sampler=SamplerConfig(temperature=0.7, seed=3),  # its other fields keep their defaults
     )
-    assert cfg.sampler == SamplerConfig(temperature=0.1, seed=3)
-    assert cfg.greedy is True
-    assert cfg.limit is None
-    assert cfg.benchmarks == ("aime24",)
-    assert cfg.name == "cli"
-    assert cfg.kind == "qa"  # from the file
+    assert load_config(ToyConfig, path) == from_file  # a mismatch shows every differing field
+    overrides = ["sampler.temperature=0.1", "greedy=true", "limit=null", "benchmarks=[aime24]"]
+    assert load_config(ToyConfig, path, [*overrides, "name=cli"]) == replace(
+        from_file,
+        name="cli",
+        sampler=SamplerConfig(temperature=0.1, seed=3),
+        greedy=True,
+        limit=None,
+        benchmarks=("aime24",),
+    )  # kind: from the file
 
 
 def test_a_nested_section_updates_the_fields_default(tmp_path):

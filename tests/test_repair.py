@@ -128,30 +128,72 @@ def outcomes(run_dir):
     return {row["original_id"].split("/")[0]: Repair.from_dict(row) for _, row in rows}
 
 
-def test_acceptance_rules_release_one_attempt(tmp_path, tokenizer, tools):
-    scores = make_run(tmp_path, {case: originals for case, (originals, _, _) in CASES.items()})
-    assert (
-        scores["acl_not_better/s1"]["label"] == "AC-LQ" and scores["acl_ok/s0"]["label"] == "AC-LQ"
-    )
+@pytest.fixture(scope="module")
+def one_attempt(tmp_path_factory, tokenizer, sandbox):
+    """Every case of CASES repaired with the release's single attempt, no first pass:
+    (score rows, the stage's counts, the repairer, Repair records by case)."""
+    run_dir = tmp_path_factory.mktemp("one-attempt")
+    scores = make_run(run_dir, {case: originals for case, (originals, _, _) in CASES.items()})
     gen = Repairer(tokenizer)
-    counts = run_repair(RepairConfig(run_dir=str(tmp_path), first_pass=False), gen, tools)
+    tools = {"python": Recording(sandbox), "search": DownSearch()}
+    counts = run_repair(RepairConfig(run_dir=str(run_dir), first_pass=False), gen, tools)
+    return scores, counts, gen, outcomes(run_dir)
+
+
+# case -> (accepted, the reason on the attempt's verdict)
+ONE_ATTEMPT = [
+    ("acl_ok", True, ""),
+    ("acl_not_better", False, "S 0.908 <= original 1.000"),
+    ("acl_low", False, "flaw: hedging: 'probably'"),
+    ("aw_ok", True, ""),
+    ("aw_wrong", False, "wrong answer"),
+    ("aw_low", False, "flaw: hedging: 'seems'; hedging: 'probably'"),
+    ("k2", False, "wrong answer"),  # the sampled retry would be right: never asked
+    ("infra", False, "infra error: search: retrieval server unreachable"),
+]
+
+
+@pytest.mark.parametrize(("case", "accepted", "reason"), ONE_ATTEMPT)
+def test_release_acceptance_rule(one_attempt, case, accepted, reason):
+    repair = one_attempt[3][case]
+    assert (repair.accepted, repair.final.reason, repair.rejected) == (accepted, reason, ())
+
+
+def test_every_case_is_decided_once():
+    assert sorted(case for case, _, _ in ONE_ATTEMPT) == sorted(CASES)
+
+
+def test_the_originals_are_labelled_as_the_cases_say(one_attempt):
+    scores = one_attempt[0]
+    assert scores["acl_not_better/s1"]["label"] == scores["acl_ok/s0"]["label"] == "AC-LQ"
+
+
+def test_one_batched_call_repairs_the_whole_chunk(one_attempt):
+    _, counts, gen, _ = one_attempt
     assert gen.calls == [8]  # all repairs of the chunk in one batched call, one turn each
-    got = outcomes(tmp_path)
-    assert {c for c, r in got.items() if r.accepted} == {"acl_ok", "aw_ok"}
-    assert got["acl_ok"].final.score == pytest.approx(1.0)
-    assert got["acl_ok"].final.reference_score < got["acl_ok"].final.score
-    assert got["acl_not_better"].final.reason == "S 0.908 <= original 1.000"
-    assert got["acl_not_better"].final.length_ref == 14  # L* = the shorter: the original
-    assert got["acl_low"].final.reason == "flaw: hedging: 'probably'"
-    assert got["aw_wrong"].final.reason == "wrong answer"
-    assert got["aw_low"].final.reason == "flaw: hedging: 'seems'; hedging: 'probably'"
-    assert got["aw_ok"].final.length_ref == 6  # AW: L* = itself
-    assert got["k2"].final.reason == "wrong answer" and not got["k2"].rejected
-    assert got["infra"].final.reason.startswith("infra error: search: retrieval server")
-    assert got["infra"].final.score is None and not got["infra"].accepted
     assert counts["accepted"] == {"AC-LQ": 1, "AW": 1} and counts["hard_cases"] == 6
     assert counts["to_repair"] == {"AC-LQ": 3, "AW": 5} and counts["infra_errors"] == 1
-    repaired = got["acl_ok"].final.trajectory
+
+
+def test_an_accepted_repair_scores_above_its_reference(one_attempt):
+    final = one_attempt[3]["acl_ok"].final
+    assert final.score == pytest.approx(1.0) and final.reference_score < final.score
+
+
+@pytest.mark.parametrize(
+    ("case", "length_ref"),
+    [("acl_not_better", 14), ("aw_ok", 6)],  # AC-LQ: L* = the shorter, the original; AW: itself
+)
+def test_the_length_reference(one_attempt, case, length_ref):
+    assert one_attempt[3][case].final.length_ref == length_ref
+
+
+def test_an_infrastructure_failure_gets_no_score(one_attempt):
+    assert one_attempt[3]["infra"].final.score is None
+
+
+def test_a_repair_is_a_text_trajectory_of_the_repairer_linked_to_its_original(one_attempt):
+    repaired = one_attempt[3]["acl_ok"].final.trajectory
     assert repaired.id == "acl_ok/s0/r1" and repaired.parent_id == "acl_ok/s0"
     assert repaired.query_id == "acl_ok" and repaired.provenance.role == "repairer"
     assert repaired.prompt_ids == () and all(not s.token_ids for s in repaired.segments)

@@ -114,12 +114,12 @@ def test_distinctive_words_find_their_passage(
     assert all(r[0].score > 0 for r in results)
 
 
-def test_reload_gives_same_results(index_dir: Path, search: Bm25Search) -> None:
+@pytest.mark.parametrize("mmap", [True, False], ids=["mmap", "in-memory"])
+def test_reload_gives_same_results(index_dir: Path, search: Bm25Search, mmap: bool) -> None:
     queries = ["river valley school", "football scholarship", "capital city of France"]
-    for mmap in (True, False):
-        again = Bm25Search(index_dir, mmap=mmap)
-        assert again.retrieve(queries, k=3) == search.retrieve(queries, k=3)
-        again.close()
+    again = Bm25Search(index_dir, mmap=mmap)
+    assert again.retrieve(queries, k=3) == search.retrieve(queries, k=3)
+    again.close()
 
 
 def test_batch_equals_one_at_a_time(search: Bm25Search, corpus_rows: list[dict[str, Any]]) -> None:
