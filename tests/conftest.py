@@ -24,7 +24,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 
 PROV = Provenance(model="test", backend="scripted", temperature=0.3, top_p=0.9, max_new_tokens=64)
-RESULT_PREFIX = "\n<result>"  # how the rollout opens a tool result (rollout.py)
+RESULT_PREFIX = "\n<result>"  # how tags.result_text opens the tool results the rollout appends
 
 
 def traj(
