@@ -1,16 +1,91 @@
-"""Shared fixtures: offline environment and the tiny random model (autotraj/models/tiny.py)."""
+"""Shared fixtures and builders: offline environment, the tiny random model
+(autotraj/models/tiny.py), hand-made trajectories and JSONL files, a generator that crashes.
+
+`tests/` is not a package: test modules import the builders with `from conftest import ...`
+(pytest puts this folder on sys.path), and use the fixtures by name.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from autotraj.models.scripted import ScriptedGenerator
+from autotraj.records import FinishReason, Provenance, Segment, ToolCall, Trajectory
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+PROV = Provenance(model="test", backend="scripted", temperature=0.3, top_p=0.9, max_new_tokens=64)
+RESULT_PREFIX = "\n<result>"  # how tags.result_text opens the tool results the rollout appends
+
+
+def traj(
+    *pieces: str | tuple[str, str],
+    tid: str = "t",
+    qid: str = "q",
+    calls: Iterable[ToolCall] = (),
+    finish: FinishReason = "answer",
+    error: str = "",
+    parent: str | None = None,
+    token_ids: bool = False,
+) -> Trajectory:
+    """A trajectory made of `pieces`, in order: model text (trainable) or tool results (not).
+
+    A piece is a tool result when it is a `("result", text)` pair or a string that starts like
+    the rollout's results ("\\n<result>"); every other string is model text. With
+    `token_ids=True` every whitespace-separated word of a piece gets one token id.
+    """
+    segments = []
+    for piece in pieces:
+        if isinstance(piece, tuple):
+            kind, text = piece
+            assert kind == "result", f"unknown piece kind {kind!r}"
+            trainable = False
+        else:
+            text, trainable = piece, not piece.startswith(RESULT_PREFIX)
+        ids = tuple(range(len(text.split()))) if token_ids else ()
+        segments.append(Segment(text=text, trainable=trainable, token_ids=ids))
+    return Trajectory(
+        id=tid,
+        query_id=qid,
+        segments=tuple(segments),
+        tool_calls=tuple(calls),
+        finish_reason=finish,
+        provenance=PROV,
+        parent_id=parent,
+        error=error,
+    )
+
+
+def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
+    """Write `rows` (JSON values) one per line, creating the folder; returns `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+class CrashOnRound(ScriptedGenerator):
+    """A scripted generator that raises RuntimeError("killed") on its `crash_round`-th batch:
+    a process killed mid-stage, for the resume tests."""
+
+    def __init__(self, reply: Any, tokenizer: Any = None, crash_round: int = 3):
+        super().__init__(reply, tokenizer)
+        self.crash_round = crash_round
+        self.rounds = 0
+
+    def generate(self, requests):
+        self.rounds += 1
+        if self.rounds == self.crash_round:
+            raise RuntimeError("killed")
+        return super().generate(requests)
 
 
 @pytest.fixture(scope="session")

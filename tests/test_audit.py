@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_jsonl, write_tiny_ablation_config
 
 from autotraj import audit
 from autotraj.ablate import AblateConfig
@@ -25,8 +26,6 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_demo.py"
 def pipeline(tmp_path: Path, tiny: Path, *overrides: str) -> AblateConfig:
     """The tiny config as a pipeline (an AblateConfig is a PipelineConfig; its ablation section
     is not read by `run_pipeline`)."""
-    from conftest import write_tiny_ablation_config
-
     path = write_tiny_ablation_config(tmp_path, tiny)
     base = [
         f"eval.generator.model={tiny}",
@@ -79,7 +78,7 @@ def test_a_flawed_record_fails_the_data_check(sound_run, tmp_path):
     segments = [*rows[0]["trajectory"]["segments"][:-1], {"text": broken, "trainable": True}]
     rows[0]["trajectory"]["segments"] = segments
     rows[0]["messages"][-1]["content"] = "".join(s["text"] for s in segments)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     check = audit.check_training_data(run)
     assert not check.ok and "fragment" in check.detail
 

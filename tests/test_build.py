@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import traj, write_jsonl
 
 from autotraj import build
 from autotraj.build import BuildConfig, load_preference_pairs, load_sft_records, run_build
@@ -13,10 +14,9 @@ from autotraj.cli import main
 from autotraj.config import ConfigError
 from autotraj.io import DataError
 from autotraj.quality import QualityScore
-from autotraj.records import Provenance, Query, Segment, ToolCall, Trajectory
+from autotraj.records import Query, ToolCall, Trajectory
 from autotraj.render import chat_messages
 
-PROV = Provenance(model="test", backend="scripted", temperature=0.3, top_p=0.9, max_new_tokens=64)
 QUERIES = [
     Query("q1", "What is 2*3?", ("6",), "math"),
     Query("q2", "What is 4*5?", ("20",), "math"),
@@ -24,30 +24,28 @@ QUERIES = [
 ]
 
 
-def traj(tid: str, qid: str, value: str, think: str = "multiply", parent: str | None = None):
+def product_traj(
+    tid: str, qid: str, value: str, think: str = "multiply", parent: str | None = None
+) -> Trajectory:
     """A trajectory with one python call whose result is `value` and answer `value`."""
     a, b = {"q1": (2, 3), "q2": (4, 5), "q3": (7, 8)}[qid]
-    return Trajectory(
-        id=tid,
-        query_id=qid,
-        segments=(
-            Segment(f"<think>{think}</think>\n<code>\nprint({a}*{b})\n</code>", True),
-            Segment(f"\n<result>\n{value}\n</result>\n", False),
-            Segment(f"<think>ok</think>\n<answer>\\boxed{{{value}}}</answer>", True),
-        ),
-        tool_calls=(ToolCall("python", f"print({a}*{b})", value, "ok", 0.05),),
-        finish_reason="answer",
-        provenance=PROV,
-        parent_id=parent,
+    return traj(
+        f"<think>{think}</think>\n<code>\nprint({a}*{b})\n</code>",
+        f"\n<result>\n{value}\n</result>\n",
+        f"<think>ok</think>\n<answer>\\boxed{{{value}}}</answer>",
+        tid=tid,
+        qid=qid,
+        calls=(ToolCall("python", f"print({a}*{b})", value, "ok", 0.05),),
+        parent=parent,
     )
 
 
 CANDIDATES = {
-    "q1/s0": (traj("q1/s0", "q1", "6"), "HQ", 0.95),
-    "q1/s1": (traj("q1/s1", "q1", "6", think="maybe multiply, probably"), "AC-LQ", 0.70),
-    "q2/s0": (traj("q2/s0", "q2", "21"), "AW", 0.90),
-    "q2/s1": (traj("q2/s1", "q2", "19"), "AW", 0.85),
-    "q3/s0": (traj("q3/s0", "q3", "56"), "HQ", 0.92),
+    "q1/s0": (product_traj("q1/s0", "q1", "6"), "HQ", 0.95),
+    "q1/s1": (product_traj("q1/s1", "q1", "6", think="maybe multiply, probably"), "AC-LQ", 0.70),
+    "q2/s0": (product_traj("q2/s0", "q2", "21"), "AW", 0.90),
+    "q2/s1": (product_traj("q2/s1", "q2", "19"), "AW", 0.85),
+    "q3/s0": (product_traj("q3/s0", "q3", "56"), "HQ", 0.92),
 }
 
 
@@ -66,7 +64,7 @@ def repair_rows() -> list[dict]:
             "original_score": 0.70,
             "repair_score": 0.97,
             "how": "model",
-            "trajectory": traj("q1/s1/r", "q1", "6", parent="q1/s1").to_dict(),
+            "trajectory": product_traj("q1/s1/r", "q1", "6", parent="q1/s1").to_dict(),
         },
         {
             "original_id": "q2/s0",
@@ -74,7 +72,7 @@ def repair_rows() -> list[dict]:
             "original_score": 0.90,
             "repair_score": 0.93,
             "how": "first_pass",
-            "trajectory": traj("q2/s0/r", "q2", "20", parent="q2/s0").to_dict(),
+            "trajectory": product_traj("q2/s0/r", "q2", "20", parent="q2/s0").to_dict(),
         },
     ]
 
@@ -84,15 +82,10 @@ def hard_case_rows() -> list[dict]:
         {
             "original_id": "q2/s1",
             "reason": "answer still wrong",
-            "trajectory": traj("q2/s1/r", "q2", "18", parent="q2/s1").to_dict(),
+            "trajectory": product_traj("q2/s1/r", "q2", "18", parent="q2/s1").to_dict(),
         },
         {"original_id": "q2/s1", "reason": "infra_error: sandbox crashed"},
     ]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def write_run(root: Path, repairs: list[dict] | None = None) -> Path:
@@ -161,7 +154,7 @@ def test_preference_pairs_chosen_repair_rejected_original(run_dir):
         ("q2/s0/r", "q2/s0", "AW"),
     ]
     row = json.loads((run_dir / "build/preferences.jsonl").read_text().splitlines()[1])
-    assert row["chosen"] == traj("q2/s0/r", "q2", "20").text
+    assert row["chosen"] == product_traj("q2/s0/r", "q2", "20").text
     assert row["rejected"] == CANDIDATES["q2/s0"][0].text
     assert row["prompt"] == chat_messages("What is 4*5?")
     assert (row["chosen_score"], row["rejected_score"]) == (0.93, 0.90)
@@ -259,9 +252,15 @@ def test_bad_score_label_and_missing_file(run_dir):
     [
         ({"original_id": "nope"}, "not in synthesize/trajectories.jsonl"),
         ({"label": "AW"}, "labelled AW but the original is AC-LQ"),
-        ({"trajectory": traj("q1/s1/r", "q1", "6", parent="q1/s0").to_dict()}, "parent_id"),
-        ({"trajectory": traj("q1/s1/r", "q2", "6", parent="q1/s1").to_dict()}, "answers query"),
-        ({"trajectory": traj("q1/s0", "q1", "6", parent="q1/s1").to_dict()}, "already used"),
+        ({"trajectory": product_traj("q1/s1/r", "q1", "6", parent="q1/s0").to_dict()}, "parent_id"),
+        (
+            {"trajectory": product_traj("q1/s1/r", "q2", "6", parent="q1/s1").to_dict()},
+            "answers query",
+        ),
+        (
+            {"trajectory": product_traj("q1/s0", "q1", "6", parent="q1/s1").to_dict()},
+            "already used",
+        ),
     ],
 )
 def test_repair_invariants(tmp_path, change, expected):
@@ -321,9 +320,11 @@ def test_reads_rows_written_by_the_repair_stage(tmp_path):
 
     run_dir = write_run(
         tmp_path / "run",
-        repairs=[repair("q1/s1", traj("q1/s1/r1", "q1", "6", parent="q1/s1"), "AC-LQ", "")],
+        repairs=[repair("q1/s1", product_traj("q1/s1/r1", "q1", "6", parent="q1/s1"), "AC-LQ", "")],
     )
-    hard = repair("q2/s1", traj("q2/s1/r1", "q2", "18", parent="q2/s1"), "AW", "answer wrong")
+    hard = repair(
+        "q2/s1", product_traj("q2/s1/r1", "q2", "18", parent="q2/s1"), "AW", "answer wrong"
+    )
     write_jsonl(run_dir / "repair/hard_cases.jsonl", [hard])
     counts = run_build(BuildConfig(run_dir=str(run_dir), save_hf=False))
     assert counts["sft"]["repair:AC-LQ"] == 1 and counts["hard_cases"] == {"AW": 1, "total": 1}
@@ -361,7 +362,9 @@ def test_ablation_sets_hold_what_their_names_say(run_dir):
 
 def test_a_flawed_repair_never_enters_the_training_sets(tmp_path):
     rows = repair_rows()
-    rows[0]["trajectory"] = traj("q1/s1/r", "q1", "6", "I think I multiply", "q1/s1").to_dict()
+    rows[0]["trajectory"] = product_traj(
+        "q1/s1/r", "q1", "6", "I think I multiply", "q1/s1"
+    ).to_dict()
     run = write_run(tmp_path / "run", repairs=rows)
     counts = run_build(BuildConfig(run_dir=str(run)))
     assert counts["dropped_flawed"] == {"sft": 1, "preference_pairs": 1}

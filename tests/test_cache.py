@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import write_jsonl
 
 from autotraj.records import ToolCall, ToolName
 from autotraj.tools.cache import ToolCache, normalize_input
@@ -182,7 +182,7 @@ def test_processes_share_one_file(tmp_path: Path) -> None:
 def test_wraps_bm25_search(tmp_path: Path) -> None:
     corpus = tmp_path / "c.jsonl"
     rows = [{"id": str(i), "title": f"T{i}", "text": f"word{i} common text"} for i in range(5)]
-    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(corpus, rows)
     build_index(corpus, tmp_path / "idx")
     cache = ToolCache(Bm25Search(tmp_path / "idx"), tmp_path / "c.sqlite", settings="bm25 top_k=1")
     first = cache.run_batch(["word3", ""])

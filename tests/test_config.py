@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 import pytest
 
+from autotraj.cli import STAGES
 from autotraj.config import ConfigError, build, load_config, to_dict
 
 
@@ -62,24 +64,23 @@ def test_file_over_defaults_and_overrides_over_file(tmp_path):
           seed: 3
         """,
     )
-    cfg = load_config(ToyConfig, path)
-    assert cfg.name == "from-file" and cfg.kind == "qa"
-    assert cfg.benchmarks == ("hotpotqa", "bamboogle")
-    assert cfg.limit == 100
-    assert cfg.sampler == SamplerConfig(temperature=0.7, seed=3)  # other fields keep defaults
-    assert cfg.greedy is False and cfg.lr == 1e-6
-
-    cfg = load_config(
-        ToyConfig,
-        path,
-        ["sampler.temperature=0.1", "greedy=true", "limit=null", "benchmarks=[aime24]", "name=cli"],
+    from_file = ToyConfig(
+        name="from-file",
+        kind="qa",
+        benchmarks=("hotpotqa", "bamboogle"),
+        limit=100,
+        sampler=SamplerConfig(temperature=0.7, seed=3),  # its other fields keep their defaults
     )
-    assert cfg.sampler == SamplerConfig(temperature=0.1, seed=3)
-    assert cfg.greedy is True
-    assert cfg.limit is None
-    assert cfg.benchmarks == ("aime24",)
-    assert cfg.name == "cli"
-    assert cfg.kind == "qa"  # from the file
+    assert load_config(ToyConfig, path) == from_file  # a mismatch shows every differing field
+    overrides = ["sampler.temperature=0.1", "greedy=true", "limit=null", "benchmarks=[aime24]"]
+    assert load_config(ToyConfig, path, [*overrides, "name=cli"]) == replace(
+        from_file,
+        name="cli",
+        sampler=SamplerConfig(temperature=0.1, seed=3),
+        greedy=True,
+        limit=None,
+        benchmarks=("aime24",),
+    )  # kind: from the file
 
 
 def test_a_nested_section_updates_the_fields_default(tmp_path):
@@ -281,3 +282,36 @@ def test_extends_cycle_and_missing_file_are_errors(tmp_path):
     (tmp_path / "c.yaml").write_text("extends: nowhere.yaml\n")
     with pytest.raises(ConfigError, match="nowhere.yaml: config file not found"):
         load_config(ToyConfig, tmp_path / "c.yaml")
+
+
+# --- every shipped config loads -----------------------------------------------------------------
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SHIPPED = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
+COMMAND_OF = {  # configs/<name> -> the `autotraj` command that reads it (cli.STAGES)
+    "ablation_cpu.yaml": "ablate",
+    "cpu.yaml": "run",
+    "cpu_gsm8k.yaml": "run",
+    "cpu_synthesize.yaml": "synthesize",
+    "eval_cpu.yaml": "eval",
+    "eval_paper.yaml": "eval",
+    "paper.yaml": "run",
+    "rl_cpu.yaml": "rl",
+    "rl_paper.yaml": "rl",
+    "rm_cpu.yaml": "rm",
+    "rm_paper.yaml": "rm",
+    "sft_cpu.yaml": "sft",
+    "sft_paper.yaml": "sft",
+}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_config_loads(name):
+    path = CONFIGS / name
+    if name.startswith("accelerate/"):  # `accelerate launch --config_file` reads these, not us
+        accelerate_config = pytest.importorskip("accelerate.commands.config.config_args")
+        accelerate_config.load_config_from_file(str(path))  # unknown keys are errors there too
+        return
+    assert name in COMMAND_OF, f"configs/{name}: name the command that reads it in COMMAND_OF"
+    config_cls, _ = STAGES[COMMAND_OF[name]][1]()
+    assert isinstance(load_config(config_cls, path), config_cls)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import traj
 
 from autotraj.edits import (
     Steps,
@@ -16,9 +17,8 @@ from autotraj.edits import (
     steps_of_text,
 )
 from autotraj.flaws import flaws, fragments
-from autotraj.records import Provenance, Segment, ToolCall, Trajectory
+from autotraj.records import ToolCall
 
-PROV = Provenance(model="m", backend="scripted", temperature=0.0, top_p=1.0, max_new_tokens=0)
 RESULT = "\n<result>\n42\n</result>\n"
 
 
@@ -89,14 +89,9 @@ def test_steps_of_text_inverts_text():
     assert steps_of_text(text).text() == text
 
 
-def _traj(*pieces, calls=()):
-    segments = tuple(Segment(p, not p.startswith("\n<result>")) for p in pieces)
-    return Trajectory("t", "q", segments, tuple(calls), "answer", PROV)
-
-
 def test_edit_keeps_calls_and_results_and_drops_repeats():
     call = ToolCall("python", "print(6*7)", "42", "ok")
-    original = _traj(
+    original = traj(
         "<think>Perhaps multiply.</think><code>print(6*7)</code>",
         RESULT,
         "<think>Let me recheck it.</think><code>print(6*7)</code>",
@@ -114,10 +109,10 @@ def test_edit_keeps_calls_and_results_and_drops_repeats():
 
 
 def test_edit_does_not_apply_to_a_clean_or_odd_trajectory():
-    clean = _traj("<think>It is 42.</think><answer>\\boxed{42}</answer>")
+    clean = traj("<think>It is 42.</think><answer>\\boxed{42}</answer>")
     assert edit(clean) is None  # nothing to change
     rejected = ToolCall("python", "print(1)", "", "rejected")
-    odd = _traj("<think>Maybe.</think><code>print(1)</code>", calls=(rejected,))
+    odd = traj("<think>Maybe.</think><code>print(1)</code>", calls=(rejected,))
     assert steps_of(odd) is None and edit(odd) is None
 
 

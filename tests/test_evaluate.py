@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
+from conftest import CrashOnRound, write_jsonl
 
 from autotraj.config import ConfigError, load_config
 from autotraj.eval_summary import EvalResult, render_table, summarize_results
@@ -69,20 +69,19 @@ def tokenizer():
     return build_char_tokenizer()
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def write_files(folder: Path) -> tuple[Path, Path]:
+    math = write_jsonl(
+        folder / "math.jsonl", [{"id": i, "question": q, "answer": a} for i, q, a in MATH]
+    )
+    qa = write_jsonl(
+        folder / "qa.jsonl", [{"id": i, "question": q, "answers": a} for i, q, a in QA]
+    )
+    return math, qa
 
 
 @pytest.fixture
 def files(tmp_path):
-    math = write_jsonl(
-        tmp_path / "math.jsonl", [{"id": i, "question": q, "answer": a} for i, q, a in MATH]
-    )
-    qa = write_jsonl(
-        tmp_path / "qa.jsonl", [{"id": i, "question": q, "answers": a} for i, q, a in QA]
-    )
-    return math, qa
+    return write_files(tmp_path)
 
 
 def config(tmp_path, files, **kw) -> EvalConfig:
@@ -98,50 +97,94 @@ def results_on_disk(cfg: EvalConfig, name: str = "results.jsonl") -> list[dict]:
     return [row for _, row in read_jsonl(Path(cfg.run_dir) / "eval" / cfg.name / name)]
 
 
-def test_records_and_summary_match_hand_computed_values(tmp_path, files, tokenizer):
-    cfg = config(tmp_path, files)
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, tokenizer) -> tuple[EvalConfig, dict, dict[str, dict]]:
+    """One eval of MATH and QA, read by the tests below: (config, summary, result rows by id)."""
+    tmp_path = tmp_path_factory.mktemp("eval")
+    cfg = config(tmp_path, write_files(tmp_path))
     summary = run_eval(cfg, ScriptedGenerator(reply, tokenizer))
-    rows = {r["id"]: r for r in results_on_disk(cfg)}
-    assert len(rows) == 8
-    m0 = rows["math/m0/s0"]
-    model_tokens = len(code_call("2*3")) + len(final("6"))
-    assert (m0["correct"], m0["extracted"], m0["em"], m0["f1"]) == (True, "6", None, None)
-    assert m0["tokens"] == model_tokens
-    assert m0["total_tokens"] == model_tokens + len(result_text("6"))
-    assert m0["trajectory"]["tool_calls"][0]["output"] == "6"  # run by the real sandbox
-    assert (m0["format_valid"], m0["finish_reason"], m0["tool_calls"]) == (True, "answer", 1)
-    m3 = rows["math/m3/s0"]
-    assert (m3["correct"], m3["format_valid"], m3["finish_reason"], m3["tokens"]) == (
-        False,
-        False,
-        "eos",
-        len("no idea"),
-    )
-    assert rows["math/m4/s0"]["tool_errors"] == 1  # ZeroDivisionError
-    assert rows["qa/a0/s0"]["em"] == 0.0 and rows["qa/a0/s0"]["f1"] == pytest.approx(0.8)
+    return cfg, summary, {r["id"]: r for r in results_on_disk(cfg)}
 
-    math = summary["benchmarks"]["math"]
-    assert math["n"] == 5 and math["accuracy"] == pytest.approx(2 / 5)
-    assert math["em"] is None and math["f1"] is None
-    assert math["tool_calls_per_trajectory"] == pytest.approx(4 / 5)
-    assert math["tool_error_rate"] == pytest.approx(1 / 4)
-    assert math["format_valid_rate"] == pytest.approx(4 / 5)
+
+M0_TOKENS = len(code_call("2*3")) + len(final("6"))  # one token per character
+
+# (result id, field, value computed by hand)
+RESULT_ROWS = [
+    ("math/m0/s0", "correct", True),
+    ("math/m0/s0", "extracted", "6"),
+    ("math/m0/s0", "em", None),  # math is graded by equivalence, not EM/F1
+    ("math/m0/s0", "f1", None),
+    ("math/m0/s0", "tokens", M0_TOKENS),
+    ("math/m0/s0", "total_tokens", M0_TOKENS + len(result_text("6"))),
+    ("math/m0/s0", "format_valid", True),
+    ("math/m0/s0", "finish_reason", "answer"),
+    ("math/m0/s0", "tool_calls", 1),
+    ("math/m3/s0", "correct", False),
+    ("math/m3/s0", "format_valid", False),
+    ("math/m3/s0", "finish_reason", "eos"),
+    ("math/m3/s0", "tokens", len("no idea")),
+    ("math/m4/s0", "tool_errors", 1),  # ZeroDivisionError
+    ("qa/a0/s0", "em", 0.0),
+    ("qa/a0/s0", "f1", pytest.approx(0.8)),
+]
+
+
+@pytest.mark.parametrize(("rid", "field", "expected"), RESULT_ROWS)
+def test_result_rows_hold_hand_computed_values(evaluated, rid, field, expected):
+    _, _, rows = evaluated
+    assert rows[rid][field] == expected
+
+
+# (benchmark, field, value computed by hand): math 2 right of 5, QA 2 of 3 by F1
+SUMMARY = [
+    ("math", "n", 5),
+    ("math", "accuracy", pytest.approx(2 / 5)),
+    ("math", "em", None),
+    ("math", "f1", None),
+    ("math", "tool_calls_per_trajectory", pytest.approx(4 / 5)),
+    ("math", "tool_error_rate", pytest.approx(1 / 4)),
+    ("math", "format_valid_rate", pytest.approx(4 / 5)),
     # words of the model's text: 5 for each code trajectory, 2 for "no idea"
-    assert math["mean_words"] == pytest.approx((4 * 5 + 2) / 5)
-    assert math["file_sha256"] and len(math["file_sha256"]) == 64
-    qa = summary["benchmarks"]["qa"]
-    assert (qa["n"], qa["accuracy"], qa["em"]) == (3, pytest.approx(2 / 3), pytest.approx(1 / 3))
-    assert qa["f1"] == pytest.approx((0.8 + 1 + 0) / 3)
-    assert qa["mean_tokens"] == pytest.approx(sum(len(t) for t in QA_REPLIES.values()) / 3)
-    assert qa["tool_calls_per_trajectory"] == 0 and qa["tool_error_rate"] == 0
-    avg = summary["average"]
-    assert avg["n"] == 8 and avg["accuracy"] == pytest.approx((2 / 5 + 2 / 3) / 2)
-    assert avg["em"] == pytest.approx(1 / 3) and avg["file_sha256"] is None
+    ("math", "mean_words", pytest.approx((4 * 5 + 2) / 5)),
+    ("qa", "n", 3),
+    ("qa", "accuracy", pytest.approx(2 / 3)),
+    ("qa", "em", pytest.approx(1 / 3)),
+    ("qa", "f1", pytest.approx((0.8 + 1 + 0) / 3)),
+    ("qa", "mean_tokens", pytest.approx(sum(len(t) for t in QA_REPLIES.values()) / 3)),
+    ("qa", "tool_calls_per_trajectory", 0),
+    ("qa", "tool_error_rate", 0),
+    ("average", "n", 8),
+    ("average", "accuracy", pytest.approx((2 / 5 + 2 / 3) / 2)),
+    ("average", "em", pytest.approx(1 / 3)),
+    ("average", "file_sha256", None),
+]
+
+
+@pytest.mark.parametrize(("benchmark", "field", "expected"), SUMMARY)
+def test_summary_holds_hand_computed_values(evaluated, benchmark, field, expected):
+    _, summary, _ = evaluated
+    numbers = summary["average"] if benchmark == "average" else summary["benchmarks"][benchmark]
+    assert numbers[field] == expected
+
+
+def test_one_result_per_item_and_tools_really_ran(evaluated):
+    _, summary, rows = evaluated
+    assert len(rows) == 8
+    assert rows["math/m0/s0"]["trajectory"]["tool_calls"][0]["output"] == "6"  # the sandbox ran
+    assert len(summary["benchmarks"]["math"]["file_sha256"]) == 64
+
+
+def test_summary_names_its_rules_and_decoding(evaluated):
+    _, summary, _ = evaluated
     assert summary["name"] == "base" and summary["seeds"] == [0]
     # qa.jsonl matches no benchmark name: HotpotQA's rule, the default (grading.QA_RULES)
     assert summary["sources"]["qa"]["qa_rules"] == ["hotpot"]
     assert summary["sources"]["math"]["qa_rules"] == []
     assert summary["decoding"]["temperature"] == 0.0 and summary["git_sha"]
+
+
+def test_the_summary_and_stage_files_are_written(evaluated):
+    cfg, summary, _ = evaluated
     assert load_summary(Path(cfg.run_dir) / "eval" / "base") == summary
     for name in ("manifest.json", "config.resolved.yaml", "metrics.jsonl"):
         assert (Path(cfg.run_dir) / "eval" / "base" / name).exists()
@@ -156,17 +199,8 @@ def test_finished_eval_is_a_no_op(tmp_path, files, tokenizer):
 
 def test_resume_after_crash_has_no_duplicates(tmp_path, files, tokenizer):
     cfg = config(tmp_path, files)
-    rounds = {"n": 0}
-
-    class Crash(ScriptedGenerator):
-        def generate(self, requests):
-            rounds["n"] += 1
-            if rounds["n"] == 3:  # the first round of the second chunk
-                raise RuntimeError("killed")
-            return super().generate(requests)
-
-    with pytest.raises(RuntimeError, match="killed"):
-        run_eval(cfg, Crash(reply, tokenizer))
+    with pytest.raises(RuntimeError, match="killed"):  # in the second chunk's first round
+        run_eval(cfg, CrashOnRound(reply, tokenizer, crash_round=3))
     assert len(results_on_disk(cfg, "results.jsonl.partial")) == 3  # the first chunk survived
     resumed = ScriptedGenerator(reply, tokenizer)
     summary = run_eval(cfg, resumed)
@@ -356,7 +390,8 @@ def test_render_table():
 
 
 @pytest.mark.parametrize("name", ["eval_cpu.yaml", "eval_paper.yaml"])
-def test_shipped_configs_load(name):
+def test_shipped_configs_pass_the_stage_check_greedy_and_zero_shot(name):
+    # (that every shipped config loads: tests/test_config.py)
     cfg = load_config(EvalConfig, ROOT / "configs" / name)
     check_config(cfg)
     assert cfg.rollout.temperature == 0.0 and cfg.rollout.demonstrations == 0

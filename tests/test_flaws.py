@@ -7,6 +7,7 @@ hedging words from inside sentences) and trained on them as "high quality" (issu
 from __future__ import annotations
 
 import pytest
+from conftest import traj
 
 from autotraj.flaws import (
     HEDGES,
@@ -18,9 +19,7 @@ from autotraj.flaws import (
     repeated_calls,
     written_results,
 )
-from autotraj.records import Provenance, Segment, ToolCall, Trajectory
-
-PROV = Provenance(model="m", backend="scripted", temperature=0.0, top_p=1.0, max_new_tokens=0)
+from autotraj.records import ToolCall
 
 # Sentences the word-deleting first pass wrote into the demo's SFT set (verbatim).
 BROKEN = [
@@ -33,13 +32,6 @@ BROKEN = [
     "I I should search for Bosloltha Holdings first.",
     "It prints 84205896, but I made a mistake somewhere. Let me the same calculation.",
 ]
-
-
-def traj(*pieces, calls=()):
-    segments = tuple(
-        Segment(p[1], False) if isinstance(p, tuple) else Segment(p, True) for p in pieces
-    )
-    return Trajectory("t", "q", segments, tuple(calls), "answer", PROV)
 
 
 @pytest.mark.parametrize("sentence", BROKEN)
@@ -98,6 +90,8 @@ def test_repeated_identical_calls_whitespace_aside():
 
 def test_a_result_the_model_wrote_is_a_flaw_and_a_real_one_is_not():
     fake = traj("<think>Run it.</think><code>print(1)</code>\n<result>\n1\n</result>")
-    real = traj("<think>Run it.</think><code>print(1)</code>", ("r", "\n<result>\n1\n</result>\n"))
+    real = traj(
+        "<think>Run it.</think><code>print(1)</code>", ("result", "\n<result>\n1\n</result>\n")
+    )
     assert written_results(fake) == 2 and "model-written <result> tags: 2" in flaws(fake)
     assert written_results(real) == 0 and flaws(real) == ()

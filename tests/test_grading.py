@@ -3,7 +3,6 @@ and cross-item checks on the benchmark golds."""
 
 from __future__ import annotations
 
-import doctest
 import functools
 import importlib.util
 import json
@@ -354,12 +353,6 @@ def test_rules_stay_linear_on_long_garbage(text):
     assert time.perf_counter() - start < 0.5
 
 
-@pytest.mark.parametrize("module", [grading, release_checker], ids=lambda m: m.__name__)
-def test_doctests(module):
-    failures, tried = doctest.testmod(module)
-    assert tried >= 4 and failures == 0
-
-
 # ---------------------------------------------------------------------------------------------
 # The authors' checkers (release_checker.py): their defects, as released
 
@@ -474,9 +467,9 @@ def test_structured_golds_differ_from_themselves_with_a_number_changed():
 
 
 @needs_data
-def test_no_qa_gold_normalizes_to_nothing():
+@pytest.mark.parametrize("name", ["hotpotqa", "2wiki", "musique", "bamboogle"])
+def test_no_qa_gold_normalizes_to_nothing(name):
     # The official scripts give EM 1 to an empty prediction against such a gold; we never do.
-    for name in ("hotpotqa", "2wiki", "musique", "bamboogle"):
-        for line in (BENCHMARKS / f"{name}.jsonl").open():
-            row = json.loads(line)
-            assert all(normalize_answer(g) for g in row["answers"]), row["id"]
+    for line in (BENCHMARKS / f"{name}.jsonl").open():
+        row = json.loads(line)
+        assert all(normalize_answer(g) for g in row["answers"]), row["id"]

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import write_jsonl
 
 from autotraj.config import build
 from autotraj.models.scripted import ScriptedGenerator
@@ -188,8 +189,7 @@ def write_queries(path, n=3):
     rows = [
         {"id": f"q{i}", "question": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(n)
     ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(path, rows)
 
 
 def tiny_config(tmp_path, model_dir, **overrides):
@@ -321,7 +321,8 @@ def test_infra_failed_rollout_is_excluded_from_its_group(tmp_path, tiny_model_di
 
 
 @pytest.mark.parametrize("name", ["rl_cpu.yaml", "rl_paper.yaml"])
-def test_shipped_configs_load(name):
+def test_shipped_configs_keep_the_release_objective(name):
+    # (that every shipped config loads: tests/test_config.py)
     from pathlib import Path
 
     from autotraj.config import load_config

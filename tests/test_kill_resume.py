@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import write_jsonl
 from test_repair import HEDGING, WRONG, make_run
 from test_train_batches import write_sft_file
 
@@ -183,8 +184,7 @@ def write_queries(path: Path, count: int) -> Path:
         {"id": f"q{i}", "question": f"What is {i + 2}*{i + 3}?", "answer": str((i + 2) * (i + 3))}
         for i in range(count)
     ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(path, rows)
 
 
 # --- synthesize ---------------------------------------------------------------------------------

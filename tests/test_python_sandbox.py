@@ -176,16 +176,19 @@ def test_oversized_output_is_capped(sandbox):
     assert call.latency_s < TIMEOUT_S + SLACK_S
 
 
-def test_snippet_that_kills_its_worker(sandbox):
-    for code in (
+@pytest.mark.parametrize(
+    "code",
+    [
         "import os, signal; os.kill(os.getppid(), signal.SIGKILL)",
         "import os; os._exit(1)",
         "import ctypes; ctypes.string_at(0)",
-    ):
-        call = sandbox.run(code)
-        assert call.status == "error", code
-        assert call.output.startswith("Error: ")
-    assert [c.output for c in sandbox.run_batch(["print(4)"] * 4)] == ["4"] * 4
+    ],
+    ids=["kill-parent", "exit", "segfault"],
+)
+def test_snippet_that_kills_its_worker(sandbox, code):
+    call = sandbox.run(code)
+    assert call.status == "error" and call.output.startswith("Error: ")
+    assert [c.output for c in sandbox.run_batch(["print(4)"] * 4)] == ["4"] * 4  # pool recovered
 
 
 def test_dead_worker_is_replaced():

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import doctest
 import math
 
 import pytest
+from conftest import traj
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,37 +23,9 @@ from autotraj.quality import (
     score_one,
     tool_validity,
 )
-from autotraj.records import Provenance, RecordError, Segment, ToolCall, Trajectory
+from autotraj.records import RecordError, ToolCall
 
-PROV = Provenance(model="test", backend="scripted", temperature=0.0, top_p=1.0, max_new_tokens=0)
 ANSWER = r"<answer>\boxed{4}</answer>"
-
-
-def traj(
-    *pieces: str | tuple[str, str],
-    tid: str = "t",
-    qid: str = "q",
-    calls: tuple[ToolCall, ...] = (),
-    token_ids: bool = False,
-    finish_reason: str = "answer",
-) -> Trajectory:
-    """Model text pieces are str; ("result", text) pieces are tool results (not trainable).
-
-    With token_ids=True every whitespace word gets one token id (so tokens == words per segment).
-    """
-    segments = []
-    for piece in pieces:
-        text, trainable = (piece[1], False) if isinstance(piece, tuple) else (piece, True)
-        ids = tuple(range(len(text.split()))) if token_ids else ()
-        segments.append(Segment(text=text, trainable=trainable, token_ids=ids))
-    return Trajectory(
-        id=tid,
-        query_id=qid,
-        segments=tuple(segments),
-        tool_calls=calls,
-        finish_reason=finish_reason,  # type: ignore[arg-type]
-        provenance=PROV,
-    )
 
 
 # A: 7 words, all distinct: <think> alpha beta gamma delta </think> <answer>...</answer>
@@ -61,11 +33,6 @@ A_TEXT = f"<think> alpha beta gamma delta </think> {ANSWER}"
 # B: 12 words [T a b g d maybe a b g d /T ANS]; 10 trigrams, "a b g" and "b g d" occur twice
 #    -> R = (2 + 2) / 10 = 0.4, e = 0.6; "maybe" in <think> -> c = 0
 B_TEXT = f"<think> alpha beta gamma delta maybe alpha beta gamma delta </think> {ANSWER}"
-
-
-def test_doctests():
-    failures, tried = doctest.testmod(quality)
-    assert tried > 5 and failures == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,15 +61,18 @@ def test_confidence_custom_words():
     assert confidence("<think>maybe</think>", ("reckon",)) == 1.0
 
 
-def test_length_score_values():
-    # L* = 100, L = 150: sigma = 50, exp(-50^2 / (2 * 50^2)) = exp(-0.5)
-    assert length_score(150, 100) == pytest.approx(math.exp(-0.5))
-    # L* = 7, L = 12: sigma = 3.5, exp(-25 / 24.5)
-    assert length_score(12, 7) == pytest.approx(math.exp(-25 / 24.5))
-    assert length_score(100, 100) == 1.0
-    # L* = 0 (an empty candidate): our rule, the release divides by zero
-    assert length_score(0, 0) == 1.0
-    assert length_score(5, 0) == 0.0
+@pytest.mark.parametrize(
+    ("length", "reference", "expected"),
+    [
+        (150, 100, math.exp(-0.5)),  # sigma = 50: exp(-50^2 / (2 * 50^2))
+        (12, 7, math.exp(-25 / 24.5)),  # sigma = 3.5
+        (100, 100, 1.0),
+        (0, 0, 1.0),  # L* = 0 (an empty candidate): our rule, the release divides by zero
+        (5, 0, 0.0),
+    ],
+)
+def test_length_score_values(length, reference, expected):
+    assert length_score(length, reference) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
@@ -120,21 +90,27 @@ def test_repetition(text, expected):
     assert repetition(text.split()) == pytest.approx(expected)
 
 
-def test_tool_validity():
-    calls = (
-        ToolCall("python", "print(1)\n", "1", "ok"),
-        ToolCall("python", "  print(1)", "1", "ok"),  # duplicate after whitespace normalization
-        ToolCall("python", "1/0", "Error: division by zero", "error"),
-        ToolCall("search", "capital of France", "", "timeout"),
-    )
-    # 1 good call of 4
-    assert tool_validity(traj(A_TEXT, calls=calls)) == 0.25
-    assert tool_validity(traj(A_TEXT)) == 1.0
-    # same input to a different tool is not a duplicate
-    two = (ToolCall("python", "x", "", "ok"), ToolCall("search", "x", "", "ok"))
-    assert tool_validity(traj(A_TEXT, calls=two)) == 1.0
-    rejected = (ToolCall("python", "x", "", "ok"), ToolCall("python", "y", "", "rejected"))
-    assert tool_validity(traj(A_TEXT, calls=rejected)) == 0.5
+@pytest.mark.parametrize(
+    ("calls", "expected"),
+    [
+        (
+            (
+                ToolCall("python", "print(1)\n", "1", "ok"),
+                ToolCall("python", "  print(1)", "1", "ok"),  # a duplicate up to whitespace
+                ToolCall("python", "1/0", "Error: division by zero", "error"),
+                ToolCall("search", "capital of France", "", "timeout"),
+            ),
+            0.25,  # 1 good call of 4
+        ),
+        ((), 1.0),
+        # the same input to another tool is not a duplicate
+        ((ToolCall("python", "x", "", "ok"), ToolCall("search", "x", "", "ok")), 1.0),
+        ((ToolCall("python", "x", "", "ok"), ToolCall("python", "y", "", "rejected")), 0.5),
+    ],
+    ids=["duplicate-error-timeout", "no-calls", "same-input-two-tools", "rejected"],
+)
+def test_tool_validity(calls, expected):
+    assert tool_validity(traj(A_TEXT, calls=calls)) == expected
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,13 +283,17 @@ def test_token_length():
     assert s_fb.component("token_length") == s_fb.component("length")
 
 
-def test_config_validation():
-    with pytest.raises(ValueError, match="sum to 1"):
-        QualityConfig(weight_format=0.1)
-    with pytest.raises(ValueError, match=">= 0"):
-        QualityConfig(weight_confidence=0.5, weight_length=0.6, weight_repetition=-0.1)
-    with pytest.raises(ValueError, match="hedging"):
-        QualityConfig(hedging_words=())
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"weight_format": 0.1}, "sum to 1"),
+        ({"weight_confidence": 0.5, "weight_length": 0.6, "weight_repetition": -0.1}, ">= 0"),
+        ({"hedging_words": ()}, "hedging"),
+    ],
+)
+def test_config_validation(fields, message):
+    with pytest.raises(ValueError, match=message):
+        QualityConfig(**fields)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,15 +318,22 @@ def test_score_one_with_length_reference():
     assert score_one(original, cfg, 12, correct=True) == g
 
 
-def test_group_boundaries_raise():
-    cfg = QualityConfig()
-    with pytest.raises(ValueError, match="one query"):
-        score_group([traj(A_TEXT, qid="q1"), traj(A_TEXT, qid="q2")], [True, True], cfg)
-    with pytest.raises(ValueError, match="correctness"):
-        score_group([traj(A_TEXT)], [True, False], cfg)
-    with pytest.raises(ValueError, match="infra"):
-        score_group([traj(A_TEXT, finish_reason="infra_error")], [True], cfg)
-    assert score_group([], [], cfg) == []
+@pytest.mark.parametrize(
+    ("group", "correct", "message"),
+    [
+        ([traj(A_TEXT, qid="q1"), traj(A_TEXT, qid="q2")], [True, True], "one query"),
+        ([traj(A_TEXT)], [True, False], "correctness"),
+        ([traj(A_TEXT, finish="infra_error")], [True], "infra"),
+    ],
+    ids=["two-queries", "correctness-count", "infra-error"],
+)
+def test_group_boundaries_raise(group, correct, message):
+    with pytest.raises(ValueError, match=message):
+        score_group(group, correct, QualityConfig())
+
+
+def test_an_empty_group_scores_nothing():
+    assert score_group([], [], QualityConfig()) == []
 
 
 def test_quality_score_round_trip():

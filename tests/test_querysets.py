@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import write_jsonl
 
 from autotraj import querysets
 from autotraj.io import DataError
@@ -28,11 +29,6 @@ ROWS = [
     {"id": "b", "problem": "What is 6*7?", "answer": 42},
     {"id": "c", "question": "Who wrote Hamlet?", "answers": ["Shakespeare", "W. Shakespeare"]},
 ]
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def check_rows(queries: list[Query]) -> None:
@@ -352,14 +348,21 @@ def test_hub_unreachable_says_so_and_suggests_a_local_file(monkeypatch):
 # ---------------------------------------------------------------------------- decontamination
 
 
-def test_normalize_question():
-    assert normalize_question("  What is\n 2+2 ?\t") == "what is 2+2"
-    assert (
-        normalize_question("Who wrote \u201cHamlet\u201d, really?") == 'who wrote "hamlet", really'
-    )
-    assert normalize_question("It\u2019s 5.") == normalize_question("it's 5")
-    assert normalize_question("...Hi!!") == "hi"
-    assert normalize_question("Find $x$.") == "find $x$"  # $ is not punctuation
+@pytest.mark.parametrize(
+    ("question", "normalized"),
+    [
+        ("  What is\n 2+2 ?\t", "what is 2+2"),
+        ("Who wrote \u201cHamlet\u201d, really?", 'who wrote "hamlet", really'),
+        ("It\u2019s 5.", "it's 5"),
+        ("...Hi!!", "hi"),
+        ("Find $x$.", "find $x$"),  # $ is not punctuation
+    ],
+)
+def test_normalize_question(question, normalized):
+    assert normalize_question(question) == normalized
+
+
+def test_question_hash_is_the_normalized_question_s():
     assert question_hash("What is 2+2?") == question_hash(" what  is 2+2 ")
 
 

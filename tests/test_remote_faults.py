@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import write_jsonl
 from test_repair import WRONG, make_run
 
 from autotraj.io import read_jsonl
@@ -282,8 +283,7 @@ def test_a_generator_failure_marks_only_the_still_active_trajectories(endpoints,
 
 def write_queries(path: Path, firsts: list[int]) -> Path:
     rows = [{"id": f"q{a}", "question": f"What is {a}*7?", "answer": str(7 * a)} for a in firsts]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(path, rows)
 
 
 def written_ids(stage_dir: Path, name: str) -> list[str]:

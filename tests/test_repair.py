@@ -6,27 +6,20 @@ Python tool is the real sandbox (one worker, shared by the module).
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
+from conftest import traj, write_jsonl
 
 from autotraj.io import read_jsonl
 from autotraj.models.scripted import ScriptedGenerator
-from autotraj.records import Repair, ToolCall
+from autotraj.records import Repair, ToolCall, Trajectory
 from autotraj.repair import RepairConfig, run_repair
 from autotraj.score import ScoreConfig, run_score
 from autotraj.tools.tool import ToolInfraError
 from autotraj.tools.toolbox import PythonToolConfig, ToolsConfig, open_tools
 
 GOLD = "42.0000"  # equal to 42, but the string itself appears nowhere else
-PROVENANCE = {
-    "model": "policy",
-    "backend": "scripted",
-    "temperature": 0.3,
-    "top_p": 0.9,
-    "max_new_tokens": 64,
-}
 SHORT = "<think>Six times seven is 42.</think>\n<answer>\\boxed{42}</answer>"  # 6 words, S = 1
 LONG = (
     "<think>Multiply the two factors given in this question: six times seven gives 42."
@@ -93,33 +86,16 @@ def tools(sandbox):
     return {"python": Recording(sandbox), "search": DownSearch()}
 
 
-def traj(tid, qid, *texts, calls=()):
-    segments = [
-        {"text": t, "trainable": not t.startswith("\n<result>"), "token_ids": []} for t in texts
-    ]
-    return {
-        "id": tid,
-        "query_id": qid,
-        "segments": segments,
-        "tool_calls": [c.to_dict() for c in calls],
-        "finish_reason": "answer",
-        "provenance": PROVENANCE,
-    }
-
-
 def make_run(run_dir, originals):
-    """Write synthesize outputs for {case: [trajectory texts or dicts]} and run the score stage."""
+    """Write synthesize outputs for {case: [texts or trajectories]} and run the score stage."""
     queries, trajectories = [], []
     for case, texts in originals.items():
         queries.append({"id": case, "question": f"What is 6*7? (case {case})", "answers": [GOLD]})
         for k, text in enumerate(texts):
-            trajectories.append(
-                text if isinstance(text, dict) else traj(f"{case}/s{k}", case, text)
-            )
-    synth = run_dir / "synthesize"
-    synth.mkdir(parents=True)
-    (synth / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
-    (synth / "trajectories.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trajectories))
+            t = text if isinstance(text, Trajectory) else traj(text, tid=f"{case}/s{k}", qid=case)
+            trajectories.append(t.to_dict())
+    write_jsonl(run_dir / "synthesize/queries.jsonl", queries)
+    write_jsonl(run_dir / "synthesize/trajectories.jsonl", trajectories)
     run_score(ScoreConfig(run_dir=str(run_dir)))
     return {row["trajectory_id"]: row for _, row in read_jsonl(run_dir / "score/scores.jsonl")}
 
@@ -152,30 +128,72 @@ def outcomes(run_dir):
     return {row["original_id"].split("/")[0]: Repair.from_dict(row) for _, row in rows}
 
 
-def test_acceptance_rules_release_one_attempt(tmp_path, tokenizer, tools):
-    scores = make_run(tmp_path, {case: originals for case, (originals, _, _) in CASES.items()})
-    assert (
-        scores["acl_not_better/s1"]["label"] == "AC-LQ" and scores["acl_ok/s0"]["label"] == "AC-LQ"
-    )
+@pytest.fixture(scope="module")
+def one_attempt(tmp_path_factory, tokenizer, sandbox):
+    """Every case of CASES repaired with the release's single attempt, no first pass:
+    (score rows, the stage's counts, the repairer, Repair records by case)."""
+    run_dir = tmp_path_factory.mktemp("one-attempt")
+    scores = make_run(run_dir, {case: originals for case, (originals, _, _) in CASES.items()})
     gen = Repairer(tokenizer)
-    counts = run_repair(RepairConfig(run_dir=str(tmp_path), first_pass=False), gen, tools)
+    tools = {"python": Recording(sandbox), "search": DownSearch()}
+    counts = run_repair(RepairConfig(run_dir=str(run_dir), first_pass=False), gen, tools)
+    return scores, counts, gen, outcomes(run_dir)
+
+
+# case -> (accepted, the reason on the attempt's verdict)
+ONE_ATTEMPT = [
+    ("acl_ok", True, ""),
+    ("acl_not_better", False, "S 0.908 <= original 1.000"),
+    ("acl_low", False, "flaw: hedging: 'probably'"),
+    ("aw_ok", True, ""),
+    ("aw_wrong", False, "wrong answer"),
+    ("aw_low", False, "flaw: hedging: 'seems'; hedging: 'probably'"),
+    ("k2", False, "wrong answer"),  # the sampled retry would be right: never asked
+    ("infra", False, "infra error: search: retrieval server unreachable"),
+]
+
+
+@pytest.mark.parametrize(("case", "accepted", "reason"), ONE_ATTEMPT)
+def test_release_acceptance_rule(one_attempt, case, accepted, reason):
+    repair = one_attempt[3][case]
+    assert (repair.accepted, repair.final.reason, repair.rejected) == (accepted, reason, ())
+
+
+def test_every_case_is_decided_once():
+    assert sorted(case for case, _, _ in ONE_ATTEMPT) == sorted(CASES)
+
+
+def test_the_originals_are_labelled_as_the_cases_say(one_attempt):
+    scores = one_attempt[0]
+    assert scores["acl_not_better/s1"]["label"] == scores["acl_ok/s0"]["label"] == "AC-LQ"
+
+
+def test_one_batched_call_repairs_the_whole_chunk(one_attempt):
+    _, counts, gen, _ = one_attempt
     assert gen.calls == [8]  # all repairs of the chunk in one batched call, one turn each
-    got = outcomes(tmp_path)
-    assert {c for c, r in got.items() if r.accepted} == {"acl_ok", "aw_ok"}
-    assert got["acl_ok"].final.score == pytest.approx(1.0)
-    assert got["acl_ok"].final.reference_score < got["acl_ok"].final.score
-    assert got["acl_not_better"].final.reason == "S 0.908 <= original 1.000"
-    assert got["acl_not_better"].final.length_ref == 14  # L* = the shorter: the original
-    assert got["acl_low"].final.reason == "flaw: hedging: 'probably'"
-    assert got["aw_wrong"].final.reason == "wrong answer"
-    assert got["aw_low"].final.reason == "flaw: hedging: 'seems'; hedging: 'probably'"
-    assert got["aw_ok"].final.length_ref == 6  # AW: L* = itself
-    assert got["k2"].final.reason == "wrong answer" and not got["k2"].rejected
-    assert got["infra"].final.reason.startswith("infra error: search: retrieval server")
-    assert got["infra"].final.score is None and not got["infra"].accepted
     assert counts["accepted"] == {"AC-LQ": 1, "AW": 1} and counts["hard_cases"] == 6
     assert counts["to_repair"] == {"AC-LQ": 3, "AW": 5} and counts["infra_errors"] == 1
-    repaired = got["acl_ok"].final.trajectory
+
+
+def test_an_accepted_repair_scores_above_its_reference(one_attempt):
+    final = one_attempt[3]["acl_ok"].final
+    assert final.score == pytest.approx(1.0) and final.reference_score < final.score
+
+
+@pytest.mark.parametrize(
+    ("case", "length_ref"),
+    [("acl_not_better", 14), ("aw_ok", 6)],  # AC-LQ: L* = the shorter, the original; AW: itself
+)
+def test_the_length_reference(one_attempt, case, length_ref):
+    assert one_attempt[3][case].final.length_ref == length_ref
+
+
+def test_an_infrastructure_failure_gets_no_score(one_attempt):
+    assert one_attempt[3]["infra"].final.score is None
+
+
+def test_a_repair_is_a_text_trajectory_of_the_repairer_linked_to_its_original(one_attempt):
+    repaired = one_attempt[3]["acl_ok"].final.trajectory
     assert repaired.id == "acl_ok/s0/r1" and repaired.parent_id == "acl_ok/s0"
     assert repaired.query_id == "acl_ok" and repaired.provenance.role == "repairer"
     assert repaired.prompt_ids == () and all(not s.token_ids for s in repaired.segments)
@@ -213,11 +231,11 @@ def test_prompt_shows_the_trajectory_and_never_the_gold_answer(tmp_path, tokeniz
 def hedged_tool_trajectory(case, output="42"):
     call = ToolCall(tool="python", input="print(6*7)", output=output, status="ok")
     return traj(
-        f"{case}/s0",
-        case,
         "<think>Perhaps multiply six by seven.</think>\n<code>\nprint(6*7)\n</code>",
         f"\n<result>\n{output}\n</result>\n",
         "<think>The product is probably 42.</think>\n<answer>\\boxed{42}</answer>",
+        tid=f"{case}/s0",
+        qid=case,
         calls=[call],
     )
 
@@ -253,8 +271,6 @@ def test_first_pass_never_leaves_a_fragment(tmp_path, tokenizer, tools):
     # "I think this be 8056020 + ..., I? That right,. ... It fine, I so I will go with ...".
     call = ToolCall("python", "print(8056020 + 1679215 - 371493)", "9363742", "ok")
     original = traj(
-        "ore/s0",
-        "ore",
         "<think>Hmm, I think this might be 8056020 + 1679215 - 371493, but I am not sure. The "
         "ore left is the two years of output added together, minus the ore sold, I guess? That "
         "seems right, maybe. I should probably let Python do the arithmetic.</think>\n<code>\n"
@@ -263,13 +279,13 @@ def test_first_pass_never_leaves_a_fragment(tmp_path, tokenizer, tools):
         "<think>It prints 9363742. I think that is probably the answer, but maybe I misread the "
         "question. It seems fine, I guess, so I will go with 9363742.</think>\n"
         "<answer>\\boxed{9363742}</answer>",
+        tid="ore/s0",
+        qid="ore",
         calls=[call],
     )
     queries = [{"id": "ore", "question": "How much ore is left?", "answers": ["9363742"]}]
-    synth = tmp_path / "synthesize"
-    synth.mkdir(parents=True)
-    (synth / "queries.jsonl").write_text(json.dumps(queries[0]) + "\n")
-    (synth / "trajectories.jsonl").write_text(json.dumps(original) + "\n")
+    write_jsonl(tmp_path / "synthesize/queries.jsonl", queries)
+    write_jsonl(tmp_path / "synthesize/trajectories.jsonl", [original.to_dict()])
     run_score(ScoreConfig(run_dir=str(tmp_path)))
     gen = ScriptedGenerator(lambda r: pytest.fail("the repairer must not be called"), tokenizer)
     run_repair(RepairConfig(run_dir=str(tmp_path)), gen, tools)
@@ -289,11 +305,11 @@ def test_first_pass_leaves_a_trajectory_it_cannot_edit_whole_to_the_model(
     # Every sentence of the first reasoning block hedges: no whole-sentence edit is left.
     call = ToolCall(tool="python", input="print(6*7)", output="42", status="ok")
     hedged = traj(
-        "fp/s0",
-        "fp",
         "<think>Maybe it is six times seven, I am not sure.</think>\n<code>\nprint(6*7)\n</code>",
         "\n<result>\n42\n</result>\n",
         "<think>The product is 42.</think>\n<answer>\\boxed{42}</answer>",
+        tid="fp/s0",
+        qid="fp",
         calls=[call],
     )
     make_run(tmp_path, {"fp": [hedged]})

@@ -3,7 +3,6 @@ runs, and the viewer executed by a real headless Chromium."""
 
 from __future__ import annotations
 
-import doctest
 import json
 import re
 import shutil
@@ -11,9 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_build import PROV, traj, write_jsonl, write_run  # the build tests' hand-made run
+from conftest import PROV, write_jsonl
+from test_build import product_traj, write_run  # the build tests' hand-made run
 
-from autotraj import markup, report_data, report_plots, report_viewer
+from autotraj import report_plots, report_viewer
 from autotraj.build import BuildConfig, run_build
 from autotraj.cli import main
 from autotraj.io import DataError
@@ -247,7 +247,7 @@ def test_viewer_keeps_whole_queries_up_to_the_cap(tmp_path):
 
 
 def test_long_texts_are_cut():
-    long = traj("q1/long", "q1", "6", think="word " * 3000)
+    long = product_traj("q1/long", "q1", "6", think="word " * 3000)
     entry = viewer_data_of(long)
     think = entry["segments"][0][1][0][1]
     assert len(think) < 4100 and think.endswith("more characters not shown]")
@@ -328,11 +328,6 @@ def test_tag_spans():
         ("text", " <code>open"),  # unclosed: plain text
     ]
     assert tag_spans("") == [] and tag_spans("</think>x") == [("text", "</think>x")]
-
-
-def test_doctests():
-    for module in (markup, report_data, report_plots, report_viewer):
-        assert doctest.testmod(module).failed == 0, module.__name__
 
 
 # ---------------------------------------------------------------------------------------------

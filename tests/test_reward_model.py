@@ -140,7 +140,8 @@ def test_lora_reward_model_saves_trained_head(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.parametrize("name", ["rm_cpu.yaml", "rm_paper.yaml"])
-def test_shipped_configs_load(name):
+def test_shipped_batches_divide(name):
+    # (that every shipped config loads: tests/test_config.py)
     cfg = load_config(RmConfig, CONFIGS / name)
     assert cfg.effective_batch_size % cfg.per_device_batch_size == 0
 

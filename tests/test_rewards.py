@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import traj
 
 from autotraj.eval_summary import grade_result
-from autotraj.records import Provenance, Query, Segment, ToolCall, Trajectory
+from autotraj.records import Query, ToolCall
 from autotraj.rewards import (
     ComponentConfig,
     RewardConfig,
@@ -17,21 +18,13 @@ from autotraj.rewards import (
 )
 from autotraj.tasks.builtin import task_splits
 
-PROV = Provenance(model="m", backend="scripted", temperature=1.0, top_p=1.0, max_new_tokens=8)
-MATH = Query(id="m", question="1/2 as a decimal?", answers=("0.5",), kind="math")
+MATH = Query(
+    id="q",  # the query id of conftest.traj's trajectories
+    question="1/2 as a decimal?",
+    answers=("0.5",),
+    kind="math",
+)
 QA = Query(id="h", question="Who founded Westfield?", answers=("Frank Lowy",), kind="qa")
-
-
-def traj(text, query=MATH, finish="answer", calls=(), error=""):
-    return Trajectory(
-        id=f"t-{abs(hash(text)) % 10_000}",
-        query_id=query.id,
-        segments=(Segment(text=text, trainable=True),),
-        tool_calls=tuple(calls),
-        finish_reason=finish,
-        provenance=PROV,
-        error=error,
-    )
 
 
 def answer(boxed, think="<think>ok</think>"):
@@ -80,7 +73,7 @@ def test_math_outcome_is_equivalence_and_f1_on_math_reproduces_the_release():
 
 def test_qa_outcome_is_token_f1_against_aliases():
     [b] = compute_rewards(
-        [traj(answer("Frank Lowy AC"), QA)], [QA], None, RewardConfig(rm_weight=0)
+        [traj(answer("Frank Lowy AC"), qid=QA.id)], [QA], None, RewardConfig(rm_weight=0)
     )
     assert b.outcome == pytest.approx(0.8)
     assert b.reward == pytest.approx(0.8)
@@ -93,7 +86,7 @@ def test_qa_outcome_follows_the_benchmark_rule():
     text = answer("yes, it is")
     assert outcome(text, hotpot) == 0.0  # HotpotQA's official F1 for a yes/no answer
     assert outcome(text, musique) == pytest.approx(0.5)  # MuSiQue's is SQuAD's
-    [b] = compute_rewards([traj(text, hotpot)], [hotpot], None, RewardConfig(rm_weight=0))
+    [b] = compute_rewards([traj(text, qid=hotpot.id)], [hotpot], None, RewardConfig(rm_weight=0))
     assert (b.outcome, b.reward, b.correct) == (0.0, 0.0, False)
 
 
@@ -129,7 +122,7 @@ SAME_RULE = [
 @pytest.mark.parametrize(("boxed", "query"), SAME_RULE, ids=[q.id + b for b, q in SAME_RULE])
 def test_reward_outcome_is_the_evaluation_rule(boxed, query, tokenizer):
     text = answer(boxed)
-    t = traj(text, query)
+    t = traj(text, qid=query.id)
     result = grade_result(t, query, "bench", 0, tokenizer)
     [b] = compute_rewards([t], [query], None, RewardConfig(rm_weight=0))
     assert b.correct == result.correct
@@ -207,4 +200,4 @@ def test_dotted_component_and_unknown_names():
 
 def test_mismatched_query_raises():
     with pytest.raises(ValueError, match="answers"):
-        compute_rewards([traj(answer("1"), QA)], [MATH], None, RewardConfig(rm_weight=0))
+        compute_rewards([traj(answer("1"), qid=QA.id)], [MATH], None, RewardConfig(rm_weight=0))

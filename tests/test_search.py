@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import write_jsonl
 
 from autotraj.io import DataError
 from autotraj.tools.search import (
@@ -64,15 +65,10 @@ def corpus_rows() -> list[dict[str, Any]]:
     return _synthetic_rows(N_ROWS)
 
 
-def _write_jsonl(path: Path, rows: list[Any]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory: pytest.TempPathFactory, corpus_rows: list[dict[str, Any]]) -> Path:
     root = tmp_path_factory.mktemp("bm25")
-    corpus = _write_jsonl(root / "corpus.jsonl", corpus_rows)
+    corpus = write_jsonl(root / "corpus.jsonl", corpus_rows)
     stats = build_index(corpus, root / "index")
     assert stats["count"] == len(corpus_rows)
     assert stats["seconds"] >= 0
@@ -118,12 +114,12 @@ def test_distinctive_words_find_their_passage(
     assert all(r[0].score > 0 for r in results)
 
 
-def test_reload_gives_same_results(index_dir: Path, search: Bm25Search) -> None:
+@pytest.mark.parametrize("mmap", [True, False], ids=["mmap", "in-memory"])
+def test_reload_gives_same_results(index_dir: Path, search: Bm25Search, mmap: bool) -> None:
     queries = ["river valley school", "football scholarship", "capital city of France"]
-    for mmap in (True, False):
-        again = Bm25Search(index_dir, mmap=mmap)
-        assert again.retrieve(queries, k=3) == search.retrieve(queries, k=3)
-        again.close()
+    again = Bm25Search(index_dir, mmap=mmap)
+    assert again.retrieve(queries, k=3) == search.retrieve(queries, k=3)
+    again.close()
 
 
 def test_batch_equals_one_at_a_time(search: Bm25Search, corpus_rows: list[dict[str, Any]]) -> None:
@@ -158,7 +154,7 @@ def test_empty_and_unmatched_queries(search: Bm25Search) -> None:
 
 
 def test_top_k_larger_than_corpus(tmp_path: Path) -> None:
-    corpus = _write_jsonl(tmp_path / "c.jsonl", _synthetic_rows(3))
+    corpus = write_jsonl(tmp_path / "c.jsonl", _synthetic_rows(3))
     build_index(corpus, tmp_path / "idx")
     tool = Bm25Search(tmp_path / "idx", top_k=10)
     [found] = tool.retrieve(["uniq1alpha river"])
@@ -172,7 +168,7 @@ def test_flashrag_contents_corpus(tmp_path: Path) -> None:
         {"id": r["id"], "contents": (f'"{r["title"]}"' if i % 2 else r["title"]) + "\n" + r["text"]}
         for i, r in enumerate(rows)
     ]
-    corpus = _write_jsonl(tmp_path / "flash.jsonl", flash)
+    corpus = write_jsonl(tmp_path / "flash.jsonl", flash)
     build_index(corpus, tmp_path / "idx")
     tool = Bm25Search(tmp_path / "idx")
     results = tool.retrieve(["uniq7alpha uniq7beta", "uniq8beta"])
@@ -220,11 +216,11 @@ def test_malformed_corpus_names_file_line_field(tmp_path: Path, line: str, messa
 
 
 def test_existing_index_needs_overwrite(tmp_path: Path) -> None:
-    corpus = _write_jsonl(tmp_path / "c.jsonl", _synthetic_rows(5))
+    corpus = write_jsonl(tmp_path / "c.jsonl", _synthetic_rows(5))
     build_index(corpus, tmp_path / "idx")
     with pytest.raises(FileExistsError, match="overwrite"):
         build_index(corpus, tmp_path / "idx")
-    _write_jsonl(corpus, _synthetic_rows(7))
+    write_jsonl(corpus, _synthetic_rows(7))
     assert build_index(corpus, tmp_path / "idx", overwrite=True)["count"] == 7
     reloaded = Bm25Search(tmp_path / "idx")
     assert reloaded.count == 7
@@ -237,7 +233,7 @@ def test_existing_index_needs_overwrite(tmp_path: Path) -> None:
 
 
 def test_stemmer_optional(tmp_path: Path) -> None:
-    corpus = _write_jsonl(
+    corpus = write_jsonl(
         tmp_path / "c.jsonl",
         [
             {"id": "a", "title": "Running", "text": "She runs marathons and running races."},

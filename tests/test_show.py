@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from test_build import write_jsonl, write_run  # the hand-made run directory of the build tests
+from conftest import write_jsonl
+from test_build import write_run  # the hand-made run directory of the build tests
 
 from autotraj.cli import main
 from autotraj.show import (
@@ -132,11 +133,3 @@ def test_malformed_hard_case_names_file_and_line(run_dir):
     write_jsonl(run_dir / "repair/hard_cases.jsonl", [{"original_id": "q2/s1"}])
     with pytest.raises(ValueError, match=r"hard_cases.jsonl:1: .*'reason'"):
         render_show(run_dir, "q2/s1")
-
-
-def test_doctests():
-    import doctest
-
-    from autotraj import show
-
-    assert doctest.testmod(show).failed == 0

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import CrashOnRound, write_jsonl
 
 from autotraj.config import ConfigError
 from autotraj.io import read_jsonl
@@ -37,8 +38,7 @@ def queries_file(tmp_path):
         {"id": f"q{i}", "question": f"What is {i + 2}*{i + 3}?", "answer": str((i + 2) * (i + 3))}
         for i in range(10)
     ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(path, rows)
 
 
 def config(tmp_path, queries_file, **kw):
@@ -65,17 +65,8 @@ def test_synthesize_runs_real_tools_and_is_a_no_op_when_finished(tmp_path, queri
 
 def test_resume_after_crash_has_no_duplicates_or_losses(tmp_path, queries_file, tokenizer):
     cfg = config(tmp_path, queries_file)
-    rounds = {"n": 0}
-
-    class Crash(ScriptedGenerator):
-        def generate(self, requests):
-            rounds["n"] += 1
-            if rounds["n"] == 3:  # the first round of the second chunk
-                raise RuntimeError("killed")
-            return super().generate(requests)
-
-    with pytest.raises(RuntimeError, match="killed"):
-        run_synthesize(cfg, Crash(reply, tokenizer))
+    with pytest.raises(RuntimeError, match="killed"):  # in the second chunk's first round
+        run_synthesize(cfg, CrashOnRound(reply, tokenizer, crash_round=3))
     assert len(ids_on_disk_partial(cfg)) == 6  # the first chunk (3 queries x 2) survived
     resumed = ScriptedGenerator(reply, tokenizer)
     counts = run_synthesize(cfg, resumed)

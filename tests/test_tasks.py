@@ -36,16 +36,30 @@ def test_generators_are_deterministic():
     assert multihop.make_world(40, seed=0) != multihop.make_world(40, seed=1)
 
 
-def test_first_queries_are_pinned():
+@pytest.mark.parametrize(
+    ("name", "index", "qid", "question", "answers"),
+    [
+        (
+            "builtin:arithmetic:train",
+            0,
+            "arithmetic-train-0",
+            "A mine produced 8,056,020 tons of ore last year and 1,679,215 tons this year, and "
+            "it has sold 371,493 tons. How many tons does it still hold?",
+            ("9363742",),
+        ),
+        (
+            "builtin:multihop:test",
+            1,
+            "multihop-test-1",
+            "In which country was Thaubeszol Krezilteis born?",
+            ("Keilfenland", "Republic of Keilfenland"),
+        ),
+    ],
+)
+def test_first_queries_are_pinned(name, index, qid, question, answers):
     """Same questions on every run and Python version (random.Random draws only)."""
-    first = builtin.builtin_queries("builtin:arithmetic:train")[0]
-    assert first.id == "arithmetic-train-0"
-    assert first.question.startswith("A mine produced 8,056,020 tons of ore last year")
-    assert first.answers == ("9363742",)
-    hop = builtin.builtin_queries("builtin:multihop:test")[1]
-    assert hop.id == "multihop-test-1"
-    assert hop.question == "In which country was Thaubeszol Krezilteis born?"
-    assert hop.answers == ("Keilfenland", "Republic of Keilfenland")
+    query = builtin.builtin_queries(name)[index]
+    assert (query.id, query.question, query.answers) == (qid, question, answers)
 
 
 @pytest.mark.parametrize("task", ["arithmetic", "multihop", "mixed"])

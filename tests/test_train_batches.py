@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import PROV, traj
 
 from autotraj.build import Message, PreferencePair, SftRecord, prompt_messages
 from autotraj.io import write_jsonl_atomic
-from autotraj.records import Provenance, Segment, ToolCall, Trajectory
+from autotraj.records import Segment, ToolCall, Trajectory
 from autotraj.render import render_prompt
 from autotraj.train.batches import (
     IGNORE_INDEX,
@@ -21,7 +22,6 @@ from autotraj.train.batches import (
     sft_examples_from_file,
 )
 
-PROV = Provenance(model="test", backend="scripted", temperature=0.3, top_p=0.9, max_new_tokens=64)
 SYSTEM = "Solve with tools. Put the answer in \\boxed{}."
 HEDGE = "<think>maybe it is probably this, perhaps that, I might recheck, it seems likely</think>\n"
 
@@ -34,17 +34,13 @@ def make_trajectory(i: int, tid: str | None = None, noisy: bool = False) -> Traj
     """A clean one-tool-call trajectory for query q{i}; `noisy`: hedging and long repetition."""
     a, b = i + 2, i + 3
     think = HEDGE * 2 if noisy else "<think>multiply</think>\n"
-    return Trajectory(
-        id=tid or f"q{i}/s0",
-        query_id=f"q{i}",
-        segments=(
-            Segment(f"{think}<code>\nprint({a}*{b})\n</code>", True),
-            Segment(f"\n<result>\n{a * b}\n</result>\n", False),
-            Segment(f"<answer>\\boxed{{{a * b}}}</answer>", True),
-        ),
-        tool_calls=(ToolCall("python", f"print({a}*{b})", str(a * b), "ok", 0.01),),
-        finish_reason="answer",
-        provenance=PROV,
+    return traj(
+        f"{think}<code>\nprint({a}*{b})\n</code>",
+        f"\n<result>\n{a * b}\n</result>\n",
+        f"<answer>\\boxed{{{a * b}}}</answer>",
+        tid=tid or f"q{i}/s0",
+        qid=f"q{i}",
+        calls=(ToolCall("python", f"print({a}*{b})", str(a * b), "ok", 0.01),),
     )
 
 
