@@ -290,6 +290,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
 COMMAND_OF = {  # configs/<name> -> the `autotraj` command that reads it (cli.STAGES)
     "ablation_cpu.yaml": "ablate",
+    "ablation_cpu_full.yaml": "ablate",
     "cpu.yaml": "run",
     "cpu_gsm8k.yaml": "run",
     "cpu_synthesize.yaml": "synthesize",
