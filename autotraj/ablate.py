@@ -55,6 +55,7 @@ from autotraj.pipeline import (
     run_pipeline,
     stage_keys,
 )
+from autotraj.stage_process import run_stage
 from autotraj.train.grpo import RlConfig, run_rl
 from autotraj.train.reward_model import run_rm
 from autotraj.train.sft import run_sft
@@ -76,6 +77,9 @@ class AblationSettings:
     rl_reference: str = "rl-autotraj-outcome_format_rm"  # what RL variants are compared with
     bootstrap_samples: int = 2000
     bootstrap_seed: int = 0
+    # each stage in its own child process (stage_process.py): memory peaks at the largest stage
+    # instead of growing across all of them; false: one process (a debugger, or no spawn)
+    isolate_stages: bool = True
 
 
 @dataclass(frozen=True)
@@ -117,12 +121,14 @@ def variant_names(cfg: AblateConfig) -> list[str]:
     return names
 
 
-def _stage(run_dir: Path, out_dir: Path, config: Any, upstream: list[str], runner: Any) -> str:
+def _stage(
+    run_dir: Path, out_dir: Path, config: Any, upstream: list[str], runner: Any, isolate: bool
+) -> str:
     """Run (or reuse) one cached stage; return its key."""
     key = config_key(to_dict(config), upstream)
     claim_stage_dir(run_dir, out_dir, key)
     start = time.perf_counter()
-    runner(config)
+    run_stage(runner, config, isolate)
     log.info("%s: done in %.1f s", out_dir, time.perf_counter() - start)
     return key
 
@@ -132,13 +138,14 @@ def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
     check(cfg)
     a = cfg.ablation
     root = Path(cfg.run_dir)
+    iso = a.isolate_stages
     extra = tuple(d for d in a.sft_data if d != "autotraj")
     engine = dataclasses.replace(
         cfg,
         stages=("synthesize", "score", "repair", "build"),
         build=dataclasses.replace(cfg.build, extra_sets=extra),
     )
-    run_pipeline(engine)
+    run_stage(run_pipeline, engine, a.isolate_stages)
     keys = stage_keys(engine)
 
     sft_keys: dict[str, str] = {}
@@ -153,7 +160,7 @@ def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
             data=str(root / "build" / SFT_FILES[data]),
             max_steps=a.sft_steps,
         )
-        sft_keys[data] = _stage(root, vdir / "sft", scfg, [keys["build"]], run_sft)
+        sft_keys[data] = _stage(root, vdir / "sft", scfg, [keys["build"]], run_sft, iso)
         models[sft_name(data)] = (str(vdir / "sft" / "model"), 0)
 
     rm_cfg = dataclasses.replace(
@@ -161,7 +168,9 @@ def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
     )
     rm_key = ""
     if "outcome_format_rm" in a.rl_rewards:
-        rm_key = _stage(root, root / "rm", rm_cfg, [keys["build"], sft_keys["autotraj"]], run_rm)
+        rm_key = _stage(
+            root, root / "rm", rm_cfg, [keys["build"], sft_keys["autotraj"]], run_rm, iso
+        )
 
     rl_keys: dict[str, str] = {}
     for start in a.rl_starts:
@@ -178,7 +187,7 @@ def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
                 reward=dataclasses.replace(cfg.rl.reward, rm_weight=weight),
             )
             upstream = [keys["synthesize"], sft_keys[start], rm_key if weight else ""]
-            rl_keys[name] = _stage(root, vdir / "rl", rcfg, upstream, run_rl)
+            rl_keys[name] = _stage(root, vdir / "rl", rcfg, upstream, run_rl, iso)
             models[name] = (str(vdir / "rl" / "model"), 0)
 
     upstream_of = {sft_name(d): sft_keys[d] for d in a.sft_data} | rl_keys
@@ -191,7 +200,7 @@ def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
             generator=dataclasses.replace(cfg.eval.generator, model=model),
             rollout=dataclasses.replace(cfg.eval.rollout, demonstrations=demos),
         )
-        _stage(root, eval_dir(ecfg), ecfg, [upstream_of.get(name, "")], run_eval)
+        _stage(root, eval_dir(ecfg), ecfg, [upstream_of.get(name, "")], run_eval, iso)
         results[name] = load_records(eval_dir(ecfg) / "results.jsonl", EvalResult.from_dict)
     return write_comparison(cfg, results)
 
