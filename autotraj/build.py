@@ -16,7 +16,8 @@ writes under `<run_dir>/build/`:
 - `manifest.json` with the counts per partition and per source, `config.resolved.yaml`.
 
 A finished build with the same config and unchanged inputs is a no-op (`push_to_hub` is not part
-of that comparison: re-running with it pushes the existing build). Changed inputs rebuild.
+of that comparison: re-running with it pushes the existing build). Changed inputs are refused
+(run_dir.py's rule).
 
 Not here: scoring (quality.py, score stage), repairing (repair stage), training (train/).
 """
@@ -40,7 +41,6 @@ from autotraj.flaws import flaws
 from autotraj.io import (
     DataError,
     check_same_config,
-    file_sha256,
     load_records,
     read_jsonl,
     write_jsonl_atomic,
@@ -58,6 +58,13 @@ from autotraj.records import (
     _require,
 )
 from autotraj.render import chat_messages
+from autotraj.run_dir import (
+    RecordFile,
+    check_same_inputs,
+    finished_counts,
+    record_path,
+    require_records,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +102,13 @@ class BuildConfig:
 
 
 def stage_dir(cfg: BuildConfig) -> Path:
-    return Path(cfg.run_dir) / "build"
+    return record_path(cfg.run_dir, "sft").parent
 
 
 def input_paths(run_dir: str | Path) -> dict[str, Path]:
-    run = Path(run_dir)
-    return {
-        "queries": run / "synthesize" / "queries.jsonl",
-        "trajectories": run / "synthesize" / "trajectories.jsonl",
-        "scores": run / "score" / "scores.jsonl",
-        "repairs": run / "repair" / "repairs.jsonl",
-        "hard_cases": run / "repair" / "hard_cases.jsonl",
-    }
+    """The record files the build reads (run_dir.RECORD_FILES); hard_cases.jsonl may be absent."""
+    names: tuple[RecordFile, ...] = ("queries", "trajectories", "scores", "repairs", "hard_cases")
+    return {name: record_path(run_dir, name) for name in names}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -691,27 +693,14 @@ def _outputs(out_dir: Path, cfg: BuildConfig) -> list[Path]:
     return [out_dir / name for name in names]
 
 
-def _finished_counts(out_dir: Path, cfg: BuildConfig) -> dict[str, Any] | None:
-    """The counts of a finished build whose inputs are unchanged, else None."""
-    manifest_path = out_dir / "manifest.json"
-    if not manifest_path.is_file() or not all(p.exists() for p in _outputs(out_dir, cfg)):
-        return None
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    current = {name: file_sha256(p) for name, p in input_paths(cfg.run_dir).items() if p.is_file()}
-    recorded = {name: entry["sha256"] for name, entry in manifest.get("inputs", {}).items()}
-    if current != recorded:
-        log.info("the inputs changed since the last build: rebuilding")
-        return None
-    return manifest["counts"]
-
-
 def run_build(cfg: BuildConfig) -> dict[str, Any]:
     """Build (or find already built) the SFT and preference sets; return the counts."""
     out_dir = stage_dir(cfg)
     _check_same_config(out_dir, cfg)
-    counts = _finished_counts(out_dir, cfg)
+    require_records(cfg.run_dir, ("queries", "trajectories", "scores", "repairs"))
+    check_same_inputs(out_dir, input_paths(cfg.run_dir))
+    counts = finished_counts(out_dir, _outputs(out_dir, cfg))
     if counts is not None:
-        log.info("%s is finished and its inputs are unchanged; nothing to build", out_dir)
         if cfg.push_to_hub:
             sft = load_sft_records(out_dir / "sft.jsonl")
             pairs = load_preference_pairs(out_dir / "preferences.jsonl")

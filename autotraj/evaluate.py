@@ -57,7 +57,7 @@ from autotraj.models.generator import Generator
 from autotraj.models.loading import GeneratorConfig, load_generator
 from autotraj.records import Query
 from autotraj.rollout import RolloutConfig, rollout
-from autotraj.synthesize import StageIncomplete
+from autotraj.run_dir import StageIncomplete
 from autotraj.tools.toolbox import ToolsConfig, close_tools, open_tools
 
 log = logging.getLogger(__name__)

@@ -46,7 +46,6 @@ Not here: scoring the candidates of a query (score.py), building SFT or preferen
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import time
@@ -69,9 +68,7 @@ from autotraj.io import (
     DataError,
     ResumableJsonl,
     check_same_config,
-    file_sha256,
     load_records,
-    write_json_atomic,
     write_manifest,
 )
 from autotraj.metrics import MetricsLog
@@ -92,8 +89,15 @@ from autotraj.records import (
 )
 from autotraj.render import default_system_prompt
 from autotraj.rollout import RolloutConfig, generator_failed, rollout
-from autotraj.score import load_synthesized, require_file, synthesize_inputs
-from autotraj.synthesize import StageIncomplete
+from autotraj.run_dir import (
+    RECORD_FILES,
+    StageIncomplete,
+    check_same_inputs,
+    finished_counts,
+    load_synthesized,
+    record_path,
+    require_records,
+)
 from autotraj.tools.tool import Tool, ToolInfraError
 from autotraj.tools.toolbox import ToolsConfig, close_tools, open_tools
 
@@ -133,7 +137,7 @@ class Target:
 
 
 def stage_dir(cfg: RepairConfig) -> Path:
-    return Path(cfg.run_dir) / "repair"
+    return record_path(cfg.run_dir, "repairs").parent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,8 +415,7 @@ def repair_chunk(
 
 def load_targets(run_dir: str | Path) -> tuple[list[Target], dict[str, Path]]:
     """Every AC-LQ and AW trajectory, in the order of scores.jsonl, and the input files."""
-    inputs = synthesize_inputs(run_dir)
-    inputs["scores"] = require_file(Path(run_dir) / "score" / "scores.jsonl", "score")
+    inputs = require_records(run_dir, ("queries", "trajectories", "scores"))
     queries, trajectories = load_synthesized(inputs)
     by_id = {t.id: t for t in trajectories}
     targets = []
@@ -427,18 +430,6 @@ def load_targets(run_dir: str | Path) -> tuple[list[Target], dict[str, Path]]:
         original = by_id[score.trajectory_id]
         targets.append(Target(original, queries[original.query_id], score.label, score))
     return targets, inputs
-
-
-def _check_same_inputs(out_dir: Path, inputs: dict[str, Path]) -> None:
-    """Refuse to resume (or reuse) output made from different input files."""
-    hashes = {name: file_sha256(p) for name, p in sorted(inputs.items())}
-    saved = out_dir / "inputs.json"
-    if saved.exists() and json.loads(saved.read_text(encoding="utf-8")) != hashes:
-        raise ConfigError(
-            f"{out_dir} was made from different synthesize/score outputs; use another run_dir "
-            f"or delete that folder (compare {saved})"
-        )
-    write_json_atomic(saved, hashes)
 
 
 def run_repair(
@@ -459,12 +450,15 @@ def run_repair(
     out_dir = stage_dir(cfg)
     targets, inputs = load_targets(cfg.run_dir)
     check_same_config(out_dir, yaml.safe_dump(to_dict(cfg), sort_keys=True))
-    _check_same_inputs(out_dir, inputs)
-    repairs = ResumableJsonl(out_dir / "repairs.jsonl", key=lambda row: row["original_id"])
-    hard = ResumableJsonl(out_dir / "hard_cases.jsonl", key=lambda row: row["original_id"])
-    if repairs.finished and hard.finished and (out_dir / "manifest.json").is_file():
-        log.info("%s is finished; nothing to do", out_dir)
-        return json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))["counts"]
+    check_same_inputs(out_dir, inputs)
+    repairs = ResumableJsonl(
+        record_path(cfg.run_dir, "repairs"), key=lambda row: row["original_id"]
+    )
+    hard = ResumableJsonl(
+        record_path(cfg.run_dir, "hard_cases"), key=lambda row: row["original_id"]
+    )
+    if (done := finished_counts(out_dir, [repairs.path, hard.path])) is not None:
+        return done
     done = set(repairs.done) | set(hard.done)
     todo = [t for t in targets if t.original.id not in done]
     log.info("%d trajectories to repair: %d done, %d to go", len(targets), len(done), len(todo))
@@ -540,8 +534,8 @@ def chunk_metrics(results: Sequence[Repair], seconds: float) -> dict[str, float]
 
 def summarize(out_dir: Path, targets: Sequence[Target]) -> dict[str, Any]:
     """Counts from the files on disk (so they are right after any number of resumes)."""
-    accepted = load_records(out_dir / "repairs.jsonl", Repair.from_dict)
-    rejected = load_records(out_dir / "hard_cases.jsonl", Repair.from_dict)
+    accepted = load_records(out_dir / RECORD_FILES["repairs"][1], Repair.from_dict)
+    rejected = load_records(out_dir / RECORD_FILES["hard_cases"][1], Repair.from_dict)
     attempts = [a for r in (*accepted, *rejected) for a in (*r.rejected, r.final)]
     to_repair = Counter(t.label for t in targets)
     accepted_by = Counter(r.label for r in accepted)

@@ -181,7 +181,7 @@ def test_empty_sets_still_build(tmp_path):
     assert (run_dir / "build/preferences.jsonl").read_text() == ""
 
 
-def test_rerun_is_a_no_op_changed_inputs_rebuild_changed_config_refused(run_dir, monkeypatch):
+def test_rerun_is_a_no_op_changed_inputs_and_config_are_refused(run_dir, monkeypatch):
     cfg = BuildConfig(run_dir=str(run_dir))
     first = run_build(cfg)
     calls = []
@@ -191,7 +191,8 @@ def test_rerun_is_a_no_op_changed_inputs_rebuild_changed_config_refused(run_dir,
         run_build(BuildConfig(run_dir=str(run_dir), save_hf=False))
     monkeypatch.undo()
     write_jsonl(run_dir / "repair/repairs.jsonl", repair_rows()[:1])
-    assert run_build(cfg)["preference_pairs"] == 1
+    with pytest.raises(ConfigError, match=r"different input files \(repairs changed\)"):
+        run_build(cfg)
 
 
 def test_push_to_hub_pushes_both_sets(run_dir, monkeypatch):

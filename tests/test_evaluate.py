@@ -14,7 +14,7 @@ from autotraj.io import DataError, read_jsonl
 from autotraj.models.scripted import ScriptedGenerator
 from autotraj.records import Provenance, Trajectory
 from autotraj.rollout import RolloutConfig
-from autotraj.synthesize import StageIncomplete
+from autotraj.run_dir import StageIncomplete
 from autotraj.tags import result_text
 from autotraj.tools.tool import ToolInfraError
 from autotraj.tools.toolbox import SearchToolConfig, ToolsConfig
