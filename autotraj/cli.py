@@ -18,7 +18,7 @@ import yaml
 
 from autotraj.config import ConfigError, load_config, to_dict
 from autotraj.io import DataError
-from autotraj.quality import LABELS
+from autotraj.records import LABELS
 
 
 def _synthesize() -> tuple[type, Callable[[Any], Any]]:

@@ -74,9 +74,10 @@ from autotraj.io import (
 from autotraj.metrics import MetricsLog
 from autotraj.models.generator import Generator
 from autotraj.models.loading import GeneratorConfig, load_generator
-from autotraj.quality import QualityConfig, QualityScore, length_words, score_one
+from autotraj.quality import QualityConfig, length_words, score_one
 from autotraj.records import (
     Provenance,
+    QualityScore,
     Query,
     Repair,
     RepairAttempt,

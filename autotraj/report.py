@@ -33,10 +33,9 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from autotraj.build import RunFiles, SftRecord, load_preference_pairs, load_sft_records
 from autotraj.compare import HEADER, Row, row_cells, sft_note
 from autotraj.io import DataError
-from autotraj.quality import LABELS
+from autotraj.records import LABELS, SftRecord
 from autotraj.report_data import (
     EvalRun,
     Length,
@@ -49,6 +48,7 @@ from autotraj.report_data import (
 )
 from autotraj.report_plots import bar_chart, esc, fmt, histogram, line_chart
 from autotraj.report_viewer import STYLE, VIEWER_JS, data_script, viewer_data
+from autotraj.run_dir import RunFiles, load_preference_pairs, load_sft_records
 from autotraj.show import load_run
 
 log = logging.getLogger(__name__)

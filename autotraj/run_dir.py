@@ -34,8 +34,11 @@ keys each stage on its config and upstream keys, and moves a stale folder to `<r
 before the stage runs again (pipeline.py). Before this module, score and build redid their work
 on changed inputs while repair refused; now all three refuse (docs/data.md).
 
-Also here: `require_file` (an input, or an error naming the stage to run first) and
-`StageIncomplete` (a stage stopped with work left; re-run it).
+Also here: `require_file` (an input, or an error naming the stage to run first),
+`StageIncomplete` (a stage stopped with work left; re-run it), and the readers of the record
+files, each parsed with its one schema (records/): `load_synthesized`, `load_scores`,
+`load_repairs`, `load_hard_cases`, `load_sft_records`, `load_preference_pairs`, and `RunFiles`
+(every record of a run, by id: build, show and the report read it).
 
 Not here: reading or writing a file (io.py), record schemas (records.py), what a stage computes.
 """
@@ -44,13 +47,22 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from autotraj.config import ConfigError
-from autotraj.io import DataError, file_sha256, load_records, write_json_atomic
-from autotraj.records import Query, Trajectory
+from autotraj.io import DataError, file_sha256, load_records, read_jsonl, write_json_atomic
+from autotraj.records import (
+    PreferencePair,
+    Query,
+    RecordError,
+    Repair,
+    ScoreRow,
+    SftRecord,
+    Trajectory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +81,7 @@ RECORD_FILES: dict[RecordFile, tuple[Stage, str]] = {
     "preferences": ("build", "preferences.jsonl"),
 }
 MODEL = "model"  # the final model under sft/, rm/ and rl/
+T = TypeVar("T")
 
 
 class StageIncomplete(RuntimeError):
@@ -169,3 +182,129 @@ def finished_counts(out_dir: str | Path, outputs: Iterable[Path]) -> dict[str, A
         return None
     log.info("%s is finished and its inputs are unchanged; nothing to do", out_dir)
     return json.loads(manifest.read_text(encoding="utf-8"))["counts"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the records of a run directory
+
+
+def load_keyed(
+    path: str | Path, parse: Callable[[dict[str, Any]], T], key: Callable[[T], str], what: str
+) -> dict[str, T]:
+    """Records of a JSONL file by key, in file order; a bad row or a repeated key names file:line."""
+    out: dict[str, T] = {}
+    lines: dict[str, int] = {}
+    for lineno, obj in read_jsonl(path):
+        try:
+            record = parse(obj)
+        except (ValueError, TypeError, KeyError) as e:
+            raise DataError(f"{path}:{lineno}: {e}") from e
+        k = key(record)
+        if k in out:
+            raise DataError(f"{path}:{lineno}: duplicate {what} {k!r} (first on line {lines[k]})")
+        out[k], lines[k] = record, lineno
+    return out
+
+
+def load_scores(path: str | Path) -> dict[str, ScoreRow]:
+    """score/scores.jsonl by trajectory id."""
+    return load_keyed(path, ScoreRow.from_dict, lambda r: r.quality.trajectory_id, "trajectory_id")
+
+
+def _accepted_repair(data: dict[str, Any]) -> Repair:
+    repair = Repair.from_dict(data)
+    if not repair.accepted:
+        raise RecordError(
+            f"repair of {repair.original_id}: not accepted (reason {repair.reason!r}); "
+            f"a rejected repair belongs in hard_cases.jsonl"
+        )
+    if repair.repair_score is None:
+        raise RecordError(f"repair of {repair.original_id}: accepted but 'repair_score' is null")
+    return repair
+
+
+def _hard_case(data: dict[str, Any]) -> Repair:
+    repair = Repair.from_dict(data)
+    if repair.accepted:
+        raise RecordError(
+            f"repair of {repair.original_id}: accepted (empty 'reason'); "
+            f"an accepted repair belongs in repairs.jsonl"
+        )
+    return repair
+
+
+def load_repairs(path: str | Path) -> dict[str, Repair]:
+    """repair/repairs.jsonl (accepted `records.Repair` rows) by original id."""
+    return load_keyed(path, _accepted_repair, lambda r: r.original_id, "original_id")
+
+
+def load_hard_cases(path: str | Path) -> tuple[Repair, ...]:
+    """repair/hard_cases.jsonl (rejected `records.Repair` rows, one per original), in order."""
+    return tuple(load_keyed(path, _hard_case, lambda r: r.original_id, "original_id").values())
+
+
+def check_unique_ids(ids: Iterable[str], where: str) -> None:
+    """Raise `DataError` at the first id seen twice."""
+    seen: set[str] = set()
+    for i, record_id in enumerate(ids, start=1):
+        if record_id in seen:
+            raise DataError(f"{where}: record {i}: duplicate id {record_id!r}")
+        seen.add(record_id)
+
+
+def load_sft_records(path: str | Path) -> list[SftRecord]:
+    """The SFT set the build stage writes (`<run_dir>/build/sft.jsonl`), checked."""
+    records = load_records(path, SftRecord.from_dict)
+    check_unique_ids((r.id for r in records), str(path))
+    return records
+
+
+def load_preference_pairs(path: str | Path) -> list[PreferencePair]:
+    """The preference set the build stage writes (`<run_dir>/build/preferences.jsonl`), checked."""
+    pairs = load_records(path, PreferencePair.from_dict)
+    check_unique_ids((p.id for p in pairs), str(path))
+    return pairs
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The stage files of a run directory, keyed by id, in file order (build and show read them)."""
+
+    queries: dict[str, Query]
+    trajectories: dict[str, Trajectory]
+    scores: dict[str, ScoreRow]
+    repairs: dict[str, Repair]  # accepted, by original id
+    hard_cases: tuple[Repair, ...]  # not accepted, one per original
+
+    def find(self, trajectory_id: str) -> Trajectory:
+        """A candidate, an accepted repair or a rejected repair, by id."""
+        if trajectory_id in self.trajectories:
+            return self.trajectories[trajectory_id]
+        for t in self._repair_trajectories():
+            if t.id == trajectory_id:
+                return t
+        raise DataError(f"trajectory {trajectory_id!r} is not in this run")
+
+    def _repair_trajectories(self) -> Iterable[Trajectory]:
+        yield from (r.trajectory for r in self.repairs.values())
+        yield from (c.trajectory for c in self.hard_cases)
+
+
+def read_run_files(run_dir: str | Path, optional: frozenset[str]) -> RunFiles:
+    """Read queries, trajectories, scores, repairs and hard cases; `optional` ones may be absent."""
+    paths = {name: record_path(run_dir, name) for name in RECORD_FILES}
+    present = {
+        n: n not in optional or paths[n].is_file() for n in ("scores", "repairs", "hard_cases")
+    }
+    for name, here in present.items():
+        if not here:
+            log.info("%s not found: read as empty", paths[name])
+    return RunFiles(
+        queries=load_keyed(paths["queries"], Query.from_dict, lambda q: q.id, "query id"),
+        trajectories=load_keyed(
+            paths["trajectories"], Trajectory.from_dict, lambda t: t.id, "trajectory id"
+        ),
+        scores=load_scores(paths["scores"]) if present["scores"] else {},
+        repairs=load_repairs(paths["repairs"]) if present["repairs"] else {},
+        hard_cases=tuple(load_hard_cases(paths["hard_cases"])) if present["hard_cases"] else (),
+    )

@@ -7,8 +7,9 @@ under `<run_dir>/score/`:
 
 - `scores.jsonl`: one row per trajectory, in the order of trajectories.jsonl, with every
   component, so a reader sees why a trajectory was judged low quality:
-  `QualityScore.to_dict()` (trajectory_id, query_id, score, components, correct, label) plus
-  `em`, `f1`, `extracted` (the answer the checker read), `words` (L) and `length_ref` (L*).
+  `records.ScoreRow`: `QualityScore.to_dict()` (trajectory_id, query_id, score, components,
+  correct, label, flaws) plus `em`, `f1`, `extracted` (the answer the checker read), `words` (L)
+  and `length_ref` (L*).
 - `manifest.json` (counts per label, accuracy, input hashes) and `config.resolved.yaml`.
 
 Pure and fast (no model, no tools): the output is written atomically in one go. Re-running with
@@ -37,13 +38,12 @@ from autotraj.io import (
     write_manifest,
 )
 from autotraj.quality import (
-    LABELS,
     QualityConfig,
     group_length_refs,
     length_words,
     score_group,
 )
-from autotraj.records import Query, Trajectory
+from autotraj.records import LABELS, Query, ScoreRow, Trajectory
 from autotraj.run_dir import (
     check_same_inputs,
     finished_counts,
@@ -69,42 +69,43 @@ def stage_dir(run_dir: str | Path) -> Path:
 
 def score_rows(
     queries: dict[str, Query], trajectories: list[Trajectory], cfg: ScoreConfig
-) -> list[dict[str, Any]]:
+) -> list[ScoreRow]:
     """One row per trajectory (file order kept): score, components, grade and label."""
     groups: dict[str, list[Trajectory]] = {}
     for t in trajectories:
         if t.finish_reason == "infra_error":
             raise DataError(f"trajectory {t.id}: infrastructure failure ({t.error}); not scorable")
         groups.setdefault(t.query_id, []).append(t)
-    rows: dict[str, dict[str, Any]] = {}
+    rows: dict[str, ScoreRow] = {}
     for query_id, group in tqdm(groups.items(), desc="score", unit="query"):
         grades = [grade_trajectory(t.text, queries[query_id], cfg.checker) for t in group]
         scores = score_group(group, [g.correct for g in grades], cfg.quality)
         words_ref, _ = group_length_refs(group, cfg.quality)
         for t, grade, score in zip(group, grades, scores, strict=True):
-            rows[t.id] = {
-                **score.to_dict(),
-                "em": grade.em,
-                "f1": grade.f1,
-                "extracted": grade.extracted,
-                "words": length_words(t, cfg.quality),
-                "length_ref": words_ref,
-            }
+            rows[t.id] = ScoreRow(
+                quality=score,
+                em=grade.em,
+                f1=grade.f1,
+                extracted=grade.extracted,
+                words=length_words(t, cfg.quality),
+                length_ref=words_ref,
+            )
     if len(rows) != len(trajectories):
         raise DataError("trajectories.jsonl holds duplicate trajectory ids")
     return [rows[t.id] for t in trajectories]
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    labels = Counter(row["label"] for row in rows)
-    correct = sum(row["correct"] for row in rows)
+def summarize(rows: list[ScoreRow]) -> dict[str, Any]:
+    scores = [row.quality for row in rows]
+    labels = Counter(s.label for s in scores)
+    correct = sum(s.correct for s in scores)
     return {
         "trajectories": len(rows),
-        "queries": len({row["query_id"] for row in rows}),
+        "queries": len({s.query_id for s in scores}),
         **{label: labels[label] for label in LABELS},
         "correct": correct,
         "accuracy": correct / len(rows) if rows else 0.0,
-        "mean_score": sum(row["score"] for row in rows) / len(rows) if rows else 0.0,
+        "mean_score": sum(s.score for s in scores) / len(rows) if rows else 0.0,
     }
 
 
@@ -118,7 +119,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         return done
     queries, trajectories = load_synthesized(inputs)
     rows = score_rows(queries, trajectories, cfg)
-    write_jsonl_atomic(out_dir / "scores.jsonl", rows)
+    write_jsonl_atomic(out_dir / "scores.jsonl", (row.to_dict() for row in rows))
     counts = summarize(rows)
     write_manifest(out_dir, stage="score", config=to_dict(cfg), inputs=inputs, counts=counts)
     log.info(

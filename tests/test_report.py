@@ -210,7 +210,7 @@ def test_viewer_data_spans_scores_and_repair_diffs(run_dir):
     (accepted,) = s1["repairs"]
     assert (accepted["id"], accepted["how"], accepted["before"], accepted["after"]) == (
         "q1/s1/r",
-        "model",
+        "first_pass",
         0.7,
         0.97,
     )
@@ -229,9 +229,8 @@ def test_viewer_data_spans_scores_and_repair_diffs(run_dir):
         ]
     ]
     rejected = by_id["q2/s1"]["repairs"]
-    assert [(r["accepted"], r["reason"], r["rows"] is None) for r in rejected] == [
-        (False, "answer still wrong", False),
-        (False, "infra_error: sandbox crashed", True),
+    assert [(r["accepted"], r["id"], r["reason"]) for r in rejected] == [
+        (False, "q2/s1/r", "wrong answer"),
     ]
     assert by_id["q1/evil"]["label"] is None
 
@@ -254,7 +253,7 @@ def test_long_texts_are_cut():
 
 
 def viewer_data_of(t: Trajectory) -> dict:
-    from autotraj.build import RunFiles
+    from autotraj.run_dir import RunFiles
 
     files = RunFiles(queries={}, trajectories={t.id: t}, scores={}, repairs={}, hard_cases=())
     return viewer_data(files, max_trajectories=10)["trajectories"][0]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import write_jsonl
+from test_build import hard_case_rows, repair_rows  # rows as the repair stage writes them
 
 from autotraj.config import ConfigError
 from autotraj.io import DataError, write_manifest
@@ -12,6 +14,8 @@ from autotraj.run_dir import (
     check_same_inputs,
     finished_counts,
     input_hashes,
+    load_hard_cases,
+    load_repairs,
     record_path,
     require_file,
 )
@@ -110,3 +114,28 @@ def test_finished_needs_the_manifest_and_every_output(out_dir, inputs):
     assert finished_counts(out_dir, [output]) is None
     output.write_text("")
     assert finished_counts(out_dir, [output]) == {"n": 1}
+
+
+def test_a_rejected_repair_in_repairs_jsonl_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "repairs.jsonl", hard_case_rows())
+    with pytest.raises(DataError, match=r"repairs.jsonl:1: repair of q2/s1: not accepted"):
+        load_repairs(path)
+
+
+def test_an_accepted_repair_in_hard_cases_jsonl_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "hard_cases.jsonl", repair_rows())
+    with pytest.raises(DataError, match=r"hard_cases.jsonl:1: repair of q1/s1: accepted"):
+        load_hard_cases(path)
+
+
+def test_two_hard_cases_of_one_original_are_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "hard_cases.jsonl", 2 * hard_case_rows())
+    with pytest.raises(DataError, match=r"hard_cases.jsonl:2: duplicate original_id 'q2/s1'"):
+        load_hard_cases(path)
+
+
+def test_a_repair_row_reads_back_as_written(tmp_path):
+    rows = repair_rows()
+    repairs = load_repairs(write_jsonl(tmp_path / "repairs.jsonl", rows))
+    assert [r.to_dict() for r in repairs.values()] == rows
+    assert repairs["q1/s1"].how == "first_pass" and repairs["q1/s1"].repair_score == 0.97
