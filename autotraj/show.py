@@ -10,7 +10,7 @@ else one after the other). `render_list` returns the trajectory ids with label, 
 outcome. Colors are ANSI codes, only when `color=True`; without colors every mark is plain text.
 
 Not here: writing to stdout (cli.py decides that, and whether stdout takes colors), the HTML
-report (report.py), tag spans and line/word diffs (markup.py, shared with the report), computing
+report (report/), tag spans and line/word diffs (markup.py, shared with the report), computing
 scores or masks (quality.py, render.py).
 """
 

@@ -13,16 +13,17 @@ import pytest
 from conftest import PROV, write_jsonl
 from test_build import product_traj, write_run  # the build tests' hand-made run
 
-from autotraj import report_plots, report_viewer
 from autotraj.build import BuildConfig, run_build
 from autotraj.cli import main
 from autotraj.io import DataError
 from autotraj.markup import tag_spans
 from autotraj.records import Segment, ToolCall, Trajectory
+from autotraj.report import plots as report_plots
 from autotraj.report import render_report, write_report
-from autotraj.report_data import read_curves
-from autotraj.report_plots import clean
-from autotraj.report_viewer import viewer_data
+from autotraj.report import viewer as report_viewer
+from autotraj.report.data import read_curves
+from autotraj.report.plots import clean
+from autotraj.report.viewer import viewer_data
 from autotraj.show import load_run
 
 PAYLOAD = '</script><script>alert(1)</script><script>document.body.dataset.pwned="1"</script>'
@@ -278,7 +279,7 @@ def test_model_text_stays_inert_and_intact(run_dir):
 
 
 def test_non_finite_numbers_become_null():
-    from autotraj.report_viewer import data_script
+    from autotraj.report.viewer import data_script
 
     script = data_script({"x": [float("nan"), float("inf"), 1.5], "y": "a\ud800"})
     assert script.endswith('>{"x":[null,null,1.5],"y":"a\ufffd"}</script>')

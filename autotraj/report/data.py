@@ -7,7 +7,7 @@
 - `read_json`: a JSON object file; `stage_states`: which stages have finished, started, not run.
 
 A malformed file raises `DataError` naming the file (and the line, for JSONL). Not here: what
-the page shows (report.py).
+the page shows (report/page.py).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ lazily: one page of the query list at a time, and only the selected query's cand
 piece of run text goes into the page through `textContent`, never as markup. The page's URL may
 preset the filter and the search: `report.html?label=AW&q=gsm8k`.
 
-Not here: reading the run (build.read_run_files), the rest of the page (report.py).
+Not here: reading the run (run_dir.read_run_files), the rest of the page (report/page.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 
 from autotraj.markup import diff_rows, tag_spans, word_diff
 from autotraj.records import Repair, ScoreRow, Trajectory
-from autotraj.report_plots import clean
+from autotraj.report.plots import clean
 from autotraj.run_dir import RunFiles
 
 MAX_TEXT = 4000  # characters of one segment, tool input or tool output
@@ -145,7 +145,7 @@ def diff(a: str, b: str) -> list[list[Any]]:
 
 
 def _cleaned(value: Any) -> Any:
-    """`value` with every string in it cleaned (report_plots.clean) and every NaN or infinity
+    """`value` with every string in it cleaned (report/plots.clean) and every NaN or infinity
     made None (JSON has neither)."""
     if isinstance(value, str):
         return clean(value)
