@@ -47,9 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -61,7 +59,7 @@ import yaml
 from tqdm import tqdm
 
 from autotraj.config import ConfigError, to_dict
-from autotraj.edits import calls_kept, edit, from_original, similarity
+from autotraj.edits import edit
 from autotraj.flaws import flaws
 from autotraj.grading import Checker, grade_trajectory
 from autotraj.io import (
@@ -89,6 +87,7 @@ from autotraj.records import (
     Trajectory,
 )
 from autotraj.render import default_system_prompt
+from autotraj.repair_counts import chunk_metrics, summarize
 from autotraj.rollout import RolloutConfig, generator_failed, rollout
 from autotraj.run_dir import (
     RECORD_FILES,
@@ -473,7 +472,11 @@ def run_repair(
                 close_tools(dict(active_tools))
     repairs.finish()
     hard.finish()
-    counts = summarize(out_dir, targets)
+    counts = summarize(
+        load_records(out_dir / RECORD_FILES["repairs"][1], Repair.from_dict),
+        load_records(out_dir / RECORD_FILES["hard_cases"][1], Repair.from_dict),
+        [(t.label, t.original) for t in targets],
+    )
     write_manifest(out_dir, stage="repair", config=to_dict(cfg), inputs=inputs, counts=counts)
     return counts
 
@@ -512,78 +515,3 @@ def _repair_all(
                     f"({len(todo) - start - len(results) - len(unfinished)} more not started); "
                     f"re-run the same command to retry them. {unfinished[0].final.reason}"
                 )
-
-
-def chunk_metrics(results: Sequence[Repair], seconds: float) -> dict[str, float]:
-    attempts = [a for r in results for a in (*r.rejected, r.final)]
-    values: dict[str, float] = {
-        "repair/speed/repairs_per_min": 60 * len(results) / max(seconds, 1e-9),
-        "repair/speed/seconds": seconds,
-        "repair/attempts/model": sum(a.how == "model" for a in attempts),
-        "repair/attempts/first_pass": sum(a.how == "first_pass" for a in attempts),
-        "repair/attempts/infra_error": sum(a.reason.startswith("infra error") for a in attempts),
-        "repair/accept/first_pass": sum(
-            r.accepted and r.final.how == "first_pass" for r in results
-        ),
-    }
-    for label in PROMPT_FILES:
-        mine = [r for r in results if r.label == label]
-        if mine:
-            values[f"repair/accept/{label}_rate"] = sum(r.accepted for r in mine) / len(mine)
-    return values
-
-
-def summarize(out_dir: Path, targets: Sequence[Target]) -> dict[str, Any]:
-    """Counts from the files on disk (so they are right after any number of resumes)."""
-    accepted = load_records(out_dir / RECORD_FILES["repairs"][1], Repair.from_dict)
-    rejected = load_records(out_dir / RECORD_FILES["hard_cases"][1], Repair.from_dict)
-    attempts = [a for r in (*accepted, *rejected) for a in (*r.rejected, r.final)]
-    to_repair = Counter(t.label for t in targets)
-    accepted_by = Counter(r.label for r in accepted)
-    reasons = Counter(_reason_kind(r.final.reason) for r in rejected)
-    originals = {t.original.id: t.original for t in targets}
-    return {
-        "to_repair": {label: to_repair[label] for label in PROMPT_FILES},
-        "accepted": {label: accepted_by[label] for label in PROMPT_FILES},
-        "hard_cases": len(rejected),
-        "hard_case_reasons": dict(sorted(reasons.items())),
-        "first_pass_accepted": sum(r.final.how == "first_pass" for r in accepted),
-        "kept": {
-            label: kept_measures(
-                [
-                    (originals[r.original_id], r.final.trajectory)
-                    for r in accepted
-                    if r.label == label
-                ]
-            )
-            for label in PROMPT_FILES
-        },
-        "model_attempts": sum(a.how == "model" for a in attempts),
-        "infra_errors": sum(a.reason.startswith("infra error") for a in attempts),
-    }
-
-
-def kept_measures(pairs: Sequence[tuple[Trajectory, Trajectory]]) -> dict[str, float | None]:
-    """How much of its original an accepted repair keeps, averaged over (original, repair):
-    the share of the original's tool calls it makes too (over originals that made any), the
-    word-sequence similarity of what the two models wrote, and the share of the repair's words
-    that the original wrote (edits.py)."""
-    shares = [k for o, r in pairs if (k := calls_kept(o.tool_calls, r.tool_calls)) is not None]
-    similarities = [similarity(o.model_text, r.model_text) for o, r in pairs]
-    kept_words = [from_original(o.model_text, r.model_text) for o, r in pairs]
-    return {
-        "repairs": len(pairs),
-        "calls_kept": sum(shares) / len(shares) if shares else None,
-        "originals_with_calls": len(shares),
-        "similarity": sum(similarities) / len(similarities) if similarities else None,
-        "from_original": sum(kept_words) / len(kept_words) if kept_words else None,
-    }
-
-
-def _reason_kind(reason: str) -> str:
-    """A rejection reason without its numbers, for counting: 'S <= original', 'S <= 0.86' ..."""
-    if reason.startswith("infra error"):
-        return "infra error"
-    if reason.startswith("flaw: "):
-        return "flaw: " + reason.removeprefix("flaw: ").split(":")[0]
-    return re.sub(r"original [0-9.]+", "original", re.sub(r"^S [0-9.]+", "S", reason))
