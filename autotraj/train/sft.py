@@ -69,7 +69,7 @@ class SftConfig:
     run_dir: str = "runs/default"
     data: str | None = None  # None: <run_dir>/build/sft.jsonl
     # The base model: "embedded:smollm2-135m-instruct", a local directory or a Hub name.
-    # Release: Qwen/Qwen2.5-7B-Instruct (configs/sft_paper.yaml).
+    # Release: Qwen/Qwen2.5-7B-Instruct (configs/paper.yaml, section sft).
     model: str = EMBEDDED_MODEL
     learning_rate: float = 7e-6  # release
     epochs: float = 3.0  # release
