@@ -31,8 +31,8 @@ from pathlib import Path
 
 import yaml
 
-from autotraj.build import load_preference_pairs, load_sft_records
 from autotraj.flaws import flaws
+from autotraj.run_dir import load_preference_pairs, load_sft_records
 
 MIN_CALLS_KEPT = 0.9
 MIN_FROM_ORIGINAL = 0.97

@@ -16,7 +16,8 @@ writes under `<run_dir>/build/`:
 - `manifest.json` with the counts per partition and per source, `config.resolved.yaml`.
 
 A finished build with the same config and unchanged inputs is a no-op (`push_to_hub` is not part
-of that comparison: re-running with it pushes the existing build). Changed inputs rebuild.
+of that comparison: re-running with it pushes the existing build). Changed inputs are refused
+(run_dir.py's rule).
 
 Not here: scoring (quality.py, score stage), repairing (repair stage), training (train/).
 """
@@ -28,7 +29,7 @@ import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -40,30 +41,26 @@ from autotraj.flaws import flaws
 from autotraj.io import (
     DataError,
     check_same_config,
-    file_sha256,
-    load_records,
-    read_jsonl,
     write_jsonl_atomic,
     write_manifest,
 )
-from autotraj.quality import QualityScore
-from autotraj.records import (
-    Query,
-    RecordError,
-    RepairHow,
-    RepairLabel,
-    Trajectory,
-    _literal,
-    _optional,
-    _require,
-)
+from autotraj.records import Message, PreferencePair, Repair, SftRecord, SftSource, Trajectory
 from autotraj.render import chat_messages
+from autotraj.run_dir import (
+    RecordFile,
+    RunFiles,
+    check_same_inputs,
+    check_unique_ids,
+    finished_counts,
+    load_preference_pairs,
+    load_sft_records,
+    read_run_files,
+    record_path,
+    require_records,
+)
 
 log = logging.getLogger(__name__)
 
-# HQ candidates and accepted repairs form the SFT set; "AC-LQ" and "AW" (candidates as they
-# were sampled) appear only in the ablation's baseline sets (`BuildConfig.extra_sets`).
-SftSource = Literal["HQ", "repair:AC-LQ", "repair:AW", "AC-LQ", "AW"]
 # Which records an SFT set holds: AutoTraj's (HQ + verified repairs) and the ablation baselines
 # (METHOD.md section 6b): HQ only, every correct candidate (rejection sampling), every candidate.
 SftData = Literal["autotraj", "hq", "correct", "all"]
@@ -75,7 +72,6 @@ SFT_FILES: dict[SftData, str] = {
 }
 # The sets that must be clean (flaws.flaws) record by record; the baselines are not, on purpose.
 CLEAN_SETS: frozenset[SftData] = frozenset({"autotraj", "hq"})
-Role = Literal["system", "user", "assistant"]
 REPAIR_SOURCE: dict[str, SftSource] = {"AC-LQ": "repair:AC-LQ", "AW": "repair:AW"}
 T = TypeVar("T")
 
@@ -95,324 +91,17 @@ class BuildConfig:
 
 
 def stage_dir(cfg: BuildConfig) -> Path:
-    return Path(cfg.run_dir) / "build"
+    return record_path(cfg.run_dir, "sft").parent
 
 
 def input_paths(run_dir: str | Path) -> dict[str, Path]:
-    run = Path(run_dir)
-    return {
-        "queries": run / "synthesize" / "queries.jsonl",
-        "trajectories": run / "synthesize" / "trajectories.jsonl",
-        "scores": run / "score" / "scores.jsonl",
-        "repairs": run / "repair" / "repairs.jsonl",
-        "hard_cases": run / "repair" / "hard_cases.jsonl",
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Input rows written by the score and repair stages
-
-
-@dataclass(frozen=True)
-class ScoreRow:
-    """One row of score/scores.jsonl: the quality score and the answer's grade."""
-
-    quality: QualityScore
-    em: float | None = None
-    f1: float | None = None
-    extracted: str | None = None
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ScoreRow:
-        where = f"score {data.get('trajectory_id', '?')}"
-        em, f1 = (
-            _optional(data, "em", (int, float), where),
-            _optional(data, "f1", (int, float), where),
-        )
-        return cls(
-            quality=QualityScore.from_dict(data),
-            em=None if em is None else float(em),
-            f1=None if f1 is None else float(f1),
-            extracted=_optional(data, "extracted", str, where),
-        )
-
-
-@dataclass(frozen=True)
-class AcceptedRepair:
-    """One row of repair/repairs.jsonl: a verified repair of a low-quality trajectory."""
-
-    original_id: str
-    label: RepairLabel  # the original's partition label
-    original_score: float
-    repair_score: float
-    how: RepairHow
-    trajectory: Trajectory  # the repair; parent_id = original_id
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AcceptedRepair:
-        where = f"repair of {data.get('original_id', '?')}"
-        return cls(
-            original_id=str(_require(data, "original_id", (str, int), where)),
-            label=_literal(_require(data, "label", str, where), RepairLabel, "label", where),
-            original_score=float(_require(data, "original_score", (int, float), where)),
-            repair_score=float(_require(data, "repair_score", (int, float), where)),
-            how=_literal(_require(data, "how", str, where), RepairHow, "how", where),
-            trajectory=Trajectory.from_dict(_require(data, "trajectory", dict, where)),
-        )
-
-
-@dataclass(frozen=True)
-class HardCase:
-    """One row of repair/hard_cases.jsonl: a rejected repair (no trajectory on infra errors)."""
-
-    original_id: str
-    reason: str
-    trajectory: Trajectory | None = None
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> HardCase:
-        where = f"hard case of {data.get('original_id', '?')}"
-        traj = _optional(data, "trajectory", dict, where)
-        return cls(
-            original_id=str(_require(data, "original_id", (str, int), where)),
-            reason=_require(data, "reason", str, where),
-            trajectory=None if traj is None else Trajectory.from_dict(traj),
-        )
-
-
-def load_keyed(
-    path: str | Path, parse: Callable[[dict[str, Any]], T], key: Callable[[T], str], what: str
-) -> dict[str, T]:
-    """Records of a JSONL file by key, in file order; a bad row or a repeated key names file:line."""
-    out: dict[str, T] = {}
-    lines: dict[str, int] = {}
-    for lineno, obj in read_jsonl(path):
-        try:
-            record = parse(obj)
-        except (ValueError, TypeError, KeyError) as e:
-            raise DataError(f"{path}:{lineno}: {e}") from e
-        k = key(record)
-        if k in out:
-            raise DataError(f"{path}:{lineno}: duplicate {what} {k!r} (first on line {lines[k]})")
-        out[k], lines[k] = record, lineno
-    return out
-
-
-def load_scores(path: str | Path) -> dict[str, ScoreRow]:
-    return load_keyed(path, ScoreRow.from_dict, lambda r: r.quality.trajectory_id, "trajectory_id")
-
-
-def load_repairs(path: str | Path) -> dict[str, AcceptedRepair]:
-    """Accepted repairs by original id (one per original: the repair stage keeps the best)."""
-    return load_keyed(path, AcceptedRepair.from_dict, lambda r: r.original_id, "original_id")
-
-
-def load_hard_cases(path: str | Path) -> list[HardCase]:
-    return load_records(path, HardCase.from_dict)
-
-
-# ---------------------------------------------------------------------------------------------
-# Output records
-
-
-@dataclass(frozen=True)
-class Message:
-    role: Role
-    content: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "message") -> Message:
-        role = _literal(_require(data, "role", str, where), Role, "role", where)
-        return cls(role=role, content=_require(data, "content", str, where))
-
-
-def _messages(
-    data: dict[str, Any], key: str, roles: tuple[str, ...], where: str
-) -> tuple[Message, ...]:
-    raw = _require(data, key, list, where)
-    messages = tuple(Message.from_dict(m, f"{where} {key}[{i}]") for i, m in enumerate(raw))
-    if tuple(m.role for m in messages) != roles:
-        raise RecordError(f"{where}: field '{key}' must hold roles {list(roles)}")
-    return messages
-
-
-@dataclass(frozen=True)
-class SftRecord:
-    """One SFT example: [system, user, assistant] and the trajectory behind the assistant turn.
-
-    Train on `render.render_trajectory(tokenizer, record.question, record.trajectory)`, which
-    keeps the generated token ids and masks tool results; `messages` is the same conversation
-    as text, for tools that read chat records.
-    """
-
-    id: str
-    query_id: str
-    source: SftSource
-    messages: tuple[Message, ...]
-    trajectory: Trajectory
-
-    @property
-    def question(self) -> str:
-        return self.messages[1].content
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "query_id": self.query_id,
-            "source": self.source,
-            "messages": [m.to_dict() for m in self.messages],
-            "trajectory": self.trajectory.to_dict(),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SftRecord:
-        where = f"sft record {data.get('id', '?') if isinstance(data, dict) else '?'}"
-        messages = _messages(data, "messages", ("system", "user", "assistant"), where)
-        trajectory = Trajectory.from_dict(_require(data, "trajectory", dict, where))
-        if messages[-1].content != trajectory.text:
-            raise RecordError(f"{where}: the assistant message is not the trajectory's text")
-        return cls(
-            id=_require(data, "id", str, where),
-            query_id=_require(data, "query_id", str, where),
-            source=_literal(_require(data, "source", str, where), SftSource, "source", where),
-            messages=messages,
-            trajectory=trajectory,
-        )
-
-
-@dataclass(frozen=True)
-class PreferencePair:
-    """chosen = an accepted repair, rejected = its original, for the same prompt."""
-
-    id: str
-    query_id: str
-    prompt: tuple[Message, ...]  # [system, user]
-    chosen_trajectory: Trajectory
-    rejected_trajectory: Trajectory
-    label: RepairLabel  # the original's partition label
-    chosen_score: float
-    rejected_score: float
-
-    @property
-    def question(self) -> str:
-        return self.prompt[1].content
-
-    @property
-    def chosen(self) -> str:
-        return self.chosen_trajectory.text
-
-    @property
-    def rejected(self) -> str:
-        return self.rejected_trajectory.text
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "query_id": self.query_id,
-            "prompt": [m.to_dict() for m in self.prompt],
-            "chosen": self.chosen,
-            "rejected": self.rejected,
-            "chosen_trajectory": self.chosen_trajectory.to_dict(),
-            "rejected_trajectory": self.rejected_trajectory.to_dict(),
-            "label": self.label,
-            "chosen_score": self.chosen_score,
-            "rejected_score": self.rejected_score,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PreferencePair:
-        where = f"preference pair {data.get('id', '?') if isinstance(data, dict) else '?'}"
-        pair = cls(
-            id=_require(data, "id", str, where),
-            query_id=_require(data, "query_id", str, where),
-            prompt=_messages(data, "prompt", ("system", "user"), where),
-            chosen_trajectory=Trajectory.from_dict(
-                _require(data, "chosen_trajectory", dict, where)
-            ),
-            rejected_trajectory=Trajectory.from_dict(
-                _require(data, "rejected_trajectory", dict, where)
-            ),
-            label=_literal(_require(data, "label", str, where), RepairLabel, "label", where),
-            chosen_score=float(_require(data, "chosen_score", (int, float), where)),
-            rejected_score=float(_require(data, "rejected_score", (int, float), where)),
-        )
-        for side in ("chosen", "rejected"):
-            if _require(data, side, str, where) != getattr(pair, side):
-                raise RecordError(f"{where}: field '{side}' is not the {side} trajectory's text")
-        return pair
-
-
-def check_unique_ids(ids: Iterable[str], where: str) -> None:
-    seen: set[str] = set()
-    for i, record_id in enumerate(ids, start=1):
-        if record_id in seen:
-            raise DataError(f"{where}: record {i}: duplicate id {record_id!r}")
-        seen.add(record_id)
-
-
-def load_sft_records(path: str | Path) -> list[SftRecord]:
-    """The SFT set written by this stage (`<run_dir>/build/sft.jsonl`), checked."""
-    records = load_records(path, SftRecord.from_dict)
-    check_unique_ids((r.id for r in records), str(path))
-    return records
-
-
-def load_preference_pairs(path: str | Path) -> list[PreferencePair]:
-    """The preference set written by this stage (`<run_dir>/build/preferences.jsonl`), checked."""
-    pairs = load_records(path, PreferencePair.from_dict)
-    check_unique_ids((p.id for p in pairs), str(path))
-    return pairs
+    """The record files the build reads (run_dir.RECORD_FILES); hard_cases.jsonl may be absent."""
+    names: tuple[RecordFile, ...] = ("queries", "trajectories", "scores", "repairs", "hard_cases")
+    return {name: record_path(run_dir, name) for name in names}
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading and checking the inputs
-
-
-@dataclass(frozen=True)
-class RunFiles:
-    """The stage files of a run directory, keyed by id, in file order (build and show read them)."""
-
-    queries: dict[str, Query]
-    trajectories: dict[str, Trajectory]
-    scores: dict[str, ScoreRow]
-    repairs: dict[str, AcceptedRepair]  # by original id
-    hard_cases: tuple[HardCase, ...]
-
-    def find(self, trajectory_id: str) -> Trajectory:
-        """A candidate, an accepted repair or a rejected repair, by id."""
-        if trajectory_id in self.trajectories:
-            return self.trajectories[trajectory_id]
-        for t in self._repair_trajectories():
-            if t.id == trajectory_id:
-                return t
-        raise DataError(f"trajectory {trajectory_id!r} is not in this run")
-
-    def _repair_trajectories(self) -> Iterable[Trajectory]:
-        yield from (r.trajectory for r in self.repairs.values())
-        yield from (c.trajectory for c in self.hard_cases if c.trajectory is not None)
-
-
-def read_run_files(run_dir: str | Path, optional: frozenset[str]) -> RunFiles:
-    """Read queries, trajectories, scores, repairs and hard cases; `optional` ones may be absent."""
-    paths = input_paths(run_dir)
-    present = {
-        n: n not in optional or paths[n].is_file() for n in ("scores", "repairs", "hard_cases")
-    }
-    for name, here in present.items():
-        if not here:
-            log.info("%s not found: read as empty", paths[name])
-    return RunFiles(
-        queries=load_keyed(paths["queries"], Query.from_dict, lambda q: q.id, "query id"),
-        trajectories=load_keyed(
-            paths["trajectories"], Trajectory.from_dict, lambda t: t.id, "trajectory id"
-        ),
-        scores=load_scores(paths["scores"]) if present["scores"] else {},
-        repairs=load_repairs(paths["repairs"]) if present["repairs"] else {},
-        hard_cases=tuple(load_hard_cases(paths["hard_cases"])) if present["hard_cases"] else (),
-    )
 
 
 def load_inputs(run_dir: str | Path) -> RunFiles:
@@ -454,7 +143,7 @@ def check_inputs(inputs: RunFiles, paths: dict[str, Path]) -> None:
             )
 
 
-def _check_repair(repair: AcceptedRepair, inputs: RunFiles, path: Path) -> None:
+def _check_repair(repair: Repair, inputs: RunFiles, path: Path) -> None:
     where = f"{path}: repair of {repair.original_id}"
     original = inputs.trajectories.get(repair.original_id)
     if original is None:
@@ -691,27 +380,14 @@ def _outputs(out_dir: Path, cfg: BuildConfig) -> list[Path]:
     return [out_dir / name for name in names]
 
 
-def _finished_counts(out_dir: Path, cfg: BuildConfig) -> dict[str, Any] | None:
-    """The counts of a finished build whose inputs are unchanged, else None."""
-    manifest_path = out_dir / "manifest.json"
-    if not manifest_path.is_file() or not all(p.exists() for p in _outputs(out_dir, cfg)):
-        return None
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    current = {name: file_sha256(p) for name, p in input_paths(cfg.run_dir).items() if p.is_file()}
-    recorded = {name: entry["sha256"] for name, entry in manifest.get("inputs", {}).items()}
-    if current != recorded:
-        log.info("the inputs changed since the last build: rebuilding")
-        return None
-    return manifest["counts"]
-
-
 def run_build(cfg: BuildConfig) -> dict[str, Any]:
     """Build (or find already built) the SFT and preference sets; return the counts."""
     out_dir = stage_dir(cfg)
     _check_same_config(out_dir, cfg)
-    counts = _finished_counts(out_dir, cfg)
+    require_records(cfg.run_dir, ("queries", "trajectories", "scores", "repairs"))
+    check_same_inputs(out_dir, input_paths(cfg.run_dir))
+    counts = finished_counts(out_dir, _outputs(out_dir, cfg))
     if counts is not None:
-        log.info("%s is finished and its inputs are unchanged; nothing to build", out_dir)
         if cfg.push_to_hub:
             sft = load_sft_records(out_dir / "sft.jsonl")
             pairs = load_preference_pairs(out_dir / "preferences.jsonl")

@@ -1,7 +1,8 @@
 """`autotraj <command>`: parse arguments, load the config, call the stage. No logic lives here.
 
 Stage commands take `--config FILE.yaml` and dotted `key=value` overrides
-(defaults < file < command line); `--dry-run` prints the resolved config and exits.
+(defaults < file < command line); `--dry-run` prints the resolved config and exits. A stage
+command given a pipeline config (configs/cpu.yaml) reads its own section of it.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from autotraj.config import ConfigError, load_config, to_dict
+from autotraj.config import ConfigError, load_config, load_stage_config, to_dict
 from autotraj.io import DataError
-from autotraj.quality import LABELS
+from autotraj.records import LABELS
 
 
 def _synthesize() -> tuple[type, Callable[[Any], Any]]:
@@ -129,7 +130,10 @@ STAGES: dict[str, tuple[str, Callable[[], tuple[type, Callable[[Any], Any]]]]] =
 
 def _run_stage(name: str, args: argparse.Namespace) -> int:
     config_cls, run = STAGES[name][1]()
-    cfg = load_config(config_cls, args.config, args.overrides)
+    if name in ("run", "ablate"):
+        cfg = load_config(config_cls, args.config, args.overrides)
+    else:  # a stage reads its section of a pipeline config, or a file of its own
+        cfg = load_stage_config(config_cls, name, args.config, args.overrides)
     if args.dry_run:
         sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0

@@ -8,6 +8,9 @@ A file may start from another: a top-level `extends: other.yaml` (a path relativ
 reads that file first and merges this one over it, mappings key by key, any other value
 replaced whole (a list included). Chains are followed; a cycle is an error.
 
+`load_stage_config` reads a single-stage command's config from its section of a pipeline
+config (configs/cpu.yaml, configs/paper.yaml) or from a file of the stage's own fields.
+
 Not here: the stage configs themselves (each stage module defines its own `<Stage>Config`).
 """
 
@@ -231,12 +234,45 @@ def load_config(
 ) -> Any:
     """Defaults < YAML file (after the files it extends) < `key=value` overrides, as a checked
     `cls` instance."""
-    data: dict[str, Any] = {}
-    source = "overrides" if overrides else "defaults"
-    if path is not None:
-        path = Path(path)
-        data = read_yaml_file(path)
-        source = str(path)
+    if path is None:
+        return _load(cls, {}, "overrides" if overrides else "defaults", overrides)
+    return _load(cls, read_yaml_file(Path(path)), str(path), overrides)
+
+
+def load_stage_config(
+    cls: type, stage: str, path: str | Path | None = None, overrides: typing.Sequence[str] = ()
+) -> Any:
+    """A single-stage command's config (`autotraj sft --config configs/cpu.yaml`).
+
+    A pipeline config (a file with a `stages` key or a `<stage>` section, which no stage config
+    has as a field) gives its `<stage>` section (defaults if it has none) with the file's
+    top-level `run_dir`: exactly the config `autotraj run` gives that stage (pipeline.py's
+    `stage_config`: a section's own run_dir, if set, must be the top-level one). Any other file
+    is the stage's own config, as `load_config` reads it. Overrides name the stage's fields
+    either way (`epochs=2`, `run_dir=runs/x`).
+    """
+    if path is None:
+        return load_config(cls, None, overrides)
+    data = read_yaml_file(Path(path))
+    names = {f.name for f in dataclasses.fields(cls)}
+    if stage in names or not (stage in data or "stages" in data):
+        return load_config(cls, path, overrides)
+    section = data.get(stage) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: section '{stage}' must be a mapping")
+    if "run_dir" in names:
+        default = cls().run_dir
+        top = data.get("run_dir", default)
+        if section.get("run_dir", top) not in (top, default):
+            raise ConfigError(
+                f"{path}: {stage}.run_dir is {section['run_dir']!r}: in a pipeline set run_dir "
+                f"once at the top level"
+            )
+        section = {**section, "run_dir": top}
+    return _load(cls, section, f"{path} (section '{stage}')", overrides)
+
+
+def _load(cls: type, data: dict[str, Any], source: str, overrides: typing.Sequence[str]) -> Any:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value")

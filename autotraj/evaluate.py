@@ -40,6 +40,7 @@ from typing import Any, Literal
 import yaml
 from tqdm import tqdm
 
+from autotraj import run_dir as layout
 from autotraj.config import ConfigError, to_dict
 from autotraj.eval_summary import EvalResult, grade_result, summarize_results
 from autotraj.grading import Checker, qa_rule
@@ -57,7 +58,7 @@ from autotraj.models.generator import Generator
 from autotraj.models.loading import GeneratorConfig, load_generator
 from autotraj.records import Query
 from autotraj.rollout import RolloutConfig, rollout
-from autotraj.synthesize import StageIncomplete
+from autotraj.run_dir import StageIncomplete
 from autotraj.tools.toolbox import ToolsConfig, close_tools, open_tools
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class Benchmark:
 
 
 def stage_dir(cfg: EvalConfig) -> Path:
-    return Path(cfg.run_dir) / "eval" / cfg.name
+    return layout.stage_dir(cfg.run_dir, "eval") / cfg.name
 
 
 def check_config(cfg: EvalConfig) -> None:

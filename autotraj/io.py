@@ -9,7 +9,7 @@
 - `write_manifest` records input hashes, counts, the resolved config, package versions, git SHA.
 - `check_same_config` refuses to resume or reuse a stage folder written by a different config.
 
-Not here: record types (records.py) or what a stage computes.
+Not here: record types (records/), the run directory's layout (run_dir.py) or what a stage computes.
 """
 
 from __future__ import annotations

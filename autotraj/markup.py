@@ -6,7 +6,7 @@
 - `diff_rows` aligns the lines of two texts (an original and its repair).
 - `word_diff` flags the words (tags, punctuation) that differ between two versions of a line.
 
-Pure functions of strings; show.py paints them with ANSI colors, report_viewer.py turns them into
+Pure functions of strings; show.py paints them with ANSI colors, report/viewer.py turns them into
 HTML. Not here: colors, escaping, reading runs.
 """
 

@@ -48,14 +48,12 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Literal, NamedTuple, get_args
 
 from autotraj.flaws import HEDGES, RELEASE_HEDGING_WORDS, flaws, hedge_regex
-from autotraj.records import RecordError, Trajectory
+from autotraj.records import Label, QualityScore, Trajectory
 from autotraj.tags import check_format
 
-Label = Literal["HQ", "AC-LQ", "AW"]
-LABELS: tuple[Label, ...] = get_args(Label)
 Dimension = Literal["confidence", "length", "repetition", "tool_validity", "format", "token_length"]
 DIMENSIONS: tuple[Dimension, ...] = get_args(Dimension)
 
@@ -104,68 +102,6 @@ class QualityConfig:
     def release(cls) -> QualityConfig:
         """The release's scorer exactly (METHOD.md section 5): nine words, no flaw rule."""
         return cls(hedging_words=RELEASE_HEDGING_WORDS, flawless_hq=False)
-
-
-@dataclass(frozen=True)
-class QualityScore:
-    """The score of one trajectory, its components (every dimension, in `DIMENSIONS` order) and
-    its partition label."""
-
-    trajectory_id: str
-    query_id: str
-    score: float
-    components: tuple[tuple[str, float], ...]
-    correct: bool
-    label: Label
-    flaws: tuple[str, ...] = ()  # flaws.flaws of the trajectory (why it cannot be HQ)
-
-    def component(self, name: str) -> float:
-        return dict(self.components)[name]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "trajectory_id": self.trajectory_id,
-            "query_id": self.query_id,
-            "score": self.score,
-            "components": dict(self.components),
-            "correct": self.correct,
-            "label": self.label,
-            "flaws": list(self.flaws),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> QualityScore:
-        where = f"quality score {data.get('trajectory_id', '?') if isinstance(data, dict) else '?'}"
-        if not isinstance(data, dict):
-            raise RecordError(f"{where}: expected an object")
-        missing = [
-            k
-            for k in ("trajectory_id", "query_id", "score", "components", "correct", "label")
-            if k not in data
-        ]
-        if missing:
-            raise RecordError(f"{where}: missing field(s) {missing}")
-        components = data["components"]
-        if not isinstance(components, dict) or not all(
-            isinstance(v, (int, float)) for v in components.values()
-        ):
-            raise RecordError(f"{where}: field 'components' must map names to numbers")
-        if data["label"] not in get_args(Label):
-            raise RecordError(f"{where}: field 'label' must be one of {get_args(Label)}")
-        if not isinstance(data["correct"], bool):
-            raise RecordError(f"{where}: field 'correct' must be a bool")
-        found = data.get("flaws", [])
-        if not isinstance(found, list) or not all(isinstance(f, str) for f in found):
-            raise RecordError(f"{where}: field 'flaws' must be a list of strings")
-        return cls(
-            trajectory_id=str(data["trajectory_id"]),
-            query_id=str(data["query_id"]),
-            score=float(data["score"]),
-            components=tuple((str(k), float(v)) for k, v in components.items()),
-            correct=data["correct"],
-            label=data["label"],
-            flaws=tuple(found),
-        )
 
 
 # ---------------------------------------------------------------------------------------------

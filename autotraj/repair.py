@@ -46,11 +46,8 @@ Not here: scoring the candidates of a query (score.py), building SFT or preferen
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import re
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -62,24 +59,23 @@ import yaml
 from tqdm import tqdm
 
 from autotraj.config import ConfigError, to_dict
-from autotraj.edits import calls_kept, edit, from_original, similarity
+from autotraj.edits import edit
 from autotraj.flaws import flaws
 from autotraj.grading import Checker, grade_trajectory
 from autotraj.io import (
     DataError,
     ResumableJsonl,
     check_same_config,
-    file_sha256,
     load_records,
-    write_json_atomic,
     write_manifest,
 )
 from autotraj.metrics import MetricsLog
 from autotraj.models.generator import Generator
 from autotraj.models.loading import GeneratorConfig, load_generator
-from autotraj.quality import QualityConfig, QualityScore, length_words, score_one
+from autotraj.quality import QualityConfig, length_words, score_one
 from autotraj.records import (
     Provenance,
+    QualityScore,
     Query,
     Repair,
     RepairAttempt,
@@ -91,9 +87,17 @@ from autotraj.records import (
     Trajectory,
 )
 from autotraj.render import default_system_prompt
+from autotraj.repair_counts import chunk_metrics, summarize
 from autotraj.rollout import RolloutConfig, generator_failed, rollout
-from autotraj.score import load_synthesized, require_file, synthesize_inputs
-from autotraj.synthesize import StageIncomplete
+from autotraj.run_dir import (
+    RECORD_FILES,
+    StageIncomplete,
+    check_same_inputs,
+    finished_counts,
+    load_synthesized,
+    record_path,
+    require_records,
+)
 from autotraj.tools.tool import Tool, ToolInfraError
 from autotraj.tools.toolbox import ToolsConfig, close_tools, open_tools
 
@@ -133,7 +137,7 @@ class Target:
 
 
 def stage_dir(cfg: RepairConfig) -> Path:
-    return Path(cfg.run_dir) / "repair"
+    return record_path(cfg.run_dir, "repairs").parent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,8 +415,7 @@ def repair_chunk(
 
 def load_targets(run_dir: str | Path) -> tuple[list[Target], dict[str, Path]]:
     """Every AC-LQ and AW trajectory, in the order of scores.jsonl, and the input files."""
-    inputs = synthesize_inputs(run_dir)
-    inputs["scores"] = require_file(Path(run_dir) / "score" / "scores.jsonl", "score")
+    inputs = require_records(run_dir, ("queries", "trajectories", "scores"))
     queries, trajectories = load_synthesized(inputs)
     by_id = {t.id: t for t in trajectories}
     targets = []
@@ -427,18 +430,6 @@ def load_targets(run_dir: str | Path) -> tuple[list[Target], dict[str, Path]]:
         original = by_id[score.trajectory_id]
         targets.append(Target(original, queries[original.query_id], score.label, score))
     return targets, inputs
-
-
-def _check_same_inputs(out_dir: Path, inputs: dict[str, Path]) -> None:
-    """Refuse to resume (or reuse) output made from different input files."""
-    hashes = {name: file_sha256(p) for name, p in sorted(inputs.items())}
-    saved = out_dir / "inputs.json"
-    if saved.exists() and json.loads(saved.read_text(encoding="utf-8")) != hashes:
-        raise ConfigError(
-            f"{out_dir} was made from different synthesize/score outputs; use another run_dir "
-            f"or delete that folder (compare {saved})"
-        )
-    write_json_atomic(saved, hashes)
 
 
 def run_repair(
@@ -459,12 +450,15 @@ def run_repair(
     out_dir = stage_dir(cfg)
     targets, inputs = load_targets(cfg.run_dir)
     check_same_config(out_dir, yaml.safe_dump(to_dict(cfg), sort_keys=True))
-    _check_same_inputs(out_dir, inputs)
-    repairs = ResumableJsonl(out_dir / "repairs.jsonl", key=lambda row: row["original_id"])
-    hard = ResumableJsonl(out_dir / "hard_cases.jsonl", key=lambda row: row["original_id"])
-    if repairs.finished and hard.finished and (out_dir / "manifest.json").is_file():
-        log.info("%s is finished; nothing to do", out_dir)
-        return json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))["counts"]
+    check_same_inputs(out_dir, inputs)
+    repairs = ResumableJsonl(
+        record_path(cfg.run_dir, "repairs"), key=lambda row: row["original_id"]
+    )
+    hard = ResumableJsonl(
+        record_path(cfg.run_dir, "hard_cases"), key=lambda row: row["original_id"]
+    )
+    if (done := finished_counts(out_dir, [repairs.path, hard.path])) is not None:
+        return done
     done = set(repairs.done) | set(hard.done)
     todo = [t for t in targets if t.original.id not in done]
     log.info("%d trajectories to repair: %d done, %d to go", len(targets), len(done), len(todo))
@@ -478,7 +472,11 @@ def run_repair(
                 close_tools(dict(active_tools))
     repairs.finish()
     hard.finish()
-    counts = summarize(out_dir, targets)
+    counts = summarize(
+        load_records(out_dir / RECORD_FILES["repairs"][1], Repair.from_dict),
+        load_records(out_dir / RECORD_FILES["hard_cases"][1], Repair.from_dict),
+        [(t.label, t.original) for t in targets],
+    )
     write_manifest(out_dir, stage="repair", config=to_dict(cfg), inputs=inputs, counts=counts)
     return counts
 
@@ -517,78 +515,3 @@ def _repair_all(
                     f"({len(todo) - start - len(results) - len(unfinished)} more not started); "
                     f"re-run the same command to retry them. {unfinished[0].final.reason}"
                 )
-
-
-def chunk_metrics(results: Sequence[Repair], seconds: float) -> dict[str, float]:
-    attempts = [a for r in results for a in (*r.rejected, r.final)]
-    values: dict[str, float] = {
-        "repair/speed/repairs_per_min": 60 * len(results) / max(seconds, 1e-9),
-        "repair/speed/seconds": seconds,
-        "repair/attempts/model": sum(a.how == "model" for a in attempts),
-        "repair/attempts/first_pass": sum(a.how == "first_pass" for a in attempts),
-        "repair/attempts/infra_error": sum(a.reason.startswith("infra error") for a in attempts),
-        "repair/accept/first_pass": sum(
-            r.accepted and r.final.how == "first_pass" for r in results
-        ),
-    }
-    for label in PROMPT_FILES:
-        mine = [r for r in results if r.label == label]
-        if mine:
-            values[f"repair/accept/{label}_rate"] = sum(r.accepted for r in mine) / len(mine)
-    return values
-
-
-def summarize(out_dir: Path, targets: Sequence[Target]) -> dict[str, Any]:
-    """Counts from the files on disk (so they are right after any number of resumes)."""
-    accepted = load_records(out_dir / "repairs.jsonl", Repair.from_dict)
-    rejected = load_records(out_dir / "hard_cases.jsonl", Repair.from_dict)
-    attempts = [a for r in (*accepted, *rejected) for a in (*r.rejected, r.final)]
-    to_repair = Counter(t.label for t in targets)
-    accepted_by = Counter(r.label for r in accepted)
-    reasons = Counter(_reason_kind(r.final.reason) for r in rejected)
-    originals = {t.original.id: t.original for t in targets}
-    return {
-        "to_repair": {label: to_repair[label] for label in PROMPT_FILES},
-        "accepted": {label: accepted_by[label] for label in PROMPT_FILES},
-        "hard_cases": len(rejected),
-        "hard_case_reasons": dict(sorted(reasons.items())),
-        "first_pass_accepted": sum(r.final.how == "first_pass" for r in accepted),
-        "kept": {
-            label: kept_measures(
-                [
-                    (originals[r.original_id], r.final.trajectory)
-                    for r in accepted
-                    if r.label == label
-                ]
-            )
-            for label in PROMPT_FILES
-        },
-        "model_attempts": sum(a.how == "model" for a in attempts),
-        "infra_errors": sum(a.reason.startswith("infra error") for a in attempts),
-    }
-
-
-def kept_measures(pairs: Sequence[tuple[Trajectory, Trajectory]]) -> dict[str, float | None]:
-    """How much of its original an accepted repair keeps, averaged over (original, repair):
-    the share of the original's tool calls it makes too (over originals that made any), the
-    word-sequence similarity of what the two models wrote, and the share of the repair's words
-    that the original wrote (edits.py)."""
-    shares = [k for o, r in pairs if (k := calls_kept(o.tool_calls, r.tool_calls)) is not None]
-    similarities = [similarity(o.model_text, r.model_text) for o, r in pairs]
-    kept_words = [from_original(o.model_text, r.model_text) for o, r in pairs]
-    return {
-        "repairs": len(pairs),
-        "calls_kept": sum(shares) / len(shares) if shares else None,
-        "originals_with_calls": len(shares),
-        "similarity": sum(similarities) / len(similarities) if similarities else None,
-        "from_original": sum(kept_words) / len(kept_words) if kept_words else None,
-    }
-
-
-def _reason_kind(reason: str) -> str:
-    """A rejection reason without its numbers, for counting: 'S <= original', 'S <= 0.86' ..."""
-    if reason.startswith("infra error"):
-        return "infra error"
-    if reason.startswith("flaw: "):
-        return "flaw: " + reason.removeprefix("flaw: ").split(":")[0]
-    return re.sub(r"original [0-9.]+", "original", re.sub(r"^S [0-9.]+", "S", reason))

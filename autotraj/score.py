@@ -7,19 +7,19 @@ under `<run_dir>/score/`:
 
 - `scores.jsonl`: one row per trajectory, in the order of trajectories.jsonl, with every
   component, so a reader sees why a trajectory was judged low quality:
-  `QualityScore.to_dict()` (trajectory_id, query_id, score, components, correct, label) plus
-  `em`, `f1`, `extracted` (the answer the checker read), `words` (L) and `length_ref` (L*).
+  `records.ScoreRow`: `QualityScore.to_dict()` (trajectory_id, query_id, score, components,
+  correct, label, flaws) plus `em`, `f1`, `extracted` (the answer the checker read), `words` (L)
+  and `length_ref` (L*).
 - `manifest.json` (counts per label, accuracy, input hashes) and `config.resolved.yaml`.
 
 Pure and fast (no model, no tools): the output is written atomically in one go. Re-running with
-the same config and the same inputs is a no-op; changed inputs are scored again.
+the same config and the same inputs is a no-op; changed inputs are refused (run_dir.py's rule).
 
 Not here: repairing low-quality trajectories (repair.py) or building training sets.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,19 +34,23 @@ from autotraj.grading import Checker, grade_trajectory
 from autotraj.io import (
     DataError,
     check_same_config,
-    file_sha256,
-    load_records,
     write_jsonl_atomic,
     write_manifest,
 )
 from autotraj.quality import (
-    LABELS,
     QualityConfig,
     group_length_refs,
     length_words,
     score_group,
 )
-from autotraj.records import Query, Trajectory
+from autotraj.records import LABELS, Query, ScoreRow, Trajectory
+from autotraj.run_dir import (
+    check_same_inputs,
+    finished_counts,
+    load_synthesized,
+    record_path,
+    require_records,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,105 +64,62 @@ class ScoreConfig:
 
 
 def stage_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "score"
-
-
-def require_file(path: Path, stage: str) -> Path:
-    """`path`, or a DataError saying which stage to run (or finish) first."""
-    if path.is_file():
-        return path
-    partial = path.with_name(path.name + ".partial")
-    if partial.exists():
-        raise DataError(f"{path}: the {stage} stage is not finished; re-run `autotraj {stage}`")
-    raise DataError(f"{path}: no such file; run `autotraj {stage}` first (same run_dir)")
-
-
-def synthesize_inputs(run_dir: str | Path) -> dict[str, Path]:
-    synth = Path(run_dir) / "synthesize"
-    return {
-        "queries": require_file(synth / "queries.jsonl", "synthesize"),
-        "trajectories": require_file(synth / "trajectories.jsonl", "synthesize"),
-    }
-
-
-def load_synthesized(inputs: dict[str, Path]) -> tuple[dict[str, Query], list[Trajectory]]:
-    """Queries by id and the trajectories in file order; every trajectory's query must exist."""
-    queries = {q.id: q for q in load_records(inputs["queries"], Query.from_dict)}
-    trajectories = load_records(inputs["trajectories"], Trajectory.from_dict)
-    for t in trajectories:
-        if t.query_id not in queries:
-            raise DataError(
-                f"{inputs['trajectories']}: trajectory {t.id} names query {t.query_id!r}, "
-                f"which is not in {inputs['queries']}"
-            )
-    return queries, trajectories
-
-
-def _unchanged(out_dir: Path, inputs: dict[str, Path]) -> dict[str, Any] | None:
-    """The finished manifest's counts if scores.jsonl exists and the inputs are the same."""
-    manifest_path = out_dir / "manifest.json"
-    if not (out_dir / "scores.jsonl").is_file() or not manifest_path.is_file():
-        return None
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    recorded = {name: entry["sha256"] for name, entry in manifest["inputs"].items()}
-    if recorded != {name: file_sha256(p) for name, p in inputs.items()}:
-        log.info("synthesize outputs changed since %s was written: scoring again", out_dir)
-        return None
-    return manifest["counts"]
+    return record_path(run_dir, "scores").parent
 
 
 def score_rows(
     queries: dict[str, Query], trajectories: list[Trajectory], cfg: ScoreConfig
-) -> list[dict[str, Any]]:
+) -> list[ScoreRow]:
     """One row per trajectory (file order kept): score, components, grade and label."""
     groups: dict[str, list[Trajectory]] = {}
     for t in trajectories:
         if t.finish_reason == "infra_error":
             raise DataError(f"trajectory {t.id}: infrastructure failure ({t.error}); not scorable")
         groups.setdefault(t.query_id, []).append(t)
-    rows: dict[str, dict[str, Any]] = {}
+    rows: dict[str, ScoreRow] = {}
     for query_id, group in tqdm(groups.items(), desc="score", unit="query"):
         grades = [grade_trajectory(t.text, queries[query_id], cfg.checker) for t in group]
         scores = score_group(group, [g.correct for g in grades], cfg.quality)
         words_ref, _ = group_length_refs(group, cfg.quality)
         for t, grade, score in zip(group, grades, scores, strict=True):
-            rows[t.id] = {
-                **score.to_dict(),
-                "em": grade.em,
-                "f1": grade.f1,
-                "extracted": grade.extracted,
-                "words": length_words(t, cfg.quality),
-                "length_ref": words_ref,
-            }
+            rows[t.id] = ScoreRow(
+                quality=score,
+                em=grade.em,
+                f1=grade.f1,
+                extracted=grade.extracted,
+                words=length_words(t, cfg.quality),
+                length_ref=words_ref,
+            )
     if len(rows) != len(trajectories):
         raise DataError("trajectories.jsonl holds duplicate trajectory ids")
     return [rows[t.id] for t in trajectories]
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    labels = Counter(row["label"] for row in rows)
-    correct = sum(row["correct"] for row in rows)
+def summarize(rows: list[ScoreRow]) -> dict[str, Any]:
+    scores = [row.quality for row in rows]
+    labels = Counter(s.label for s in scores)
+    correct = sum(s.correct for s in scores)
     return {
         "trajectories": len(rows),
-        "queries": len({row["query_id"] for row in rows}),
+        "queries": len({s.query_id for s in scores}),
         **{label: labels[label] for label in LABELS},
         "correct": correct,
         "accuracy": correct / len(rows) if rows else 0.0,
-        "mean_score": sum(row["score"] for row in rows) / len(rows) if rows else 0.0,
+        "mean_score": sum(s.score for s in scores) / len(rows) if rows else 0.0,
     }
 
 
 def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     """Grade, score and label every synthesized trajectory; return the counts."""
     out_dir = stage_dir(cfg.run_dir)
-    inputs = synthesize_inputs(cfg.run_dir)
+    inputs = require_records(cfg.run_dir, ("queries", "trajectories"))
     check_same_config(out_dir, yaml.safe_dump(to_dict(cfg), sort_keys=True))
-    if (done := _unchanged(out_dir, inputs)) is not None:
-        log.info("%s is finished; nothing to do", out_dir / "scores.jsonl")
+    check_same_inputs(out_dir, inputs)
+    if (done := finished_counts(out_dir, [out_dir / "scores.jsonl"])) is not None:
         return done
     queries, trajectories = load_synthesized(inputs)
     rows = score_rows(queries, trajectories, cfg)
-    write_jsonl_atomic(out_dir / "scores.jsonl", rows)
+    write_jsonl_atomic(out_dir / "scores.jsonl", (row.to_dict() for row in rows))
     counts = summarize(rows)
     write_manifest(out_dir, stage="score", config=to_dict(cfg), inputs=inputs, counts=counts)
     log.info(

@@ -10,7 +10,7 @@ else one after the other). `render_list` returns the trajectory ids with label, 
 outcome. Colors are ANSI codes, only when `color=True`; without colors every mark is plain text.
 
 Not here: writing to stdout (cli.py decides that, and whether stdout takes colors), the HTML
-report (report.py), tag spans and line/word diffs (markup.py, shared with the report), computing
+report (report/), tag spans and line/word diffs (markup.py, shared with the report), computing
 scores or masks (quality.py, render.py).
 """
 
@@ -22,11 +22,11 @@ from itertools import groupby, zip_longest
 from pathlib import Path
 from typing import Any
 
-from autotraj.build import RunFiles, read_run_files
 from autotraj.io import DataError
 from autotraj.markup import diff_rows, tag_spans, word_diff
 from autotraj.records import Trajectory
 from autotraj.render import Tokenizer, render_trajectory
+from autotraj.run_dir import RunFiles, read_run_files
 
 log = logging.getLogger(__name__)
 
@@ -233,10 +233,7 @@ def _repairs(view: RunFiles, trajectory: Trajectory, p: Palette, width: int) -> 
         if case.original_id != original.id:
             continue
         title = f"rejected repair ({case.reason})"
-        if case.trajectory is None:
-            sections.append(p.rule(title) + "\nno repair trajectory (infrastructure error)")
-        else:
-            sections.append(_diff_section(title, original, case.trajectory, p, width))
+        sections.append(_diff_section(title, original, case.trajectory, p, width))
     return sections
 
 

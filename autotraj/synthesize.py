@@ -40,13 +40,10 @@ from autotraj.models.generator import Generator
 from autotraj.models.loading import GeneratorConfig, load_generator
 from autotraj.records import Query, Trajectory
 from autotraj.rollout import RolloutConfig, generator_failed, rollout
+from autotraj.run_dir import StageIncomplete, record_path
 from autotraj.tools.toolbox import ToolsConfig, close_tools, open_tools
 
 log = logging.getLogger(__name__)
-
-
-class StageIncomplete(RuntimeError):
-    """The stage stopped with work left (e.g. infrastructure failures); re-run it to resume."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +63,7 @@ class SynthesizeConfig:
 
 
 def stage_dir(cfg: SynthesizeConfig) -> Path:
-    return Path(cfg.run_dir) / "synthesize"
+    return record_path(cfg.run_dir, "trajectories").parent
 
 
 def load_training_queries(cfg: SynthesizeConfig) -> tuple[list[Query], int]:
@@ -96,12 +93,12 @@ def run_synthesize(cfg: SynthesizeConfig, generator: Generator | None = None) ->
         raise ConfigError(f"synthesize: n must be >= 1, got {cfg.n}")
     out_dir = stage_dir(cfg)
     check_same_config(out_dir, yaml.safe_dump(to_dict(cfg), sort_keys=True))
-    out = ResumableJsonl(out_dir / "trajectories.jsonl", key=lambda row: row["id"])
+    out = ResumableJsonl(record_path(cfg.run_dir, "trajectories"), key=lambda row: row["id"])
     if out.finished:
         log.info("%s is finished; nothing to do", out.path)
         return {"trajectories": len(out.done), "generated": 0}
     queries, removed = load_training_queries(cfg)
-    write_jsonl_atomic(out_dir / "queries.jsonl", (q.to_dict() for q in queries))
+    write_jsonl_atomic(record_path(cfg.run_dir, "queries"), (q.to_dict() for q in queries))
     items = [(f"{q.id}/s{k}", q) for q in queries for k in range(cfg.n)]
     todo = [item for item in items if item[0] not in out.done]
     log.info(

@@ -2,12 +2,12 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_rl_layouts.py --steps 3 --out runs/rl-layouts
 
-Runs `autotraj rl` (configs/rl_cpu.yaml's sizes, SmolLM2-135M, bf16 rollout copy) under DDP,
+Runs `autotraj rl` (the measured run's sizes: bench_grpo.MEASURED_RUN, SmolLM2-135M, bf16 rollout copy) under DDP,
 FSDP2 and DeepSpeed ZeRO-2/ZeRO-3 through tests/stage_launch.py (torchrun with a gloo process
 group: accelerate pairs FSDP and DeepSpeed with GPU groups only), each from the same seed, and
 prints per layout: seconds per step and its parts (weight sync into the rollout copy, rollout,
 update), the reward, how many rollouts of each step are token for token those of the DDP run,
-and the dtype of the saved model. (rl_cpu.yaml trains under bf16 mixed precision, so the layouts
+and the dtype of the saved model. (that run trains under bf16 mixed precision, so the layouts
 round differently; sampling at temperature 1 turns the first differing bit into a different
 trajectory. tests/test_distributed.py checks exact agreement in fp32.)
 """
@@ -28,14 +28,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_grpo import write_queries  # noqa: E402
+from bench_grpo import MEASURED_RUN, write_queries  # noqa: E402
 from test_distributed import MODE_ENV  # noqa: E402
 
 LAYOUTS = ("ddp", "fsdp2", "zero2", "zero3")
 
 
 def run_layout(mode: str, out: Path, steps: int, queries: Path) -> float:
-    base = yaml.safe_load((ROOT / "configs" / "rl_cpu.yaml").read_text())
+    from autotraj.config import load_stage_config, to_dict
+    from autotraj.train.grpo import RlConfig
+
+    measured = load_stage_config(RlConfig, "rl", ROOT / "configs" / "cpu.yaml", MEASURED_RUN)
+    base = to_dict(measured)
     base.update(run_dir=str(out / mode), queries=str(queries), steps=steps, save_every=0, seed=0)
     base["tools"] = {"python": {"workers": 1}}  # one sandbox worker per process
     config = out / f"{mode}.yaml"

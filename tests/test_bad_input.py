@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 from test_train_batches import SYSTEM, write_preference_file, write_sft_file
 
-from autotraj.build import Message, PreferencePair, SftRecord, prompt_messages
+from autotraj.build import prompt_messages
 from autotraj.cli import main
 from autotraj.io import write_jsonl_atomic
 from autotraj.models.scripted import ScriptedGenerator
 from autotraj.models.tiny import CHATML_TEMPLATE, SPECIAL_TOKENS
-from autotraj.records import Query, ToolCall, Trajectory
+from autotraj.records import Message, PreferencePair, Query, SftRecord, ToolCall, Trajectory
 from autotraj.render import TokenizerMismatch, render_prompt, render_trajectory
 from autotraj.rollout import RolloutConfig, rollout
 

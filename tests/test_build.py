@@ -9,13 +9,21 @@ import pytest
 from conftest import traj, write_jsonl
 
 from autotraj import build
-from autotraj.build import BuildConfig, load_preference_pairs, load_sft_records, run_build
+from autotraj.build import BuildConfig, run_build
 from autotraj.cli import main
 from autotraj.config import ConfigError
 from autotraj.io import DataError
-from autotraj.quality import QualityScore
-from autotraj.records import Query, ToolCall, Trajectory
+from autotraj.records import (
+    QualityScore,
+    Query,
+    Repair,
+    RepairAttempt,
+    ScoreRow,
+    ToolCall,
+    Trajectory,
+)
 from autotraj.render import chat_messages
+from autotraj.run_dir import load_preference_pairs, load_sft_records
 
 QUERIES = [
     Query("q1", "What is 2*3?", ("6",), "math"),
@@ -50,41 +58,60 @@ CANDIDATES = {
 
 
 def score_row(t: Trajectory, label: str, score: float) -> dict:
+    """A score/scores.jsonl row as the score stage writes it (records.ScoreRow)."""
     correct = label != "AW"
     components = {"confidence": 1.0 if score > 0.8 else 0.0, "length": 1.0, "repetition": 1.0}
     q = QualityScore(t.id, t.query_id, score, tuple(components.items()), correct, label)
-    return {**q.to_dict(), "em": float(correct), "f1": float(correct), "extracted": "x"}
+    group = [c for c, _, _ in CANDIDATES.values() if c.query_id == t.query_id]
+    words_ref = min(len(c.text.split()) for c in group)
+    row = ScoreRow(q, float(correct), float(correct), "x", len(t.text.split()), words_ref)
+    return row.to_dict()
+
+
+def attempt(
+    n: int, how: str, fixed: Trajectory, score: float | None, reason: str = ""
+) -> RepairAttempt:
+    """A judged repair attempt as repair.judge makes it (score None: not scored, infra error)."""
+    correct = score is not None and not reason
+    components = () if score is None else (("confidence", 1.0), ("length", 1.0))
+    return RepairAttempt(n, how, fixed, correct, "6", score, None, 9, components, reason)
 
 
 def repair_rows() -> list[dict]:
+    """Accepted repairs as the repair stage writes them: the AC-LQ one by the first pass (its
+    hedging cut), the AW one by the repairer model."""
     return [
-        {
-            "original_id": "q1/s1",
-            "label": "AC-LQ",
-            "original_score": 0.70,
-            "repair_score": 0.97,
-            "how": "model",
-            "trajectory": product_traj("q1/s1/r", "q1", "6", parent="q1/s1").to_dict(),
-        },
-        {
-            "original_id": "q2/s0",
-            "label": "AW",
-            "original_score": 0.90,
-            "repair_score": 0.93,
-            "how": "first_pass",
-            "trajectory": product_traj("q2/s0/r", "q2", "20", parent="q2/s0").to_dict(),
-        },
+        Repair(
+            "q1/s1",
+            "q1",
+            "AC-LQ",
+            0.70,
+            attempt(0, "first_pass", product_traj("q1/s1/r", "q1", "6", parent="q1/s1"), 0.97),
+        ).to_dict(),
+        Repair(
+            "q2/s0",
+            "q2",
+            "AW",
+            0.90,
+            attempt(1, "model", product_traj("q2/s0/r", "q2", "20", parent="q2/s0"), 0.93),
+        ).to_dict(),
     ]
 
 
 def hard_case_rows() -> list[dict]:
+    """The one hard case: the first model attempt hit an infrastructure failure, the second
+    answered wrong."""
+    crashed = product_traj("q2/s1/r1", "q2", "18", parent="q2/s1")
+    wrong = product_traj("q2/s1/r", "q2", "18", parent="q2/s1")
     return [
-        {
-            "original_id": "q2/s1",
-            "reason": "answer still wrong",
-            "trajectory": product_traj("q2/s1/r", "q2", "18", parent="q2/s1").to_dict(),
-        },
-        {"original_id": "q2/s1", "reason": "infra_error: sandbox crashed"},
+        Repair(
+            "q2/s1",
+            "q2",
+            "AW",
+            0.85,
+            attempt(2, "model", wrong, 0.9, "wrong answer"),
+            (attempt(1, "model", crashed, None, "infra error: sandbox crashed"),),
+        ).to_dict()
     ]
 
 
@@ -116,7 +143,7 @@ def test_counts_per_partition_and_source(run_dir):
         "AW": 2,
         "repairs_accepted": {"AC-LQ": 1, "AW": 1, "total": 2},
         "repairs_by_how": {"first_pass": 1, "model": 1},
-        "hard_cases": {"AW": 2, "total": 2},
+        "hard_cases": {"AW": 1, "total": 1},
         "sft": {"HQ": 2, "repair:AC-LQ": 1, "repair:AW": 1, "total": 4},
         "preference_pairs": 2,
         "dropped_flawed": {"sft": 0, "preference_pairs": 0},
@@ -181,7 +208,7 @@ def test_empty_sets_still_build(tmp_path):
     assert (run_dir / "build/preferences.jsonl").read_text() == ""
 
 
-def test_rerun_is_a_no_op_changed_inputs_rebuild_changed_config_refused(run_dir, monkeypatch):
+def test_rerun_is_a_no_op_changed_inputs_and_config_are_refused(run_dir, monkeypatch):
     cfg = BuildConfig(run_dir=str(run_dir))
     first = run_build(cfg)
     calls = []
@@ -191,7 +218,8 @@ def test_rerun_is_a_no_op_changed_inputs_rebuild_changed_config_refused(run_dir,
         run_build(BuildConfig(run_dir=str(run_dir), save_hf=False))
     monkeypatch.undo()
     write_jsonl(run_dir / "repair/repairs.jsonl", repair_rows()[:1])
-    assert run_build(cfg)["preference_pairs"] == 1
+    with pytest.raises(ConfigError, match=r"different input files \(repairs changed\)"):
+        run_build(cfg)
 
 
 def test_push_to_hub_pushes_both_sets(run_dir, monkeypatch):

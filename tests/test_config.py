@@ -10,7 +10,7 @@ from typing import Literal
 import pytest
 
 from autotraj.cli import STAGES
-from autotraj.config import ConfigError, build, load_config, to_dict
+from autotraj.config import ConfigError, build, load_config, load_stage_config, to_dict
 
 
 @dataclass(frozen=True)
@@ -294,15 +294,7 @@ COMMAND_OF = {  # configs/<name> -> the `autotraj` command that reads it (cli.ST
     "cpu.yaml": "run",
     "cpu_gsm8k.yaml": "run",
     "cpu_synthesize.yaml": "synthesize",
-    "eval_cpu.yaml": "eval",
-    "eval_paper.yaml": "eval",
     "paper.yaml": "run",
-    "rl_cpu.yaml": "rl",
-    "rl_paper.yaml": "rl",
-    "rm_cpu.yaml": "rm",
-    "rm_paper.yaml": "rm",
-    "sft_cpu.yaml": "sft",
-    "sft_paper.yaml": "sft",
 }
 
 
@@ -316,3 +308,64 @@ def test_shipped_config_loads(name):
     assert name in COMMAND_OF, f"configs/{name}: name the command that reads it in COMMAND_OF"
     config_cls, _ = STAGES[COMMAND_OF[name]][1]()
     assert isinstance(load_config(config_cls, path), config_cls)
+
+
+# --- a stage command reads its section of a pipeline config --------------------------------------
+
+STAGE_COMMANDS = ("synthesize", "score", "repair", "build", "sft", "rm", "rl", "eval")
+
+
+@pytest.mark.parametrize("stage", STAGE_COMMANDS)
+@pytest.mark.parametrize("name", ["cpu.yaml", "paper.yaml"])
+def test_a_stage_command_reads_what_the_pipeline_gives_that_stage(name, stage):
+    from autotraj.pipeline import PipelineConfig, stage_config
+
+    config_cls, _ = STAGES[stage][1]()
+    pipeline = load_config(PipelineConfig, CONFIGS / name)
+    assert load_stage_config(config_cls, stage, CONFIGS / name) == stage_config(pipeline, stage)
+
+
+def pipeline_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_overrides_name_the_sections_fields(tmp_path):
+    from autotraj.train.sft import SftConfig
+
+    path = pipeline_file(tmp_path, "run_dir: runs/a\nsft: {epochs: 3}\nrm: {epochs: 5}\n")
+    cfg = load_stage_config(SftConfig, "sft", path, ["epochs=2", "run_dir=runs/b"])
+    assert (cfg.epochs, cfg.run_dir) == (2, "runs/b")
+    assert load_stage_config(SftConfig, "sft", path).epochs == 3
+
+
+def test_a_pipeline_without_the_section_gives_the_defaults(tmp_path):
+    from autotraj.score import ScoreConfig
+
+    path = pipeline_file(tmp_path, "run_dir: runs/a\nstages: [synthesize]\n")
+    assert load_stage_config(ScoreConfig, "score", path) == ScoreConfig(run_dir="runs/a")
+
+
+def test_a_section_run_dir_other_than_the_top_level_is_an_error(tmp_path):
+    from autotraj.train.sft import SftConfig
+
+    path = pipeline_file(tmp_path, "run_dir: runs/a\nsft: {run_dir: runs/b}\n")
+    with pytest.raises(ConfigError, match="sft.run_dir is 'runs/b'"):
+        load_stage_config(SftConfig, "sft", path)
+
+
+def test_a_stage_file_with_an_unknown_key_is_still_an_error(tmp_path):
+    from autotraj.train.sft import SftConfig
+
+    path = pipeline_file(tmp_path, "run_dir: runs/a\nlearning_rat: 1.0e-4\n")
+    with pytest.raises(ConfigError, match="learning_rat"):
+        load_stage_config(SftConfig, "sft", path)
+
+
+def test_an_unknown_key_in_the_section_names_the_section(tmp_path):
+    from autotraj.train.sft import SftConfig
+
+    path = pipeline_file(tmp_path, "sft: {epoch: 2}\n")
+    with pytest.raises(ConfigError, match=r"section 'sft'.*epoch"):
+        load_stage_config(SftConfig, "sft", path)

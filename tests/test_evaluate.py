@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 from conftest import CrashOnRound, write_jsonl
 
-from autotraj.config import ConfigError, load_config
+from autotraj.config import ConfigError, load_stage_config
 from autotraj.eval_summary import EvalResult, render_table, summarize_results
 from autotraj.evaluate import BenchmarkConfig, EvalConfig, check_config, load_summary, run_eval
 from autotraj.io import DataError, read_jsonl
 from autotraj.models.scripted import ScriptedGenerator
 from autotraj.records import Provenance, Trajectory
 from autotraj.rollout import RolloutConfig
-from autotraj.synthesize import StageIncomplete
+from autotraj.run_dir import StageIncomplete
 from autotraj.tags import result_text
 from autotraj.tools.tool import ToolInfraError
 from autotraj.tools.toolbox import SearchToolConfig, ToolsConfig
@@ -389,10 +389,10 @@ def test_render_table():
     ]
 
 
-@pytest.mark.parametrize("name", ["eval_cpu.yaml", "eval_paper.yaml"])
+@pytest.mark.parametrize("name", ["cpu.yaml", "paper.yaml"])
 def test_shipped_configs_pass_the_stage_check_greedy_and_zero_shot(name):
     # (that every shipped config loads: tests/test_config.py)
-    cfg = load_config(EvalConfig, ROOT / "configs" / name)
+    cfg = load_stage_config(EvalConfig, "eval", ROOT / "configs" / name)
     check_config(cfg)
     assert cfg.rollout.temperature == 0.0 and cfg.rollout.demonstrations == 0
-    assert len(cfg.benchmarks) == (2 if name == "eval_cpu.yaml" else 9)
+    assert len(cfg.benchmarks) == (2 if name == "cpu.yaml" else 9)

@@ -320,14 +320,14 @@ def test_infra_failed_rollout_is_excluded_from_its_group(tmp_path, tiny_model_di
     assert metrics["rl/format_rate"] == pytest.approx(2 / 3)
 
 
-@pytest.mark.parametrize("name", ["rl_cpu.yaml", "rl_paper.yaml"])
+@pytest.mark.parametrize("name", ["cpu.yaml", "paper.yaml"])
 def test_shipped_configs_keep_the_release_objective(name):
     # (that every shipped config loads: tests/test_config.py)
     from pathlib import Path
 
-    from autotraj.config import load_config
+    from autotraj.config import load_stage_config
 
-    cfg = load_config(RlConfig, Path(__file__).parent.parent / "configs" / name)
+    cfg = load_stage_config(RlConfig, "rl", Path(__file__).parent.parent / "configs" / name)
     assert cfg.clip == 0.2 and cfg.entropy_coef == 0.001 and cfg.kl_coef == 0.0
     assert cfg.rollout.temperature == 1.0 and cfg.rollouts_per_prompt == 4
 

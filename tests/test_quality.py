@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from autotraj import quality
 from autotraj.quality import (
     QualityConfig,
-    QualityScore,
     confidence,
     group_length_refs,
     length_score,
@@ -23,7 +22,7 @@ from autotraj.quality import (
     score_one,
     tool_validity,
 )
-from autotraj.records import RecordError, ToolCall
+from autotraj.records import QualityScore, RecordError, ToolCall
 
 ANSWER = r"<answer>\boxed{4}</answer>"
 

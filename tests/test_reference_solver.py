@@ -12,7 +12,7 @@ from autotraj.flaws import flaws
 from autotraj.models import reference
 from autotraj.models.generator import GenerationRequest, GeneratorError
 from autotraj.models.loading import GeneratorConfig, load_generator
-from autotraj.quality import QualityConfig, QualityScore, confidence
+from autotraj.quality import QualityConfig, confidence
 from autotraj.querysets import load_queries
 from autotraj.render import render_messages, render_prompt, render_trajectory
 from autotraj.repair import RepairConfig, Target, repair_chunk, repair_messages
@@ -104,9 +104,9 @@ def test_clean_style_solves_with_real_tools(generator, tools, monkeypatch):
     trajectories = rollout(generator, tools, generator.tokenizer, items, RolloutConfig())
     rows = score_rows({q.id: q for q in queries}, trajectories, ScoreConfig())
     for query, traj, row in zip(queries, trajectories, rows, strict=True):
-        assert traj.finish_reason == "answer" and row["label"] == "HQ", traj.text
-        assert flaws(traj) == () and row["flaws"] == []  # no false positive on clean text
-        assert row["extracted"] == query.answers[0]
+        assert traj.finish_reason == "answer" and row.quality.label == "HQ", traj.text
+        assert flaws(traj) == () and row.quality.flaws == ()  # no false positive on clean text
+        assert row.extracted == query.answers[0]
         assert all(c.status == "ok" for c in traj.tool_calls)
         parsed = multihop.parse_question(query.question)
         hops = len(multihop.CHAINS[parsed[0]]) if parsed else 1
@@ -116,7 +116,7 @@ def test_clean_style_solves_with_real_tools(generator, tools, monkeypatch):
 
 def test_teacher_label_mix(synthesized):
     _, trajectories, rows = synthesized
-    shares = Counter(row["label"] for row in rows)
+    shares = Counter(row.quality.label for row in rows)
     assert all(t.finish_reason == "answer" for t in trajectories)
     assert 0.25 <= shares["HQ"] / len(rows) <= 0.45, shares
     assert 0.2 <= shares["AC-LQ"] / len(rows) <= 0.4, shares
@@ -128,9 +128,9 @@ def test_repairs_are_verified_and_some_rejected(generator, tools, synthesized):
     queries, trajectories, rows = synthesized
     by_id = {q.id: q for q in queries}
     targets = [
-        Target(t, by_id[t.query_id], row["label"], QualityScore.from_dict(row))
+        Target(t, by_id[t.query_id], row.quality.label, row.quality)
         for t, row in zip(trajectories, rows, strict=True)
-        if row["label"] != "HQ"
+        if row.quality.label != "HQ"
     ]
     cfg = RepairConfig(tools=TOOLS, first_pass=False, quality=QualityConfig())
     repairs = repair_chunk(targets, lambda: generator, tools, cfg)
@@ -165,7 +165,7 @@ def _repairs_of(style, n_arith, n_multihop, generator, tools, monkeypatch):
     trajectories = rollout(generator, tools, generator.tokenizer, items, RolloutConfig())
     rows = score_rows({q.id: q for q in queries}, trajectories, ScoreConfig())
     targets = [
-        Target(t, q, row["label"], QualityScore.from_dict(row))
+        Target(t, q, row.quality.label, row.quality)
         for t, q, row in zip(trajectories, queries, rows, strict=True)
     ]
     cfg = RepairConfig(tools=TOOLS, first_pass=False)

@@ -35,7 +35,8 @@ from autotraj.records import Query, ToolCall
 from autotraj.repair import RepairConfig, run_repair
 from autotraj.rewards import RewardConfig, compute_rewards
 from autotraj.rollout import GENERATOR_FAILURE, RolloutConfig, generator_failed, rollout
-from autotraj.synthesize import StageIncomplete, SynthesizeConfig, run_synthesize
+from autotraj.run_dir import StageIncomplete
+from autotraj.synthesize import SynthesizeConfig, run_synthesize
 from autotraj.tools.search import RemoteSearch
 from autotraj.tools.tool import ToolInfraError
 from autotraj.tools.toolbox import PythonToolConfig, SearchToolConfig, ToolsConfig

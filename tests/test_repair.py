@@ -11,6 +11,7 @@ import re
 import pytest
 from conftest import traj, write_jsonl
 
+from autotraj.config import ConfigError
 from autotraj.io import read_jsonl
 from autotraj.models.scripted import ScriptedGenerator
 from autotraj.records import Repair, ToolCall, Trajectory
@@ -377,3 +378,23 @@ def test_kill_between_the_two_appends_redoes_only_the_unwritten_rows(
         for _, row in read_jsonl(tmp_path / f"repair/{name}.jsonl")
     ]
     assert ids == ["aw0/s0", "aw1/s0"]
+
+
+def test_resume_from_changed_scores_is_refused(tmp_path, tokenizer, tools):
+    cases = ["aw0", "aw1"]
+    make_run(tmp_path, {c: [WRONG] for c in cases})
+    replies = {c: (SHORT, SHORT) for c in cases}
+    cfg = RepairConfig(run_dir=str(tmp_path), first_pass=False, chunk=1)
+
+    class Crash(Repairer):
+        def generate(self, requests):
+            if len(self.calls) == 1:  # the second chunk
+                raise RuntimeError("killed")
+            return super().generate(requests)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run_repair(cfg, Crash(tokenizer, replies), tools)
+    scores = tmp_path / "score/scores.jsonl"
+    scores.write_text(scores.read_text().replace('"score":', '"score": ', 1))
+    with pytest.raises(ConfigError, match=r"different input files \(scores changed\)"):
+        run_repair(cfg, Repairer(tokenizer, replies), tools)

@@ -13,16 +13,17 @@ import pytest
 from conftest import PROV, write_jsonl
 from test_build import product_traj, write_run  # the build tests' hand-made run
 
-from autotraj import report_plots, report_viewer
 from autotraj.build import BuildConfig, run_build
 from autotraj.cli import main
 from autotraj.io import DataError
 from autotraj.markup import tag_spans
 from autotraj.records import Segment, ToolCall, Trajectory
+from autotraj.report import plots as report_plots
 from autotraj.report import render_report, write_report
-from autotraj.report_data import read_curves
-from autotraj.report_plots import clean
-from autotraj.report_viewer import viewer_data
+from autotraj.report import viewer as report_viewer
+from autotraj.report.data import read_curves
+from autotraj.report.plots import clean
+from autotraj.report.viewer import viewer_data
 from autotraj.show import load_run
 
 PAYLOAD = '</script><script>alert(1)</script><script>document.body.dataset.pwned="1"</script>'
@@ -210,7 +211,7 @@ def test_viewer_data_spans_scores_and_repair_diffs(run_dir):
     (accepted,) = s1["repairs"]
     assert (accepted["id"], accepted["how"], accepted["before"], accepted["after"]) == (
         "q1/s1/r",
-        "model",
+        "first_pass",
         0.7,
         0.97,
     )
@@ -229,9 +230,8 @@ def test_viewer_data_spans_scores_and_repair_diffs(run_dir):
         ]
     ]
     rejected = by_id["q2/s1"]["repairs"]
-    assert [(r["accepted"], r["reason"], r["rows"] is None) for r in rejected] == [
-        (False, "answer still wrong", False),
-        (False, "infra_error: sandbox crashed", True),
+    assert [(r["accepted"], r["id"], r["reason"]) for r in rejected] == [
+        (False, "q2/s1/r", "wrong answer"),
     ]
     assert by_id["q1/evil"]["label"] is None
 
@@ -254,7 +254,7 @@ def test_long_texts_are_cut():
 
 
 def viewer_data_of(t: Trajectory) -> dict:
-    from autotraj.build import RunFiles
+    from autotraj.run_dir import RunFiles
 
     files = RunFiles(queries={}, trajectories={t.id: t}, scores={}, repairs={}, hard_cases=())
     return viewer_data(files, max_trajectories=10)["trajectories"][0]
@@ -279,7 +279,7 @@ def test_model_text_stays_inert_and_intact(run_dir):
 
 
 def test_non_finite_numbers_become_null():
-    from autotraj.report_viewer import data_script
+    from autotraj.report.viewer import data_script
 
     script = data_script({"x": [float("nan"), float("inf"), 1.5], "y": "a\ud800"})
     assert script.endswith('>{"x":[null,null,1.5],"y":"a\ufffd"}</script>')

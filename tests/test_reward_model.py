@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from test_train_batches import SYSTEM, make_trajectory, question, write_preference_file
 
-from autotraj.config import load_config
+from autotraj.config import load_stage_config
 from autotraj.train.batches import PreferenceExample
 from autotraj.train.reward_model import (
     RewardModelError,
@@ -139,24 +139,25 @@ def test_lora_reward_model_saves_trained_head(tmp_path, tiny_model_dir):
     assert len(rm.score([(question(0), make_trajectory(0))])) == 1
 
 
-@pytest.mark.parametrize("name", ["rm_cpu.yaml", "rm_paper.yaml"])
+@pytest.mark.parametrize("name", ["cpu.yaml", "paper.yaml"])
 def test_shipped_batches_divide(name):
     # (that every shipped config loads: tests/test_config.py)
-    cfg = load_config(RmConfig, CONFIGS / name)
+    cfg = load_stage_config(RmConfig, "rm", CONFIGS / name)
     assert cfg.effective_batch_size % cfg.per_device_batch_size == 0
 
 
 def test_paper_defaults():
-    cfg = load_config(RmConfig, CONFIGS / "rm_paper.yaml")
+    cfg = load_stage_config(RmConfig, "rm", CONFIGS / "paper.yaml")
     assert (cfg.learning_rate, cfg.epochs, cfg.effective_batch_size) == (1e-5, 2, 32)
     assert cfg.lora.rank == 8 and cfg.lora.target_modules == ("all-linear",)
 
 
 @pytest.mark.slow
 def test_embedded_model_few_steps(tmp_path):
-    cfg = load_config(
+    cfg = load_stage_config(
         RmConfig,
-        CONFIGS / "rm_cpu.yaml",
+        "rm",
+        CONFIGS / "cpu.yaml",
         [f"run_dir={tmp_path}", "max_steps=2", "model=embedded:smollm2-135m-instruct"],
     )
     write_preference_file(tmp_path / "build" / "preferences.jsonl", 10)

@@ -139,12 +139,13 @@ def test_rerun_is_a_no_op_and_changed_config_is_refused(run_dir):
         run_score(other)
 
 
-def test_changed_inputs_are_scored_again(run_dir):
+def test_changed_inputs_are_refused(run_dir):
     cfg = ScoreConfig(run_dir=str(run_dir))
     run_score(cfg)
     path = run_dir / "synthesize/trajectories.jsonl"
     path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))
-    assert run_score(cfg)["trajectories"] == 2
+    with pytest.raises(ConfigError, match=r"different input files \(trajectories changed\)"):
+        run_score(cfg)
 
 
 def test_missing_inputs_name_the_file_and_the_stage(tmp_path):

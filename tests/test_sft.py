@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_train_batches import SYSTEM, make_trajectory, question, write_sft_file
 
-from autotraj.config import load_config
+from autotraj.config import load_stage_config
 from autotraj.train.batches import IGNORE_INDEX, sft_examples_from_file
 from autotraj.train.sft import LoraSettings, SftConfig, TrainingIncomplete, build_trainer, run_sft
 
@@ -155,15 +155,15 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir):
         assert (a[k] - b[k]).abs().max() < 1e-5, k
 
 
-@pytest.mark.parametrize("name", ["sft_cpu.yaml", "sft_paper.yaml"])
+@pytest.mark.parametrize("name", ["cpu.yaml", "paper.yaml"])
 def test_shipped_batches_divide(name):
     # (that every shipped config loads: tests/test_config.py)
-    cfg = load_config(SftConfig, CONFIGS / name)
+    cfg = load_stage_config(SftConfig, "sft", CONFIGS / name)
     assert cfg.effective_batch_size % cfg.per_device_batch_size == 0
 
 
 def test_paper_defaults():
-    cfg = load_config(SftConfig, CONFIGS / "sft_paper.yaml")
+    cfg = load_stage_config(SftConfig, "sft", CONFIGS / "paper.yaml")
     assert (cfg.learning_rate, cfg.epochs, cfg.lr_scheduler, cfg.warmup_ratio) == (
         7e-6,
         3,
@@ -176,9 +176,10 @@ def test_paper_defaults():
 
 @pytest.mark.slow
 def test_embedded_model_few_steps(tmp_path):
-    cfg = load_config(
+    cfg = load_stage_config(
         SftConfig,
-        CONFIGS / "sft_cpu.yaml",
+        "sft",
+        CONFIGS / "cpu.yaml",
         [f"run_dir={tmp_path}", "max_steps=3", "save_steps=100", "logging_steps=1"],
     )
     write_sft_file(tmp_path / "build" / "sft.jsonl", 12)

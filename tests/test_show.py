@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import write_jsonl
-from test_build import write_run  # the hand-made run directory of the build tests
+from test_build import hard_case_rows, write_run  # the build tests' hand-made run
 
 from autotraj.cli import main
 from autotraj.show import (
@@ -64,7 +64,7 @@ def test_mask_marks_tool_results(run_dir, tokenizer):
 
 def test_repair_diff_side_by_side_and_one_after_other(run_dir):
     wide = render_show(run_dir, "q1/s1", width=160)
-    assert "accepted repair q1/s1/r (model, AC-LQ): S 0.700 -> 0.970" in wide
+    assert "accepted repair q1/s1/r (first_pass, AC-LQ): S 0.700 -> 0.970" in wide
     assert "1 of 9 lines differ" in wide
     changed = next(line for line in wide.splitlines() if " | " in line and "<think>" in line)
     assert "maybe multiply" in changed.split(" | ")[0] and "<think>multiply" in changed
@@ -77,11 +77,10 @@ def test_repair_diff_side_by_side_and_one_after_other(run_dir):
 def test_show_a_repair_and_a_hard_case(run_dir):
     out = render_show(run_dir, "q2/s0/r", width=80)
     assert "repair of: q2/s0" in out
-    assert "accepted repair (first_pass) of q2/s0 [AW]: S 0.900 -> 0.930" in out
+    assert "accepted repair (model) of q2/s0 [AW]: S 0.900 -> 0.930" in out
     assert "[-21-]" in out and "{+20+}" in out
     hard = render_show(run_dir, "q2/s1", width=80)
-    assert "rejected repair (answer still wrong)" in hard and "{+18+}" in hard
-    assert "rejected repair (infra_error: sandbox crashed)" in hard
+    assert "rejected repair (wrong answer)" in hard and "{+18+}" in hard
     with pytest.raises(ValueError, match="not in this run"):
         render_show(run_dir, "q9/s9")
 
@@ -96,8 +95,8 @@ def test_show_without_score_and_repair_files(run_dir):
 def test_list_with_label_filter(run_dir):
     out = render_list(run_dir)
     assert out.splitlines()[0].split() == ["id", "label", "score", "correct", "repair"]
-    assert "accepted: q1/s1/r (model, S 0.970)" in out
-    assert "rejected: answer still wrong; infra_error: sandbox crashed" in out
+    assert "accepted: q1/s1/r (first_pass, S 0.970)" in out
+    assert "rejected: wrong answer" in out
     assert out.rstrip().endswith("5 trajectories (AC-LQ 1, AW 2, HQ 2)")
     aw = render_list(run_dir, label="AW")
     assert "q2/s0" in aw and "q1/s0" not in aw and "2 trajectories labelled AW" in aw
@@ -130,6 +129,8 @@ def test_cli_round_trip(run_dir, tiny_model_dir, capsys):
 
 
 def test_malformed_hard_case_names_file_and_line(run_dir):
-    write_jsonl(run_dir / "repair/hard_cases.jsonl", [{"original_id": "q2/s1"}])
-    with pytest.raises(ValueError, match=r"hard_cases.jsonl:1: .*'reason'"):
+    (row,) = hard_case_rows()
+    del row["reason"]
+    write_jsonl(run_dir / "repair/hard_cases.jsonl", [row])
+    with pytest.raises(ValueError, match=r"hard_cases.jsonl:1: repair of q2/s1: .*'reason'"):
         render_show(run_dir, "q2/s1")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import PROV, traj
 
-from autotraj.build import Message, PreferencePair, SftRecord, prompt_messages
+from autotraj.build import prompt_messages
 from autotraj.io import write_jsonl_atomic
-from autotraj.records import Segment, ToolCall, Trajectory
+from autotraj.records import Message, PreferencePair, Segment, SftRecord, ToolCall, Trajectory
 from autotraj.render import render_prompt
 from autotraj.train.batches import (
     IGNORE_INDEX,

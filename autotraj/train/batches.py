@@ -106,7 +106,7 @@ def sft_examples_from_file(
     tokenizer: Tokenizer, path: str | Path, max_length: int | None = None
 ) -> tuple[list[SftExample], dict[str, int]]:
     """The build stage's sft.jsonl as examples, plus counts (records, truncated, dropped)."""
-    from autotraj.build import load_sft_records
+    from autotraj.run_dir import load_sft_records
 
     records = load_sft_records(path)
     examples = []
@@ -137,7 +137,7 @@ def preference_examples_from_file(
 ) -> tuple[list[PreferenceExample], dict[str, int], str | None]:
     """The build stage's preferences.jsonl as examples, counts, and the shared system prompt
     (None when the pairs use different ones)."""
-    from autotraj.build import load_preference_pairs
+    from autotraj.run_dir import load_preference_pairs
 
     pairs = load_preference_pairs(path)
     examples = []

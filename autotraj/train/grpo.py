@@ -61,7 +61,7 @@ from autotraj.records import Query, Trajectory
 from autotraj.render import render_prompt, render_trajectory
 from autotraj.rewards import RewardBreakdown, RewardConfig, compute_rewards, reward_summary
 from autotraj.rollout import RolloutConfig, rollout
-from autotraj.synthesize import StageIncomplete
+from autotraj.run_dir import StageIncomplete
 from autotraj.tools.toolbox import ToolsConfig, close_tools, open_tools
 from autotraj.train.advantages import group_advantages, prompt_indices
 from autotraj.train.grpo_update import PolicyUpdate, Sample

@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import yaml
 
+from autotraj import run_dir as layout
 from autotraj.config import ConfigError, to_dict
 from autotraj.io import check_same_config, write_json_atomic, write_manifest
 from autotraj.metrics import MetricsLog
@@ -96,17 +97,17 @@ class RmConfig:
 
 
 def stage_dir(cfg: RmConfig) -> Path:
-    return Path(cfg.run_dir) / "rm"
+    return layout.stage_dir(cfg.run_dir, "rm")
 
 
 def data_path(cfg: RmConfig) -> Path:
-    return Path(cfg.data) if cfg.data else Path(cfg.run_dir) / "build" / "preferences.jsonl"
+    return Path(cfg.data) if cfg.data else layout.record_path(cfg.run_dir, "preferences")
 
 
 def base_model(cfg: RmConfig) -> str:
     if cfg.model:
         return cfg.model
-    sft_model = Path(cfg.run_dir) / "sft" / "model"
+    sft_model = layout.model_dir(cfg.run_dir, "sft")
     return str(sft_model) if sft_model.is_dir() else EMBEDDED_MODEL
 
 

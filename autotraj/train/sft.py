@@ -36,6 +36,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from autotraj import run_dir as layout
 from autotraj.config import ConfigError, to_dict
 from autotraj.io import DataError, check_same_config, truncate_steps, write_manifest
 from autotraj.metrics import MetricsLog
@@ -68,7 +69,7 @@ class SftConfig:
     run_dir: str = "runs/default"
     data: str | None = None  # None: <run_dir>/build/sft.jsonl
     # The base model: "embedded:smollm2-135m-instruct", a local directory or a Hub name.
-    # Release: Qwen/Qwen2.5-7B-Instruct (configs/sft_paper.yaml).
+    # Release: Qwen/Qwen2.5-7B-Instruct (configs/paper.yaml, section sft).
     model: str = EMBEDDED_MODEL
     learning_rate: float = 7e-6  # release
     epochs: float = 3.0  # release
@@ -94,11 +95,11 @@ class SftConfig:
 
 
 def stage_dir(cfg: SftConfig) -> Path:
-    return Path(cfg.run_dir) / "sft"
+    return layout.stage_dir(cfg.run_dir, "sft")
 
 
 def data_path(cfg: SftConfig) -> Path:
-    return Path(cfg.data) if cfg.data else Path(cfg.run_dir) / "build" / "sft.jsonl"
+    return Path(cfg.data) if cfg.data else layout.record_path(cfg.run_dir, "sft")
 
 
 def import_train_deps() -> None:

@@ -1,4 +1,4 @@
-"""`autotraj report RUN_DIR`: one self-contained HTML page about a run directory.
+"""The page of `autotraj report RUN_DIR`: one self-contained HTML page about a run directory.
 
 What it does: reads whatever stages of `RUN_DIR` have run and writes one HTML file (default
 `<run_dir>/report.html`) that loads nothing from elsewhere (inline CSS, inline SVG charts, one
@@ -12,15 +12,15 @@ inline script whose hash the page's Content-Security-Policy pins). Sections:
   SFT set's.
 - Training: the SFT loss, the reward model's pairwise accuracy (train, and held-out from
   `rm/stats.json`), the RL reward, accuracy and format rate per step (`*/metrics.jsonl`).
-- Trajectories: the viewer of report_viewer.py (queries, candidates, scores, tool calls, repair
+- Trajectories: the viewer of report/viewer.py (queries, candidates, scores, tool calls, repair
   diffs; filter by label).
 Lengths are what the model wrote (tool results excluded): tokens when every trajectory plotted
 together has token ids, else whitespace words; each axis says which.
 
 A stage that has not run shows "not run"; a malformed file raises `DataError` naming the file
 (and line, for JSONL). Not here: computing metrics a stage already wrote, reading the eval and
-metrics files (report_data.py), SVG drawing (report_plots.py), the viewer's data, script and
-the stylesheet (report_viewer.py).
+metrics files (report/data.py), SVG drawing (report/plots.py), the viewer's data, script and
+the stylesheet (report/viewer.py).
 """
 
 from __future__ import annotations
@@ -33,11 +33,10 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from autotraj.build import RunFiles, SftRecord, load_preference_pairs, load_sft_records
 from autotraj.compare import HEADER, Row, row_cells, sft_note
 from autotraj.io import DataError
-from autotraj.quality import LABELS
-from autotraj.report_data import (
+from autotraj.records import LABELS, SftRecord
+from autotraj.report.data import (
     EvalRun,
     Length,
     Metrics,
@@ -47,8 +46,9 @@ from autotraj.report_data import (
     read_json,
     stage_states,
 )
-from autotraj.report_plots import bar_chart, esc, fmt, histogram, line_chart
-from autotraj.report_viewer import STYLE, VIEWER_JS, data_script, viewer_data
+from autotraj.report.plots import bar_chart, esc, fmt, histogram, line_chart
+from autotraj.report.viewer import STYLE, VIEWER_JS, data_script, viewer_data
+from autotraj.run_dir import RunFiles, load_preference_pairs, load_sft_records
 from autotraj.show import load_run
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@
 - `line_chart`, `bar_chart`, `histogram`: one `<svg>` element each, sized by its viewBox so it
   scales with the page; every point and bar carries a `<title>` tooltip with its value.
 
-Pure functions of numbers and labels. Not here: reading runs or deciding what to plot (report.py).
+Pure functions of numbers and labels. Not here: reading runs or deciding what to plot (report/page.py).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
 - `read_json`: a JSON object file; `stage_states`: which stages have finished, started, not run.
 
 A malformed file raises `DataError` naming the file (and the line, for JSONL). Not here: what
-the page shows (report.py).
+the page shows (report/page.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 from autotraj.io import DataError, read_jsonl
 from autotraj.quality import QualityConfig, length_tokens, length_words
-from autotraj.records import Trajectory, _require
+from autotraj.records import Trajectory, require
 
 STAGES = ("synthesize", "score", "repair", "build", "sft", "rm", "rl")
 EVAL_ORDER = ("base", "sft", "rl")  # then any other eval name, alphabetically
@@ -100,7 +100,7 @@ def read_eval(folder: Path) -> EvalRun:
         for lineno, row in read_jsonl(results):
             try:
                 lengths.append(
-                    model_length(Trajectory.from_dict(_require(row, "trajectory", dict, "result")))
+                    model_length(Trajectory.from_dict(require(row, "trajectory", dict, "result")))
                 )
             except (ValueError, TypeError, KeyError) as e:
                 raise DataError(f"{results}:{lineno}: {e}") from e

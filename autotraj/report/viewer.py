@@ -15,7 +15,7 @@ lazily: one page of the query list at a time, and only the selected query's cand
 piece of run text goes into the page through `textContent`, never as markup. The page's URL may
 preset the filter and the search: `report.html?label=AW&q=gsm8k`.
 
-Not here: reading the run (build.read_run_files), the rest of the page (report.py).
+Not here: reading the run (run_dir.read_run_files), the rest of the page (report/page.py).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import math
 from collections import defaultdict
 from typing import Any
 
-from autotraj.build import AcceptedRepair, HardCase, RunFiles, ScoreRow
 from autotraj.markup import diff_rows, tag_spans, word_diff
-from autotraj.records import Trajectory
-from autotraj.report_plots import clean
+from autotraj.records import Repair, ScoreRow, Trajectory
+from autotraj.report.plots import clean
+from autotraj.run_dir import RunFiles
 
 MAX_TEXT = 4000  # characters of one segment, tool input or tool output
 MAX_DIFF_TEXT = 12000  # characters of each side of a repair diff
@@ -51,7 +51,7 @@ def viewer_data(files: RunFiles, max_trajectories: int) -> dict[str, Any]:
     groups: dict[str, list[Trajectory]] = defaultdict(list)
     for t in files.trajectories.values():
         groups[t.query_id].append(t)
-    hard: dict[str, list[HardCase]] = defaultdict(list)
+    hard: dict[str, list[Repair]] = defaultdict(list)
     for case in files.hard_cases:
         hard[case.original_id].append(case)
     queries: list[dict[str, Any]] = []
@@ -99,7 +99,7 @@ def _segment(text: str, trainable: bool) -> list[Any]:
 
 
 def _repairs(
-    original: Trajectory, accepted: AcceptedRepair | None, rejected: list[HardCase]
+    original: Trajectory, accepted: Repair | None, rejected: list[Repair]
 ) -> list[dict[str, Any]]:
     out = []
     if accepted is not None:
@@ -114,13 +114,12 @@ def _repairs(
             }
         )
     for case in rejected:
-        fixed = case.trajectory
         out.append(
             {
-                "id": fixed.id if fixed else None,
+                "id": case.trajectory.id,
                 "accepted": False,
                 "reason": case.reason,
-                "rows": diff(original.text, fixed.text) if fixed else None,
+                "rows": diff(original.text, case.trajectory.text),
             }
         )
     return out
@@ -146,7 +145,7 @@ def diff(a: str, b: str) -> list[list[Any]]:
 
 
 def _cleaned(value: Any) -> Any:
-    """`value` with every string in it cleaned (report_plots.clean) and every NaN or infinity
+    """`value` with every string in it cleaned (report/plots.clean) and every NaN or infinity
     made None (JSON has neither)."""
     if isinstance(value, str):
         return clean(value)
@@ -316,9 +315,8 @@ window.addEventListener("error", (event) => {
     box.open = true;
     const title = r.accepted
       ? `accepted repair ${r.id} (${r.how}): S ${num(r.before, 3)} → ${num(r.after, 3)}`
-      : `rejected repair${r.id ? " " + r.id : ""}: ${r.reason}`;
+      : `rejected repair ${r.id}: ${r.reason}`;
     box.appendChild(el("summary", null, title));
-    if (!r.rows) return add(box, el("p", "muted", "no repair trajectory (infrastructure error)"));
     const changed = r.rows.filter((x) => x[0] !== " ").length;
     box.appendChild(el("p", "muted", `${changed} of ${r.rows.length} lines differ`));
     const table = add(el("table", "diff"), row([`original ${t.id}`, `repair ${r.id}`], "th"));
