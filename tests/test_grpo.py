@@ -337,3 +337,117 @@ def test_release_defaults():
     assert (cfg.prompts_per_step, cfg.rollouts_per_prompt, cfg.lr) == (12, 4, 1e-6)
     assert (cfg.max_prompt_tokens, cfg.rollout.max_response_tokens) == (768, 2048)
     assert (cfg.reward.rm_weight, cfg.reward.clip, cfg.reward.f1_on_math) == (0.2, 3.0, False)
+
+
+# --- rl.loss and rl.sampling options in a run -------------------------------------------------
+
+
+def scripted_run(tmp_path, tiny_model_dir, monkeypatch, reply, **overrides):
+    """One step on the tiny model's tokenizer and weights with `reply` generating the rollouts."""
+    monkeypatch.setattr(grpo, "open_tools", lambda cfg: {"python": StubPython()})
+    monkeypatch.setattr(
+        GrpoRun, "_generator", lambda self: ScriptedGenerator(reply, self.tokenizer)
+    )
+    cfg = tiny_config(tmp_path, tiny_model_dir, steps=1, **overrides)
+    run_rl(cfg)
+    out = tmp_path / "run" / "rl"
+    [metrics] = load_rows(out / "metrics.jsonl")
+    return metrics, load_rows(out / "rollouts.jsonl")
+
+
+def rambling(request):
+    """Never stops on its own: every rollout ends at the token budget (finish_reason length)."""
+    return "<think>" + "a" * (request.seed % 7 + 40) + " and so on"
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_overlong_mask_takes_truncated_rollouts_out_of_the_loss(
+    tmp_path, tiny_model_dir, monkeypatch, mask
+):
+    metrics, rows = scripted_run(
+        tmp_path,
+        tiny_model_dir,
+        monkeypatch,
+        rambling,
+        loss={"overlong_mask": mask},
+        rollout={"max_new_tokens": 16, "max_response_tokens": 16, "system_prompt": "Use tags."},
+    )
+    assert all(r["trajectory"]["finish_reason"] == "length" for r in rows)
+    if mask:
+        assert metrics["rl/trainable_tokens"] == 0 and metrics["rl/overlong_masked"] == len(rows)
+    else:
+        assert metrics["rl/trainable_tokens"] == 16 * len(rows)
+        assert metrics["rl/overlong_masked"] == 0
+
+
+def test_soft_overlong_penalty_lowers_the_reward_of_long_rollouts(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    def short_or_long(request):
+        filler = "a" if request.seed % 2 else "a " * 40  # ~40 or ~120 tokens (char-level)
+        return f"<think>{filler}</think>\n<answer>\\boxed{{0}}</answer>"
+
+    _, rows = scripted_run(
+        tmp_path,
+        tiny_model_dir,
+        monkeypatch,
+        short_or_long,
+        loss={"overlong_buffer": 100},
+        rollout={"max_new_tokens": 200, "max_response_tokens": 200, "system_prompt": "Use tags."},
+    )
+    penalties = [r["reward"]["components"]["overlong_penalty"] for r in rows]
+    assert min(penalties) < 0 and max(penalties) == 0.0
+    for r in rows:
+        c = r["reward"]["components"]
+        base = 1.0 * c["test_grpo:char_reward"] + r["reward"]["outcome"]
+        assert r["reward"]["reward"] == pytest.approx(base + c["overlong_penalty"])
+
+
+def uniform_or_not(request):
+    """Query q0's rollouts all earn the same reward; the others' differ with the seed."""
+    k = 4 if "0+0" in request.prompt_text else request.seed % 5
+    return f"<think>{'a' * k}</think>\n<answer>\\boxed{{1}}</answer>"
+
+
+def group_of(row):
+    return row["trajectory"]["id"].rsplit("/r", 1)[0]
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_dynamic_sampling_drops_uniform_groups_and_refills(
+    tmp_path, tiny_model_dir, monkeypatch, dynamic
+):
+    metrics, rows = scripted_run(
+        tmp_path,
+        tiny_model_dir,
+        monkeypatch,
+        uniform_or_not,
+        prompts_per_step=3,
+        rollouts_per_prompt=3,
+        sampling={"dynamic": dynamic, "max_rounds": 3},
+    )
+    advantages = {}
+    for r in rows:
+        advantages.setdefault(group_of(r), []).append(r["advantage"])
+    uniform = [g for g, a in advantages.items() if not any(a)]
+    assert any("/q0" in g for g in uniform)  # the all-equal group exists in both runs
+    if not dynamic:
+        assert len(advantages) == 3 and "rl/dynamic/dropped_groups" not in metrics
+        assert metrics["rl/advantage/zero_fraction"] >= 1 / 3
+        return
+    # every generated group is saved; the uniform ones were dropped and refilled
+    assert metrics["rl/dynamic/dropped_groups"] == len(uniform) >= 1
+    assert metrics["rl/dynamic/rounds"] >= 1
+    assert metrics["rl/dynamic/kept_groups"] == len(advantages) - len(uniform)
+    assert any("/f1p" in g for g in advantages)  # a refill round's group
+    if metrics["rl/dynamic/kept_groups"] == 3:
+        assert metrics["rl/advantage/zero_fraction"] < 1 / 3  # the trained batch has signal
+
+
+def test_dry_run_shows_the_objective_and_sampling_options(capsys):
+    from autotraj.cli import main
+
+    main(["rl", "--dry-run", "loss.aggregation=gspo", "sampling.dynamic=true"])
+    printed = capsys.readouterr().out
+    for key in ("aggregation: gspo", "clip_high:", "overlong_buffer:", "tis_cap:", "dynamic: true"):
+        assert key in printed

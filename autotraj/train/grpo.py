@@ -73,6 +73,19 @@ from autotraj.train.policy_weights import (
     unsharded_load,
 )
 from autotraj.train.processes import process_state
+from autotraj.train.rl_loss import (
+    RlLossConfig,
+    check_loss_config,
+    sampler_logprobs,
+    with_overlong_penalty,
+)
+from autotraj.train.rl_sampling import (
+    RlSamplingConfig,
+    ScoredGroups,
+    check_sampling_config,
+    dynamic_sample,
+    refill_indices,
+)
 from autotraj.train.sft import check_vocab
 
 log = logging.getLogger(__name__)
@@ -138,6 +151,8 @@ class RlConfig:
     rollout: RolloutConfig = field(default_factory=_rl_rollout)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: RlLossConfig = field(default_factory=RlLossConfig)  # objective options (rl_loss.py)
+    sampling: RlSamplingConfig = field(default_factory=RlSamplingConfig)  # rl_sampling.py
 
 
 ScoreItems = Sequence[tuple[str, Trajectory]]  # (question, trajectory)
@@ -241,10 +256,19 @@ def load_rl_queries(cfg: RlConfig, tokenizer: Any) -> list[Query]:
     return kept
 
 
+def check_rl_config(cfg: RlConfig) -> None:
+    """Raise `ConfigError` naming the first field whose value is out of range."""
+    if cfg.steps < 0 or cfg.prompts_per_step < 1 or cfg.rollouts_per_prompt < 2:
+        raise ConfigError("rl: need steps >= 0, prompts_per_step >= 1, rollouts_per_prompt >= 2")
+    check_loss_config(cfg.loss, cfg.rollout.max_response_tokens)
+    check_sampling_config(cfg.sampling)
+
+
 class GrpoRun:
     """Owns the policy, optimizer, tools and scorer of one RL run; `train()` runs the steps."""
 
     def __init__(self, cfg: RlConfig, scorer: TrajectoryScorer | None = None):
+        check_rl_config(cfg)
         self.cfg = cfg
         self.out_dir = stage_dir(cfg)
         self.accelerator = Accelerator(
@@ -406,23 +430,14 @@ class GrpoRun:
         began = time.perf_counter()
         indices = prompt_indices(len(self.queries), step, cfg.prompts_per_step, cfg.seed)
         mine = list(enumerate(indices))[acc.process_index :: acc.num_processes]
-        items = [
-            (f"rl/s{step + 1}/p{j}/{self.queries[i].id}/r{k}", self.queries[i])
-            for j, i in mine
-            for k in range(cfg.rollouts_per_prompt)
-        ]
-        groups = [traj_id.rsplit("/r", 1)[0] for traj_id, _ in items]
-        item_queries = [q for _, q in items]
         policy = acc.unwrap_model(self.model)
         policy.eval()  # no autocast here: it re-casts every weight at every token (2x slower)
         generator = self._generator()
         sync_s = time.perf_counter() - began
+        items = self._items(step, 0, [(j, self.queries[i]) for j, i in mine])
         trajectories = rollout(
             generator, tools, self.tokenizer, items, replace(cfg.rollout, seed=cfg.seed)
         )
-        if isinstance(self.rollout_engine, VllmRolloutEngine):
-            self.rollout_engine.release()
-        policy.train()
         all_down = all(t.finish_reason == "infra_error" for t in trajectories)
         if down := gather_object([trajectories[0].error] if all_down else []):  # all stop
             raise StageIncomplete(
@@ -430,31 +445,105 @@ class GrpoRun:
                 f"{len(down)} of {acc.num_processes} processes ({down[0]}); re-run to resume "
                 f"from the last checkpoint"
             )
+        batch = self._score(items, trajectories)
+        generated, dynamic = batch, {}
+        if cfg.sampling.dynamic:  # local to this process: no collective in the extra rounds
+            batch, generated, dynamic = dynamic_sample(
+                batch,
+                cfg.sampling.max_rounds,
+                lambda r, n: self._refill(generator, tools, step, r, n),
+            )
+        if isinstance(self.rollout_engine, VllmRolloutEngine):
+            self.rollout_engine.release()
+        policy.train()
         rollout_s = time.perf_counter() - began - sync_s
-        breakdowns = compute_rewards(
-            trajectories, item_queries, self._rm_scores(trajectories, item_queries), cfg.reward
-        )
-        advantages = group_advantages([b.reward for b in breakdowns], groups)
-        rendered = [
-            render_trajectory(self.tokenizer, q.question, t, cfg.rollout.system_prompt)
-            for t, q in zip(trajectories, item_queries, strict=True)
+        keep = [  # DAPO overlong filtering: truncated rollouts leave the loss when asked
+            a is not None and not (cfg.loss.overlong_mask and t.finish_reason == "length")
+            for a, t in zip(batch.advantages, batch.trajectories, strict=True)
         ]
-        samples = [Sample(r, a) for r, a in zip(rendered, advantages, strict=True) if a is not None]
+        samples = [
+            Sample(r, a, sampler_logprobs(t, r))  # type: ignore[arg-type]
+            for r, a, t, k in zip(
+                batch.rendered, batch.advantages, batch.trajectories, keep, strict=True
+            )
+            if k
+        ]
         update = self.update(samples, step)
         if cfg.save_rollouts:
-            self._save_rollouts(step + 1, trajectories, breakdowns, advantages)
+            self._save_rollouts(
+                step + 1, generated.trajectories, generated.breakdowns, generated.advantages
+            )
         values = rollout_metrics(
-            gather_object(trajectories),
-            gather_object(breakdowns),
-            gather_object([len(r.input_ids) - r.prompt_length for r in rendered]),
+            gather_object(list(generated.trajectories)),
+            gather_object(list(generated.breakdowns)),
+            gather_object([len(r.input_ids) - r.prompt_length for r in generated.rendered]),
         )
+        advantages = batch.advantages
         zero = sum(1 for a in advantages if a == 0.0) / max(1, len(advantages))
         values.update(update)
+        for key, value in dynamic.items():  # summed over processes
+            values[key] = float(sum(gather_object([value])))
         values["rl/advantage/zero_fraction"] = zero
+        values["rl/overlong_masked"] = float(sum(gather_object([keep.count(False)])))
         values["rl/time/sync_s"] = sync_s  # full weights into the rollout engine
         values["rl/time/rollout_s"] = rollout_s
         values["rl/time/step_s"] = time.perf_counter() - began
         return values
+
+    def _items(
+        self, step: int, round_: int, chosen: Sequence[tuple[int, Query]]
+    ) -> list[tuple[str, Query]]:
+        """(trajectory id, query) per rollout; a group's id is its trajectory ids minus `/rK`."""
+        tag = "p" if round_ == 0 else f"f{round_}p"
+        return [
+            (f"rl/s{step + 1}/{tag}{j}/{q.id}/r{k}", q)
+            for j, q in chosen
+            for k in range(self.cfg.rollouts_per_prompt)
+        ]
+
+    def _refill(self, generator: Any, tools: dict, step: int, round_: int, count: int) -> Any:
+        """Dynamic sampling's extra round: `count` new groups, rolled out and scored."""
+        cfg, acc = self.cfg, self.accelerator
+        seed = f"{cfg.seed}/{acc.process_index}"
+        picked = refill_indices(len(self.queries), count, step, round_, seed)
+        items = self._items(step, round_, [(j, self.queries[i]) for j, i in enumerate(picked)])
+        trajectories = rollout(
+            generator, tools, self.tokenizer, items, replace(cfg.rollout, seed=cfg.seed)
+        )
+        return self._score(items, trajectories)
+
+    def _score(
+        self, items: Sequence[tuple[str, Query]], trajectories: Sequence[Trajectory]
+    ) -> ScoredGroups:
+        """Rewards (with DAPO's soft overlong penalty when configured), renderings, advantages."""
+        cfg = self.cfg
+        queries = [q for _, q in items]
+        groups = [traj_id.rsplit("/r", 1)[0] for traj_id, _ in items]
+        breakdowns = compute_rewards(
+            trajectories, queries, self._rm_scores(trajectories, queries), cfg.reward
+        )
+        rendered = [
+            render_trajectory(self.tokenizer, q.question, t, cfg.rollout.system_prompt)
+            for t, q in zip(trajectories, queries, strict=True)
+        ]
+        if cfg.loss.overlong_buffer:
+            breakdowns = [
+                with_overlong_penalty(
+                    b, len(r.input_ids) - r.prompt_length, cfg.loss, cfg.rollout.max_response_tokens
+                )
+                for b, r in zip(breakdowns, rendered, strict=True)
+            ]
+        advantages = group_advantages(
+            [b.reward for b in breakdowns], groups, scale=cfg.loss.aggregation != "dr_grpo"
+        )
+        return ScoredGroups(
+            tuple(groups),
+            tuple(queries),
+            tuple(trajectories),
+            tuple(breakdowns),
+            tuple(rendered),
+            tuple(advantages),
+        )
 
     def _rm_scores(
         self, trajectories: Sequence[Trajectory], queries: Sequence[Query]
@@ -545,8 +634,7 @@ def _brief(values: dict[str, float]) -> str:
 
 def run_rl(cfg: RlConfig, scorer: TrajectoryScorer | None = None) -> dict[str, Any]:
     """Run (or resume) the RL stage; `scorer` replaces the configured reward model (tests)."""
-    if cfg.steps < 0 or cfg.prompts_per_step < 1 or cfg.rollouts_per_prompt < 2:
-        raise ConfigError("rl: need steps >= 0, prompts_per_step >= 1, rollouts_per_prompt >= 2")
+    check_rl_config(cfg)
     out_dir = stage_dir(cfg)
     state = process_state()
     if state.is_main_process:
