@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import write_jsonl
 
-from autotraj.config import build
+from autotraj.config import ConfigError, build
 from autotraj.models.scripted import ScriptedGenerator
 from autotraj.records import Query, ToolCall
 from autotraj.render import render_trajectory
@@ -451,3 +451,42 @@ def test_dry_run_shows_the_objective_and_sampling_options(capsys):
     printed = capsys.readouterr().out
     for key in ("aggregation: gspo", "clip_high:", "overlong_buffer:", "tis_cap:", "dynamic: true"):
         assert key in printed
+
+
+def test_sampler_trainer_mismatch_is_logged_and_tis_changes_the_update(tmp_path, tiny_model_dir):
+    """Rollouts from the fp32 policy itself: the sampler's log-probs equal the trainer's. From
+    the bf16 rollout copy they differ, the metrics say so, and truncated importance sampling
+    (cap 1.0: every ratio above 1 is cut) changes the update from the same rollouts."""
+    from transformers import AutoModelForCausalLM
+
+    def run(name, **overrides):
+        cfg = tiny_config(
+            tmp_path / name, tiny_model_dir, steps=1, tools={"python": {"workers": 1}}, **overrides
+        )
+        run_rl(cfg)
+        out = tmp_path / name / "run" / "rl"
+        [metrics] = load_rows(out / "metrics.jsonl")
+        return metrics, AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+
+    same, _ = run("policy", sampling={"sampler_logprobs": True})
+    assert same["rl/mismatch/tokens"] > 0
+    assert same["rl/mismatch/abs_logprob_diff"] < 1e-4
+    bf16 = {"sampler_logprobs": True}
+    copy, plain = run("bf16", generator={"batch_size": 4, "dtype": "bfloat16"}, sampling=bf16)
+    assert copy["rl/mismatch/abs_logprob_diff"] > 1e-3
+    _, tis = run(
+        "tis",
+        generator={"batch_size": 4, "dtype": "bfloat16"},
+        sampling=bf16,
+        loss={"tis_cap": 1.0},
+    )
+    assert any(not torch.equal(plain[k], tis[k]) for k in plain)
+    _, again = run("bf16-again", generator={"batch_size": 4, "dtype": "bfloat16"}, sampling=bf16)
+    assert all(torch.equal(plain[k], again[k]) for k in plain)  # the difference is the TIS
+    off, _ = run("off")
+    assert not any(k.startswith("rl/mismatch/") for k in off)
+
+
+def test_tis_needs_the_sampler_logprobs(tmp_path, tiny_model_dir):
+    with pytest.raises(ConfigError, match="sampling.sampler_logprobs"):
+        run_rl(tiny_config(tmp_path, tiny_model_dir, loss={"tis_cap": 2.0}))

@@ -261,7 +261,7 @@ def check_rl_config(cfg: RlConfig) -> None:
     if cfg.steps < 0 or cfg.prompts_per_step < 1 or cfg.rollouts_per_prompt < 2:
         raise ConfigError("rl: need steps >= 0, prompts_per_step >= 1, rollouts_per_prompt >= 2")
     check_loss_config(cfg.loss, cfg.rollout.max_response_tokens)
-    check_sampling_config(cfg.sampling)
+    check_sampling_config(cfg.sampling, cfg.generator.backend, cfg.loss.tis_cap)
 
 
 class GrpoRun:
@@ -385,6 +385,7 @@ class GrpoRun:
             self.tokenizer,
             name=self.model_ref,
             batch_size=self.cfg.generator.batch_size,
+            logprobs=self.cfg.sampling.sampler_logprobs,
         )
 
     def restore(self) -> int:
