@@ -490,3 +490,16 @@ def test_sampler_trainer_mismatch_is_logged_and_tis_changes_the_update(tmp_path,
 def test_tis_needs_the_sampler_logprobs(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="sampling.sampler_logprobs"):
         run_rl(tiny_config(tmp_path, tiny_model_dir, loss={"tis_cap": 2.0}))
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "field"),
+    [
+        ("rollout", {"max_consecutive_invalid_calls": -1}, "rollout.max_consecutive_invalid_calls"),
+        ("sampling", {"max_rounds": -1}, "sampling.max_rounds"),
+        ("loss", {"clip_high": -0.1}, "loss.clip_high"),
+    ],
+)
+def test_bad_option_values_name_the_field(tmp_path, tiny_model_dir, section, values, field):
+    with pytest.raises(ConfigError, match=field):
+        run_rl(tiny_config(tmp_path, tiny_model_dir, **{section: values}))

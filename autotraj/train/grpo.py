@@ -260,6 +260,11 @@ def check_rl_config(cfg: RlConfig) -> None:
     """Raise `ConfigError` naming the first field whose value is out of range."""
     if cfg.steps < 0 or cfg.prompts_per_step < 1 or cfg.rollouts_per_prompt < 2:
         raise ConfigError("rl: need steps >= 0, prompts_per_step >= 1, rollouts_per_prompt >= 2")
+    if cfg.rollout.max_consecutive_invalid_calls < 0:
+        raise ConfigError(
+            f"rl: rollout.max_consecutive_invalid_calls must be >= 0 (0: no cap), got "
+            f"{cfg.rollout.max_consecutive_invalid_calls}"
+        )
     check_loss_config(cfg.loss, cfg.rollout.max_response_tokens)
     check_sampling_config(cfg.sampling, cfg.generator.backend, cfg.loss.tis_cap)
 
