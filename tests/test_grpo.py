@@ -503,3 +503,60 @@ def test_tis_needs_the_sampler_logprobs(tmp_path, tiny_model_dir):
 def test_bad_option_values_name_the_field(tmp_path, tiny_model_dir, section, values, field):
     with pytest.raises(ConfigError, match=field):
         run_rl(tiny_config(tmp_path, tiny_model_dir, **{section: values}))
+
+
+# --- LoRA RL ----------------------------------------------------------------------------------
+
+
+def test_lora_rollouts_come_from_the_updated_policy(tmp_path, tiny_model_dir):
+    """Adapters train, the base weights do not, and the bf16 rollout engine samples from base +
+    adapters (not the base: the silent failure users report); the saved model is merged."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(
+        tmp_path,
+        tiny_model_dir,
+        lr=5e-2,
+        lora={"rank": 4, "alpha": 8, "dropout": 0.0},
+        generator={"batch_size": 4, "dtype": "bfloat16"},
+    )
+    run = GrpoRun(cfg)
+    for step in range(2):
+        run.step(step, {"python": StubPython()})
+    policy = run.accelerator.unwrap_model(run.model)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    base_state = base.state_dict()
+    lora_b = [p for n, p in policy.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # the adapters moved
+    frozen = {n: p for n, p in policy.get_base_model().named_parameters() if "lora_" not in n}
+    for name, param in frozen.items():  # ... and nothing else did
+        assert torch.equal(param, base_state[name.replace(".base_layer.", ".")]), name
+    run._generator()  # what every step does before its rollouts: sync the engine
+    engine = run.rollout_engine.model
+    ids = torch.tensor([list(range(5, 40))])
+    policy.eval()
+    with torch.no_grad():
+        updated = policy(input_ids=ids).logits
+        sampled = engine(input_ids=ids).logits.float()
+        original = base(input_ids=ids).logits
+    moved = (original - updated).abs().max()
+    assert moved > 0.5  # the update is large enough to tell the two apart
+    assert (sampled - updated).abs().max() < 0.1 * moved  # the engine has the update
+    run.save_final()
+    out = tmp_path / "run" / "rl"
+    merged = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, updated, atol=1e-4)
+    assert (out / "adapter" / "adapter_config.json").exists()
+
+
+def test_lora_trains_in_a_run_with_rollouts_from_the_policy_itself(tmp_path, tiny_model_dir):
+    cfg = tiny_config(tmp_path, tiny_model_dir, lora={"rank": 4, "alpha": 8, "dropout": 0.0})
+    assert run_rl(cfg)["steps"] == 2
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "rl" / "model").state_dict()
+    assert set(before) == set(after)  # a plain checkpoint, no adapter names
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("proj" in k for k in changed)  # only LoRA-targeted linears moved

@@ -73,6 +73,7 @@ from autotraj.train.policy_weights import (
     unsharded_load,
 )
 from autotraj.train.processes import process_state
+from autotraj.train.rl_lora import is_lora, merged_parameters, save_merged, wrap_lora
 from autotraj.train.rl_loss import (
     RlLossConfig,
     check_loss_config,
@@ -86,7 +87,7 @@ from autotraj.train.rl_sampling import (
     dynamic_sample,
     refill_indices,
 )
-from autotraj.train.sft import check_vocab
+from autotraj.train.sft import LoraSettings, check_vocab
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ class RlConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     loss: RlLossConfig = field(default_factory=RlLossConfig)  # objective options (rl_loss.py)
     sampling: RlSamplingConfig = field(default_factory=RlSamplingConfig)  # rl_sampling.py
+    lora: LoraSettings | None = None  # None: full fine-tuning (release); rl_lora.py
 
 
 ScoreItems = Sequence[tuple[str, Trajectory]]  # (question, trajectory)
@@ -299,8 +301,16 @@ class GrpoRun:
         self.tokenizer = load_tokenizer(GeneratorConfig(model=self.model_ref))
         policy = self._load_lm(self.model_ref, train=True)
         check_vocab(policy, self.tokenizer, self.model_ref)
+        if cfg.lora is not None:
+            if layout != "none":
+                raise ConfigError(
+                    f"rl: lora with {layout} is not supported (the adapters are small: train "
+                    f"them under DDP or ZeRO-1/2), or set lora=null for full fine-tuning"
+                )
+            policy = wrap_lora(policy, cfg.lora, cfg.gradient_checkpointing)
         self.ref_model = self._load_lm(self.model_ref, train=False) if cfg.kl_coef > 0 else None
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        trainable = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self._configure_deepspeed()
         self.model, self.optimizer = self.accelerator.prepare(policy, optimizer)
         self.rollout_engine = self._load_rollout_engine()
@@ -376,8 +386,12 @@ class GrpoRun:
     def _generator(self) -> Any:
         """The generator for this step's rollouts, holding the policy's current weights."""
         engine = self.rollout_engine
-        if engine is not None:
-            engine.sync(full_parameters(self.accelerator, self.model))  # this step's weights
+        if engine is not None:  # this step's weights (LoRA: merged into the base weights)
+            policy = self.accelerator.unwrap_model(self.model)
+            if is_lora(policy):
+                engine.sync(merged_parameters(policy))
+            else:
+                engine.sync(full_parameters(self.accelerator, self.model))
         if isinstance(engine, VllmRolloutEngine):
             from autotraj.models.vllm_backend import VllmGenerator
 
@@ -616,8 +630,12 @@ class GrpoRun:
         if not acc.is_main_process:
             return
         out = self.out_dir / "model"
-        acc.unwrap_model(self.model).save_pretrained(out, state_dict=state)
-        self.tokenizer.save_pretrained(out)
+        policy = acc.unwrap_model(self.model)
+        if is_lora(policy):
+            save_merged(policy, self.tokenizer, out)
+        else:
+            policy.save_pretrained(out, state_dict=state)
+            self.tokenizer.save_pretrained(out)
         write_manifest(
             self.out_dir,
             stage="rl",
