@@ -63,7 +63,7 @@ from autotraj.rewards import RewardBreakdown, RewardConfig, compute_rewards, rew
 from autotraj.rollout import RolloutConfig, rollout
 from autotraj.synthesize import StageIncomplete
 from autotraj.tools.toolbox import ToolsConfig, close_tools, open_tools
-from autotraj.train.advantages import group_advantages, prompt_indices
+from autotraj.train.advantages import prompt_indices
 from autotraj.train.grpo_update import PolicyUpdate, Sample
 from autotraj.train.policy_weights import (
     HfRolloutCopy,
@@ -78,7 +78,6 @@ from autotraj.train.rl_loss import (
     RlLossConfig,
     check_loss_config,
     sampler_logprobs,
-    with_overlong_penalty,
 )
 from autotraj.train.rl_sampling import (
     RlSamplingConfig,
@@ -86,6 +85,8 @@ from autotraj.train.rl_sampling import (
     check_sampling_config,
     dynamic_sample,
     refill_indices,
+    rollout_items,
+    score_groups,
 )
 from autotraj.train.sft import LoraSettings, check_vocab
 
@@ -454,7 +455,9 @@ class GrpoRun:
         policy.eval()  # no autocast here: it re-casts every weight at every token (2x slower)
         generator = self._generator()
         sync_s = time.perf_counter() - began
-        items = self._items(step, 0, [(j, self.queries[i]) for j, i in mine])
+        items = rollout_items(
+            step, 0, [(j, self.queries[i]) for j, i in mine], cfg.rollouts_per_prompt
+        )
         trajectories = rollout(
             generator, tools, self.tokenizer, items, replace(cfg.rollout, seed=cfg.seed)
         )
@@ -510,23 +513,17 @@ class GrpoRun:
         values["rl/time/step_s"] = time.perf_counter() - began
         return values
 
-    def _items(
-        self, step: int, round_: int, chosen: Sequence[tuple[int, Query]]
-    ) -> list[tuple[str, Query]]:
-        """(trajectory id, query) per rollout; a group's id is its trajectory ids minus `/rK`."""
-        tag = "p" if round_ == 0 else f"f{round_}p"
-        return [
-            (f"rl/s{step + 1}/{tag}{j}/{q.id}/r{k}", q)
-            for j, q in chosen
-            for k in range(self.cfg.rollouts_per_prompt)
-        ]
-
     def _refill(self, generator: Any, tools: dict, step: int, round_: int, count: int) -> Any:
         """Dynamic sampling's extra round: `count` new groups, rolled out and scored."""
         cfg, acc = self.cfg, self.accelerator
         seed = f"{cfg.seed}/{acc.process_index}"
         picked = refill_indices(len(self.queries), count, step, round_, seed)
-        items = self._items(step, round_, [(j, self.queries[i]) for j, i in enumerate(picked)])
+        items = rollout_items(
+            step,
+            round_,
+            [(j, self.queries[i]) for j, i in enumerate(picked)],
+            cfg.rollouts_per_prompt,
+        )
         trajectories = rollout(
             generator, tools, self.tokenizer, items, replace(cfg.rollout, seed=cfg.seed)
         )
@@ -535,10 +532,9 @@ class GrpoRun:
     def _score(
         self, items: Sequence[tuple[str, Query]], trajectories: Sequence[Trajectory]
     ) -> ScoredGroups:
-        """Rewards (with DAPO's soft overlong penalty when configured), renderings, advantages."""
+        """Rewards, renderings and advantages of one round (rl_sampling.score_groups)."""
         cfg = self.cfg
         queries = [q for _, q in items]
-        groups = [traj_id.rsplit("/r", 1)[0] for traj_id, _ in items]
         breakdowns = compute_rewards(
             trajectories, queries, self._rm_scores(trajectories, queries), cfg.reward
         )
@@ -546,23 +542,8 @@ class GrpoRun:
             render_trajectory(self.tokenizer, q.question, t, cfg.rollout.system_prompt)
             for t, q in zip(trajectories, queries, strict=True)
         ]
-        if cfg.loss.overlong_buffer:
-            breakdowns = [
-                with_overlong_penalty(
-                    b, len(r.input_ids) - r.prompt_length, cfg.loss, cfg.rollout.max_response_tokens
-                )
-                for b, r in zip(breakdowns, rendered, strict=True)
-            ]
-        advantages = group_advantages(
-            [b.reward for b in breakdowns], groups, scale=cfg.loss.aggregation != "dr_grpo"
-        )
-        return ScoredGroups(
-            tuple(groups),
-            tuple(queries),
-            tuple(trajectories),
-            tuple(breakdowns),
-            tuple(rendered),
-            tuple(advantages),
+        return score_groups(
+            items, trajectories, breakdowns, rendered, cfg.loss, cfg.rollout.max_response_tokens
         )
 
     def _rm_scores(

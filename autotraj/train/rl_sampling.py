@@ -10,6 +10,7 @@ cost stays bounded when almost every group is uniform (then it trains on what it
 
 `ScoredGroups` holds one or more rounds of rewarded rollouts; `dynamic_sample` runs the rounds
 through a caller-given `roll(round, groups)` that generates and scores that many new groups.
+`rollout_items` names a round's rollouts and `score_groups` turns its rewards into advantages.
 No model, no I/O. Not here: generation and rewards (grpo.py).
 """
 
@@ -23,6 +24,8 @@ from autotraj.config import ConfigError
 from autotraj.records import Query, Trajectory
 from autotraj.render import RenderedTrajectory
 from autotraj.rewards import RewardBreakdown
+from autotraj.train.advantages import group_advantages
+from autotraj.train.rl_loss import RlLossConfig, with_overlong_penalty
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,52 @@ class ScoredGroups:
             self.rendered,
             self.advantages,
         )
+
+
+def rollout_items(
+    step: int, round_: int, chosen: Sequence[tuple[int, Query]], per_prompt: int
+) -> list[tuple[str, Query]]:
+    """(trajectory id, query) per rollout of step `step` (0-based); `chosen` is (slot, query).
+    A group's key is its trajectory ids minus the `/rK` suffix; refill rounds tag theirs.
+
+    >>> q = Query(id="q7", question="?", answers=("1",), kind="math")
+    >>> [i for i, _ in rollout_items(0, 1, [(0, q)], 2)]
+    ['rl/s1/f1p0/q7/r0', 'rl/s1/f1p0/q7/r1']
+    """
+    tag = "p" if round_ == 0 else f"f{round_}p"
+    return [
+        (f"rl/s{step + 1}/{tag}{j}/{q.id}/r{k}", q) for j, q in chosen for k in range(per_prompt)
+    ]
+
+
+def score_groups(
+    items: Sequence[tuple[str, Query]],
+    trajectories: Sequence[Trajectory],
+    breakdowns: Sequence[RewardBreakdown],
+    rendered: Sequence[RenderedTrajectory],
+    loss: RlLossConfig,
+    budget: int,
+) -> ScoredGroups:
+    """One round's rewarded rollouts with their group advantages: DAPO's soft overlong
+    penalty added to the rewards when `loss.overlong_buffer` is set, advantages without the
+    std division under `dr_grpo` (train/advantages.group_advantages)."""
+    groups = [traj_id.rsplit("/r", 1)[0] for traj_id, _ in items]
+    if loss.overlong_buffer:
+        breakdowns = [
+            with_overlong_penalty(b, len(r.input_ids) - r.prompt_length, loss, budget)
+            for b, r in zip(breakdowns, rendered, strict=True)
+        ]
+    advantages = group_advantages(
+        [b.reward for b in breakdowns], groups, scale=loss.aggregation != "dr_grpo"
+    )
+    return ScoredGroups(
+        tuple(groups),
+        tuple(q for _, q in items),
+        tuple(trajectories),
+        tuple(breakdowns),
+        tuple(rendered),
+        tuple(advantages),
+    )
 
 
 def signal_groups(advantages: Sequence[float | None], groups: Sequence[str]) -> list[str]:
