@@ -560,3 +560,19 @@ def test_lora_trains_in_a_run_with_rollouts_from_the_policy_itself(tmp_path, tin
     assert set(before) == set(after)  # a plain checkpoint, no adapter names
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("proj" in k for k in changed)  # only LoRA-targeted linears moved
+
+
+def test_lora_run_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(grpo, "open_tools", lambda cfg: {"python": StubPython()})
+    lora = {"rank": 4, "alpha": 8, "dropout": 0.0}
+    run_rl(tiny_config(tmp_path, tiny_model_dir, steps=1, lora=lora))
+    run = GrpoRun(tiny_config(tmp_path, tiny_model_dir, steps=2, lora=lora))
+    policy = run.accelerator.unwrap_model(run.model)
+    fresh = {n: p.clone() for n, p in policy.named_parameters() if "lora_B" in n}
+    assert all(p.abs().sum() == 0 for p in fresh.values())  # B starts at zero
+    assert run.restore() == 1
+    restored = {n: p for n, p in policy.named_parameters() if "lora_B" in n}
+    assert any(p.abs().sum() > 0 for p in restored.values())  # the trained adapters are back
+    run.train()
+    rows = load_rows(tmp_path / "run" / "rl" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
