@@ -49,11 +49,10 @@ class RlLossConfig:
 
 def check_loss_config(cfg: RlLossConfig, max_response_tokens: int) -> None:
     """Raise `ConfigError` naming the first `rl.loss` field with a value out of range."""
-    for name in ("clip_low", "clip_high"):
-        value = getattr(cfg, name)
-        if value is not None and not 0.0 < value < (1.0 if name == "clip_low" else 100.0):
-            bound = "(0, 1)" if name == "clip_low" else "(0, 100)"
-            raise ConfigError(f"rl: loss.{name} must be in {bound}, got {value}")
+    if cfg.clip_low is not None and not 0.0 < cfg.clip_low < 1.0:
+        raise ConfigError(f"rl: loss.clip_low must be in (0, 1), got {cfg.clip_low}")
+    if cfg.clip_high is not None and cfg.clip_high <= 0.0:
+        raise ConfigError(f"rl: loss.clip_high must be > 0, got {cfg.clip_high}")
     if not 0 <= cfg.overlong_buffer < max_response_tokens:
         raise ConfigError(
             f"rl: loss.overlong_buffer must be in [0, rollout.max_response_tokens="
