@@ -117,12 +117,29 @@ def tool_calls(text: str, query: Query, trajectory: Trajectory) -> float:
     return float(len(trajectory.tool_calls))
 
 
+def tool_wellformed(text: str, query: Query, trajectory: Trajectory) -> float:
+    """1.0 when the trajectory made at least one tool call and every call ran cleanly (status
+    ok: opened and closed tags, an available tool, no error or timeout), else 0.0. A small
+    weight rewards tool use that works (off by default; the release has no such term).
+
+    >>> from dataclasses import replace
+    >>> from autotraj.records import Provenance, ToolCall
+    >>> ok = ToolCall(tool="python", input="print(1)", output="1", status="ok")
+    >>> t = Trajectory("t", "q", (), (ok,), "answer", Provenance("m", "b", 1.0, 1.0, 8))
+    >>> tool_wellformed("", None, t), tool_wellformed("", None, replace(t, tool_calls=()))
+    (1.0, 0.0)
+    """
+    calls = trajectory.tool_calls
+    return float(bool(calls) and all(c.status == "ok" for c in calls))
+
+
 BUILTIN_REWARDS: dict[str, RewardFn] = {
     "format_valid": format_valid,
     "outcome": outcome,
     "outcome_f1": outcome_f1,
     "tool_error_rate": tool_error_rate,
     "tool_calls": tool_calls,
+    "tool_wellformed": tool_wellformed,
 }
 
 

@@ -72,6 +72,11 @@ class RolloutConfig:
     # released). Only for generation by a teacher that needs them; training re-renders the
     # trajectory with the standard prompt.
     demonstrations: int = 0
+    # End a trajectory (finish reason `tool_errors`) after this many tool calls in a row that
+    # errored or timed out (malformed call, unavailable tool, code that raised or hung); its
+    # result is shown, then the trajectory is kept as data. 0: no cap (the release has none;
+    # its 3-call limit bounds the loop).
+    max_consecutive_invalid_calls: int = 0
 
 
 @dataclass
@@ -320,3 +325,7 @@ def _append_result(
     state.used_tokens += len(ids) if ids else _token_count(tokenizer, segment)
     if state.used_tokens >= cfg.max_response_tokens:
         state.finish = "length"
+    elif cap := cfg.max_consecutive_invalid_calls:
+        recent = state.calls[-cap:]
+        if len(recent) == cap and all(c.status in ("error", "timeout") for c in recent):
+            state.finish = "tool_errors"

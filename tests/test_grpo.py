@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import write_jsonl
 
-from autotraj.config import build
+from autotraj.config import ConfigError, build
 from autotraj.models.scripted import ScriptedGenerator
 from autotraj.records import Query, ToolCall
 from autotraj.render import render_trajectory
@@ -337,3 +337,242 @@ def test_release_defaults():
     assert (cfg.prompts_per_step, cfg.rollouts_per_prompt, cfg.lr) == (12, 4, 1e-6)
     assert (cfg.max_prompt_tokens, cfg.rollout.max_response_tokens) == (768, 2048)
     assert (cfg.reward.rm_weight, cfg.reward.clip, cfg.reward.f1_on_math) == (0.2, 3.0, False)
+
+
+# --- rl.loss and rl.sampling options in a run -------------------------------------------------
+
+
+def scripted_run(tmp_path, tiny_model_dir, monkeypatch, reply, **overrides):
+    """One step on the tiny model's tokenizer and weights with `reply` generating the rollouts."""
+    monkeypatch.setattr(grpo, "open_tools", lambda cfg: {"python": StubPython()})
+    monkeypatch.setattr(
+        GrpoRun, "_generator", lambda self: ScriptedGenerator(reply, self.tokenizer)
+    )
+    cfg = tiny_config(tmp_path, tiny_model_dir, steps=1, **overrides)
+    run_rl(cfg)
+    out = tmp_path / "run" / "rl"
+    [metrics] = load_rows(out / "metrics.jsonl")
+    return metrics, load_rows(out / "rollouts.jsonl")
+
+
+def rambling(request):
+    """Never stops on its own: every rollout ends at the token budget (finish_reason length)."""
+    return "<think>" + "a" * (request.seed % 7 + 40) + " and so on"
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_overlong_mask_takes_truncated_rollouts_out_of_the_loss(
+    tmp_path, tiny_model_dir, monkeypatch, mask
+):
+    metrics, rows = scripted_run(
+        tmp_path,
+        tiny_model_dir,
+        monkeypatch,
+        rambling,
+        loss={"overlong_mask": mask},
+        rollout={"max_new_tokens": 16, "max_response_tokens": 16, "system_prompt": "Use tags."},
+    )
+    assert all(r["trajectory"]["finish_reason"] == "length" for r in rows)
+    if mask:
+        assert metrics["rl/trainable_tokens"] == 0 and metrics["rl/overlong_masked"] == len(rows)
+    else:
+        assert metrics["rl/trainable_tokens"] == 16 * len(rows)
+        assert metrics["rl/overlong_masked"] == 0
+
+
+def test_soft_overlong_penalty_lowers_the_reward_of_long_rollouts(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    def short_or_long(request):
+        filler = "a" if request.seed % 2 else "a " * 40  # ~40 or ~120 tokens (char-level)
+        return f"<think>{filler}</think>\n<answer>\\boxed{{0}}</answer>"
+
+    _, rows = scripted_run(
+        tmp_path,
+        tiny_model_dir,
+        monkeypatch,
+        short_or_long,
+        loss={"overlong_buffer": 100},
+        rollout={"max_new_tokens": 200, "max_response_tokens": 200, "system_prompt": "Use tags."},
+    )
+    penalties = [r["reward"]["components"]["overlong_penalty"] for r in rows]
+    assert min(penalties) < 0 and max(penalties) == 0.0
+    for r in rows:
+        c = r["reward"]["components"]
+        base = 1.0 * c["test_grpo:char_reward"] + r["reward"]["outcome"]
+        assert r["reward"]["reward"] == pytest.approx(base + c["overlong_penalty"])
+
+
+def uniform_or_not(request):
+    """Query q0's rollouts all earn the same reward; the others' differ with the seed."""
+    k = 4 if "0+0" in request.prompt_text else request.seed % 5
+    return f"<think>{'a' * k}</think>\n<answer>\\boxed{{1}}</answer>"
+
+
+def group_of(row):
+    return row["trajectory"]["id"].rsplit("/r", 1)[0]
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_dynamic_sampling_drops_uniform_groups_and_refills(
+    tmp_path, tiny_model_dir, monkeypatch, dynamic
+):
+    metrics, rows = scripted_run(
+        tmp_path,
+        tiny_model_dir,
+        monkeypatch,
+        uniform_or_not,
+        prompts_per_step=3,
+        rollouts_per_prompt=3,
+        sampling={"dynamic": dynamic, "max_rounds": 3},
+    )
+    advantages = {}
+    for r in rows:
+        advantages.setdefault(group_of(r), []).append(r["advantage"])
+    uniform = [g for g, a in advantages.items() if not any(a)]
+    assert any("/q0" in g for g in uniform)  # the all-equal group exists in both runs
+    if not dynamic:
+        assert len(advantages) == 3 and "rl/dynamic/dropped_groups" not in metrics
+        assert metrics["rl/advantage/zero_fraction"] >= 1 / 3
+        return
+    # every generated group is saved; the uniform ones were dropped and refilled
+    assert metrics["rl/dynamic/dropped_groups"] == len(uniform) >= 1
+    assert metrics["rl/dynamic/rounds"] >= 1
+    assert metrics["rl/dynamic/kept_groups"] == len(advantages) - len(uniform)
+    assert any("/f1p" in g for g in advantages)  # a refill round's group
+    if metrics["rl/dynamic/kept_groups"] == 3:
+        assert metrics["rl/advantage/zero_fraction"] < 1 / 3  # the trained batch has signal
+
+
+def test_dry_run_shows_the_objective_and_sampling_options(capsys):
+    from autotraj.cli import main
+
+    main(["rl", "--dry-run", "loss.aggregation=gspo", "sampling.dynamic=true"])
+    printed = capsys.readouterr().out
+    for key in ("aggregation: gspo", "clip_high:", "overlong_buffer:", "tis_cap:", "dynamic: true"):
+        assert key in printed
+
+
+def test_sampler_trainer_mismatch_is_logged_and_tis_changes_the_update(tmp_path, tiny_model_dir):
+    """Rollouts from the fp32 policy itself: the sampler's log-probs equal the trainer's. From
+    the bf16 rollout copy they differ, the metrics say so, and truncated importance sampling
+    (cap 1.0: every ratio above 1 is cut) changes the update from the same rollouts."""
+    from transformers import AutoModelForCausalLM
+
+    def run(name, **overrides):
+        cfg = tiny_config(
+            tmp_path / name, tiny_model_dir, steps=1, tools={"python": {"workers": 1}}, **overrides
+        )
+        run_rl(cfg)
+        out = tmp_path / name / "run" / "rl"
+        [metrics] = load_rows(out / "metrics.jsonl")
+        return metrics, AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+
+    same, _ = run("policy", sampling={"sampler_logprobs": True})
+    assert same["rl/mismatch/tokens"] > 0
+    assert same["rl/mismatch/abs_logprob_diff"] < 1e-4
+    bf16 = {"sampler_logprobs": True}
+    copy, plain = run("bf16", generator={"batch_size": 4, "dtype": "bfloat16"}, sampling=bf16)
+    assert copy["rl/mismatch/abs_logprob_diff"] > 1e-3
+    _, tis = run(
+        "tis",
+        generator={"batch_size": 4, "dtype": "bfloat16"},
+        sampling=bf16,
+        loss={"tis_cap": 1.0},
+    )
+    assert any(not torch.equal(plain[k], tis[k]) for k in plain)
+    _, again = run("bf16-again", generator={"batch_size": 4, "dtype": "bfloat16"}, sampling=bf16)
+    assert all(torch.equal(plain[k], again[k]) for k in plain)  # the difference is the TIS
+    off, _ = run("off")
+    assert not any(k.startswith("rl/mismatch/") for k in off)
+
+
+def test_tis_needs_the_sampler_logprobs(tmp_path, tiny_model_dir):
+    with pytest.raises(ConfigError, match="sampling.sampler_logprobs"):
+        run_rl(tiny_config(tmp_path, tiny_model_dir, loss={"tis_cap": 2.0}))
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "field"),
+    [
+        ("rollout", {"max_consecutive_invalid_calls": -1}, "rollout.max_consecutive_invalid_calls"),
+        ("sampling", {"max_rounds": -1}, "sampling.max_rounds"),
+        ("loss", {"clip_high": -0.1}, "loss.clip_high"),
+    ],
+)
+def test_bad_option_values_name_the_field(tmp_path, tiny_model_dir, section, values, field):
+    with pytest.raises(ConfigError, match=field):
+        run_rl(tiny_config(tmp_path, tiny_model_dir, **{section: values}))
+
+
+# --- LoRA RL ----------------------------------------------------------------------------------
+
+
+def test_lora_rollouts_come_from_the_updated_policy(tmp_path, tiny_model_dir):
+    """Adapters train, the base weights do not, and the bf16 rollout engine samples from base +
+    adapters (not the base: the silent failure users report); the saved model is merged."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(
+        tmp_path,
+        tiny_model_dir,
+        lr=5e-2,
+        lora={"rank": 4, "alpha": 8, "dropout": 0.0},
+        generator={"batch_size": 4, "dtype": "bfloat16"},
+    )
+    run = GrpoRun(cfg)
+    for step in range(2):
+        run.step(step, {"python": StubPython()})
+    policy = run.accelerator.unwrap_model(run.model)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    base_state = base.state_dict()
+    lora_b = [p for n, p in policy.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # the adapters moved
+    frozen = {n: p for n, p in policy.get_base_model().named_parameters() if "lora_" not in n}
+    for name, param in frozen.items():  # ... and nothing else did
+        assert torch.equal(param, base_state[name.replace(".base_layer.", ".")]), name
+    run._generator()  # what every step does before its rollouts: sync the engine
+    engine = run.rollout_engine.model
+    ids = torch.tensor([list(range(5, 40))])
+    policy.eval()
+    with torch.no_grad():
+        updated = policy(input_ids=ids).logits
+        sampled = engine(input_ids=ids).logits.float()
+        original = base(input_ids=ids).logits
+    moved = (original - updated).abs().max()
+    assert moved > 0.5  # the update is large enough to tell the two apart
+    assert (sampled - updated).abs().max() < 0.1 * moved  # the engine has the update
+    run.save_final()
+    out = tmp_path / "run" / "rl"
+    merged = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, updated, atol=1e-4)
+    assert (out / "adapter" / "adapter_config.json").exists()
+
+
+def test_lora_trains_in_a_run_with_rollouts_from_the_policy_itself(tmp_path, tiny_model_dir):
+    cfg = tiny_config(tmp_path, tiny_model_dir, lora={"rank": 4, "alpha": 8, "dropout": 0.0})
+    assert run_rl(cfg)["steps"] == 2
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "rl" / "model").state_dict()
+    assert set(before) == set(after)  # a plain checkpoint, no adapter names
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("proj" in k for k in changed)  # only LoRA-targeted linears moved
+
+
+def test_lora_run_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(grpo, "open_tools", lambda cfg: {"python": StubPython()})
+    lora = {"rank": 4, "alpha": 8, "dropout": 0.0}
+    run_rl(tiny_config(tmp_path, tiny_model_dir, steps=1, lora=lora))
+    run = GrpoRun(tiny_config(tmp_path, tiny_model_dir, steps=2, lora=lora))
+    policy = run.accelerator.unwrap_model(run.model)
+    fresh = {n: p.clone() for n, p in policy.named_parameters() if "lora_B" in n}
+    assert all(p.abs().sum() == 0 for p in fresh.values())  # B starts at zero
+    assert run.restore() == 1
+    restored = {n: p for n, p in policy.named_parameters() if "lora_B" in n}
+    assert any(p.abs().sum() > 0 for p in restored.values())  # the trained adapters are back
+    run.train()
+    rows = load_rows(tmp_path / "run" / "rl" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]

@@ -518,3 +518,31 @@ def test_embedded_smollm2_converts_loads_and_generates():
     assert "Paris" in free.text and free.text == decode(tok, free.token_ids)
     assert stopped.stop_reason == "stop" and "Paris" in stopped.text
     assert free.text.startswith(stopped.text)
+
+
+def test_logprobs_are_the_models_own_for_the_sampled_ids(generator):
+    """With logprobs=True the ids are the same draws, and each log-prob equals a full forward
+    pass's log-softmax at that position (sampled at temperature 0.7 and top-p 0.9: the log-probs
+    are of the unscaled distribution, what the RL trainer recomputes)."""
+    import torch
+
+    tok = generator.tokenizer
+    requests = [
+        GenerationRequest(
+            prompt_text="", prompt_ids=p, max_new_tokens=12, temperature=0.7, top_p=0.9, seed=3
+        )
+        for p in prompts(tok, 3)
+    ]
+    plain = generator.generate(requests)
+    scored = TransformersGenerator(generator.model, tok, "tiny", batch_size=4, logprobs=True)
+    with_lp = scored.generate(requests)
+    assert [c.token_ids for c in with_lp] == [c.token_ids for c in plain]
+    assert all(c.logprobs is None for c in plain)
+    for request, completion in zip(requests, with_lp, strict=True):
+        assert len(completion.logprobs) == len(completion.token_ids) > 0
+        ids = torch.tensor([list(request.prompt_ids) + list(completion.token_ids)])
+        with torch.inference_mode():
+            full = torch.log_softmax(generator.model(input_ids=ids).logits[0].float(), -1)
+        n = len(request.prompt_ids)
+        expected = [float(full[n - 1 + t, tok_id]) for t, tok_id in enumerate(completion.token_ids)]
+        assert list(completion.logprobs) == pytest.approx(expected, abs=1e-4)

@@ -201,3 +201,17 @@ def test_dotted_component_and_unknown_names():
 def test_mismatched_query_raises():
     with pytest.raises(ValueError, match="answers"):
         compute_rewards([traj(answer("1"), qid=QA.id)], [MATH], None, RewardConfig(rm_weight=0))
+
+
+def test_wellformed_tool_use_reward_is_off_by_default_and_adds_its_weight():
+    ok = ToolCall(tool="python", input="1", output="1", status="ok")
+    bad = ToolCall(tool="python", input="", output="Error: no opening tag", status="error")
+    used = traj(answer("0.5"), calls=(ok, ok))
+    failed = traj(answer("0.5"), calls=(ok, bad))
+    none = traj(answer("0.5"))
+    default = compute_rewards([used, failed, none], [MATH] * 3, None, RewardConfig(rm_weight=0))
+    assert [b.reward for b in default] == [1.0, 1.0, 1.0]  # the release: no tool term
+    bonus = RewardConfig(rm_weight=0, components=(ComponentConfig("tool_wellformed", 0.1),))
+    out = compute_rewards([used, failed, none], [MATH] * 3, None, bonus)
+    assert [b.reward for b in out] == pytest.approx([1.1, 1.0, 1.0])
+    assert [dict(b.components)["tool_wellformed"] for b in out] == [1.0, 0.0, 0.0]

@@ -178,3 +178,29 @@ def test_demonstrations_prompt_the_teacher_but_not_the_record(tokenizer):
     assert traj.prompt_ids == ()  # training renders the standard prompt
     rendered = render_trajectory(tokenizer, QUERIES[0].question, traj)
     assert "print(37 * 12)" not in tokenizer.decode(list(rendered.input_ids))
+
+
+@pytest.mark.parametrize("cap", [0, 2])
+def test_consecutive_invalid_calls_end_the_trajectory_when_capped(tokenizer, cap):
+    """A model that keeps writing malformed calls: without a cap it runs into the 3-call limit
+    (release behaviour); with a cap of 2 it ends after the second failed call, as data."""
+    replies = iter(["<code>print(1)</code>"] + ["oops </code>"] * 5)
+    gen = ScriptedGenerator(lambda r: next(replies), tokenizer)
+    cfg = RolloutConfig(max_tool_calls=5, max_consecutive_invalid_calls=cap)
+    [traj] = rollout(gen, {"python": StubTool()}, tokenizer, items(QUERIES[:1]), cfg)
+    statuses = [c.status for c in traj.tool_calls]
+    if cap:
+        assert traj.finish_reason == "tool_errors" and statuses == ["ok", "error", "error"]
+        assert not traj.segments[-1].trainable  # the last result is shown, then it ends
+    else:
+        assert traj.finish_reason == "tool_limit"
+        assert statuses == ["ok"] + ["error"] * 4 + ["rejected"]
+
+
+def test_an_ok_call_resets_the_invalid_run(tokenizer):
+    replies = iter(["oops </code>", "<code>print(2)</code>", "oops </code>", "<answer>x</answer>"])
+    gen = ScriptedGenerator(lambda r: next(replies), tokenizer)
+    cfg = RolloutConfig(max_tool_calls=5, max_consecutive_invalid_calls=2)
+    [traj] = rollout(gen, {"python": StubTool()}, tokenizer, items(QUERIES[:1]), cfg)
+    assert traj.finish_reason == "answer"
+    assert [c.status for c in traj.tool_calls] == ["error", "ok", "error"]

@@ -27,8 +27,12 @@ that seed is None); the draws of a row depend on which rows are still in the bat
 is reproducible for the same requests, batch and hardware, not across batch compositions. Greedy
 rows never consume randomness that changes their output.
 
+Log-probs: `decode_batch_logprobs` also returns, per new token, its log-probability under the
+model's own distribution (log-softmax of the float32 logits, before temperature and top-p), the
+number a trainer recomputes for the same ids; RL logs the two's divergence (train/rl_loss.py).
+
 The caller runs this under `torch.inference_mode()` with the model in eval mode. Not here:
-log-probabilities, beam search, repetition penalties, static caches or `torch.compile`.
+beam search, repetition penalties, static caches or `torch.compile`.
 """
 
 from __future__ import annotations
@@ -127,25 +131,52 @@ def decode_batch(
     pad_id: int,
 ) -> list[tuple[int, ...]]:
     """Raw new ids per request, each ending with its finishing token or at its budget."""
+    return [ids for ids, _ in _decode(model, tokenizer, requests, eos_ids, pad_id, False)]
+
+
+def decode_batch_logprobs(
+    model: Any,
+    tokenizer: Any,
+    requests: Sequence[GenerationRequest],
+    eos_ids: Collection[int],
+    pad_id: int,
+) -> list[tuple[tuple[int, ...], tuple[float, ...]]]:
+    """`decode_batch`'s ids per request with each id's log-prob under the unscaled logits."""
+    return _decode(model, tokenizer, requests, eos_ids, pad_id, True)
+
+
+def _decode(
+    model: Any,
+    tokenizer: Any,
+    requests: Sequence[GenerationRequest],
+    eos_ids: Collection[int],
+    pad_id: int,
+    with_logprobs: bool,
+) -> list[tuple[tuple[int, ...], tuple[float, ...]]]:
     if any(not r.prompt_ids for r in requests):
         raise ValueError("decode_batch needs prompt_ids on every request")
     out: list[list[int]] = [[] for _ in requests]
+    logprobs: list[list[float]] = [[] for _ in requests]
     live = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
     if not live:
-        return [() for _ in requests]
+        return [((), ()) for _ in requests]
     generator = _generator(requests[0].seed, model.device)
     batch, logits = _prefill(model, [requests[i] for i in live], live, pad_id)
     windows = [max((len(s) for s in r.stop), default=0) + 2 for r in requests]
     eos = set(eos_ids)
     while True:
         tokens = sample_next(logits, batch.temperature, batch.top_p, generator)
+        if with_logprobs:
+            picked = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+            for row, value in zip(batch.rows, picked.tolist(), strict=True):
+                logprobs[row].append(value)
         keep = []
         for j, (row, token) in enumerate(zip(batch.rows, tokens.tolist(), strict=True)):
             out[row].append(token)
             if not _finished(out[row], requests[row], eos, tokenizer, windows[row]):
                 keep.append(j)
         if not keep:
-            return [tuple(ids) for ids in out]
+            return [(tuple(ids), tuple(lp)) for ids, lp in zip(out, logprobs, strict=True)]
         if len(keep) < len(batch.rows):
             batch.keep(keep)
             tokens = tokens[keep]

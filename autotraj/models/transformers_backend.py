@@ -19,8 +19,11 @@ and hardware, not across batch compositions.
 Decoding a continuation alone is exact for byte-level BPE tokenizers (SmolLM2, Qwen, Llama 3);
 SentencePiece tokenizers may drop a leading space of the first new token.
 
-Not here: log-probabilities (Completion.logprobs is None), chat templates (render.py), the
-decoding loop itself (decoding.py).
+Log-probs: with `logprobs=True` each Completion carries the log-prob of each of its ids under the
+model's unscaled distribution (decoding.decode_batch_logprobs; RL's sampler/trainer mismatch
+metrics); else `Completion.logprobs` is None.
+
+Not here: chat templates (render.py), the decoding loop itself (decoding.py).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from autotraj.models.decoding import decode, decode_batch, has_stop
+from autotraj.models.decoding import decode, decode_batch, decode_batch_logprobs, has_stop
 from autotraj.models.generator import Completion, GenerationRequest, StopReason
 
 if TYPE_CHECKING:
@@ -77,7 +80,9 @@ class TransformersGenerator:
 
     backend = "transformers"
 
-    def __init__(self, model: Any, tokenizer: Any, name: str, batch_size: int = 16):
+    def __init__(
+        self, model: Any, tokenizer: Any, name: str, batch_size: int = 16, logprobs: bool = False
+    ):
         if tokenizer.eos_token_id is None:
             raise ValueError(f"{name}: the tokenizer has no eos (end-of-turn) token")
         if batch_size < 1:
@@ -86,6 +91,7 @@ class TransformersGenerator:
         self.tokenizer = tokenizer
         self.name = name
         self.batch_size = batch_size
+        self.logprobs = logprobs
 
     @classmethod
     def from_config(cls, cfg: GeneratorConfig) -> TransformersGenerator:
@@ -153,14 +159,23 @@ class TransformersGenerator:
         self.model.eval()
         try:
             with torch.inference_mode():
-                raw = decode_batch(self.model, self.tokenizer, requests, eos_ids, pad_id)
+                if self.logprobs:
+                    raw = decode_batch_logprobs(
+                        self.model, self.tokenizer, requests, eos_ids, pad_id
+                    )
+                else:
+                    ids = decode_batch(self.model, self.tokenizer, requests, eos_ids, pad_id)
+                    raw = [(new, None) for new in ids]
         finally:
             self.model.train(was_training)
         completions = []
-        for request, new in zip(requests, raw, strict=True):
+        for request, (new, logprobs) in zip(requests, raw, strict=True):
             ids, reason = truncate_at_stop(new, self.tokenizer, request.stop, eos_ids)
             text = decode(self.tokenizer, ids)
-            completions.append(Completion(text=text, token_ids=ids, stop_reason=reason))
+            kept = None if logprobs is None else tuple(logprobs[: len(ids)])  # ids: a prefix
+            completions.append(
+                Completion(text=text, token_ids=ids, stop_reason=reason, logprobs=kept)
+            )
         return completions
 
 

@@ -19,9 +19,10 @@ ToolName = Literal["python", "search"]
 # timeout: killed at its wall-clock limit; rejected: not executed (e.g. over the tool-call limit).
 ToolStatus = Literal["ok", "error", "timeout", "rejected"]
 # answer: closed an <answer> block; eos: end of turn without an answer; length: token budget;
-# tool_limit: asked for a tool call beyond the limit; infra_error: a tool backend or generator
+# tool_limit: asked for a tool call beyond the limit; tool_errors: too many failed calls in a
+# row (RolloutConfig.max_consecutive_invalid_calls); infra_error: a tool backend or generator
 # failed (not the model's fault: never scored, retried on resume).
-FinishReason = Literal["answer", "eos", "length", "tool_limit", "infra_error"]
+FinishReason = Literal["answer", "eos", "length", "tool_limit", "tool_errors", "infra_error"]
 
 
 @dataclass(frozen=True)

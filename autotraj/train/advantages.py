@@ -27,12 +27,16 @@ from dataclasses import dataclass
 import torch
 
 from autotraj.render import RenderedTrajectory
+from autotraj.train.rl_loss import sequence_log_ratio
 
 ADVANTAGE_EPS = 1e-6  # METHOD.md section 10: (R - mean) / (std + 1e-6)
 
 
 def group_advantages(
-    rewards: Sequence[float | None], groups: Sequence[Hashable], eps: float = ADVANTAGE_EPS
+    rewards: Sequence[float | None],
+    groups: Sequence[Hashable],
+    eps: float = ADVANTAGE_EPS,
+    scale: bool = True,
 ) -> list[float | None]:
     """GRPO advantages, one per rollout; None for excluded rollouts (reward None).
 
@@ -40,6 +44,7 @@ def group_advantages(
     have a reward: A = (R - mean) / (std + eps), std the sample (Bessel-corrected) standard
     deviation as `torch.std` computes it. A group whose rewards are all equal, or that has fewer
     than two rewarded rollouts, gets 0.0 advantages: it carries no learning signal.
+    `scale=False` leaves out the division by the std (Dr. GRPO, arXiv 2503.20783): A = R - mean.
 
     >>> adv = group_advantages([1.0, 0.0, None, 0.0, 0.0], ["a", "a", "a", "b", "b"])
     >>> [None if a is None else round(a, 4) for a in adv]
@@ -62,7 +67,10 @@ def group_advantages(
         mean = sum(values) / len(values)
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
         for i, v in zip(indices, values, strict=True):
-            out[i] = 0.0 if std == 0 else (v - mean) / (std + eps)
+            if std == 0:
+                out[i] = 0.0
+            else:
+                out[i] = (v - mean) / (std + eps) if scale else v - mean
     return out
 
 
@@ -118,6 +126,10 @@ def policy_loss(
     entropy_coef: float = 0.0,
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    clip_high: float | None = None,
+    weights: torch.Tensor | None = None,
+    sequence_ratio: bool = False,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LossStats]:
     """PPO-clip loss of one micro-batch, as a share of the mean over `normalizer` tokens.
 
@@ -127,6 +139,12 @@ def policy_loss(
     token mean). `advantages` is (B,) per sequence or (B, T) per token. KL stats are taken to
     `ref_logprobs` when given, else to the rollout policy (how far this update has moved).
 
+    The `rl.loss` options (rl_loss.py): `clip_high` replaces the upper clip (the ratio is kept
+    in [1 - clip, 1 + clip_high]); `weights` (B, T) multiply each token's term before the sum
+    (the aggregation, rl_loss.token_weights); `sequence_ratio` uses GSPO's one ratio per
+    sequence; `is_weights` (B, T) multiply the policy-gradient term (truncated importance
+    sampling).
+
     >>> lp = torch.zeros(1, 3); m = torch.tensor([[0.0, 1.0, 1.0]])
     >>> loss, stats = policy_loss(lp, lp, torch.tensor([2.0]), m, normalizer=2.0)
     >>> float(loss), stats.tokens, stats.clipped
@@ -135,16 +153,24 @@ def policy_loss(
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1).expand_as(logprobs)
     mask = mask.to(logprobs.dtype)
-    ratio = torch.exp((logprobs - old_logprobs).clamp(-20.0, 20.0))
+    log_ratio = logprobs - old_logprobs
+    if sequence_ratio:
+        log_ratio = sequence_log_ratio(logprobs, old_logprobs, mask)
+    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
+    clipped = -advantages * ratio.clamp(
+        1.0 - clip, 1.0 + (clip if clip_high is None else clip_high)
+    )
     per_token = torch.maximum(unclipped, clipped)
+    if is_weights is not None:
+        per_token = per_token * is_weights
     if entropy is not None and entropy_coef:
         per_token = per_token - entropy_coef * entropy
     kl = kl_k3(logprobs, ref_logprobs if ref_logprobs is not None else old_logprobs)
     if ref_logprobs is not None and kl_coef:
         per_token = per_token + kl_coef * kl
-    loss = (per_token * mask).sum() / normalizer
+    weighted = mask if weights is None else mask * weights
+    loss = (per_token * weighted).sum() / normalizer
     with torch.no_grad():
         stats = LossStats(
             tokens=float(mask.sum()),

@@ -63,7 +63,7 @@ from autotraj.rewards import RewardBreakdown, RewardConfig, compute_rewards, rew
 from autotraj.rollout import RolloutConfig, rollout
 from autotraj.run_dir import StageIncomplete
 from autotraj.tools.toolbox import ToolsConfig, close_tools, open_tools
-from autotraj.train.advantages import group_advantages, prompt_indices
+from autotraj.train.advantages import prompt_indices
 from autotraj.train.grpo_update import PolicyUpdate, Sample
 from autotraj.train.policy_weights import (
     HfRolloutCopy,
@@ -73,7 +73,22 @@ from autotraj.train.policy_weights import (
     unsharded_load,
 )
 from autotraj.train.processes import process_state
-from autotraj.train.sft import check_vocab
+from autotraj.train.rl_lora import is_lora, merged_parameters, save_merged, wrap_lora
+from autotraj.train.rl_loss import (
+    RlLossConfig,
+    check_loss_config,
+    sampler_logprobs,
+)
+from autotraj.train.rl_sampling import (
+    RlSamplingConfig,
+    ScoredGroups,
+    check_sampling_config,
+    dynamic_sample,
+    refill_indices,
+    rollout_items,
+    score_groups,
+)
+from autotraj.train.sft import LoraSettings, check_vocab
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +153,9 @@ class RlConfig:
     rollout: RolloutConfig = field(default_factory=_rl_rollout)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: RlLossConfig = field(default_factory=RlLossConfig)  # objective options (rl_loss.py)
+    sampling: RlSamplingConfig = field(default_factory=RlSamplingConfig)  # rl_sampling.py
+    lora: LoraSettings | None = None  # None: full fine-tuning (release); rl_lora.py
 
 
 ScoreItems = Sequence[tuple[str, Trajectory]]  # (question, trajectory)
@@ -241,10 +259,24 @@ def load_rl_queries(cfg: RlConfig, tokenizer: Any) -> list[Query]:
     return kept
 
 
+def check_rl_config(cfg: RlConfig) -> None:
+    """Raise `ConfigError` naming the first field whose value is out of range."""
+    if cfg.steps < 0 or cfg.prompts_per_step < 1 or cfg.rollouts_per_prompt < 2:
+        raise ConfigError("rl: need steps >= 0, prompts_per_step >= 1, rollouts_per_prompt >= 2")
+    if cfg.rollout.max_consecutive_invalid_calls < 0:
+        raise ConfigError(
+            f"rl: rollout.max_consecutive_invalid_calls must be >= 0 (0: no cap), got "
+            f"{cfg.rollout.max_consecutive_invalid_calls}"
+        )
+    check_loss_config(cfg.loss, cfg.rollout.max_response_tokens)
+    check_sampling_config(cfg.sampling, cfg.generator.backend, cfg.loss.tis_cap)
+
+
 class GrpoRun:
     """Owns the policy, optimizer, tools and scorer of one RL run; `train()` runs the steps."""
 
     def __init__(self, cfg: RlConfig, scorer: TrajectoryScorer | None = None):
+        check_rl_config(cfg)
         self.cfg = cfg
         self.out_dir = stage_dir(cfg)
         self.accelerator = Accelerator(
@@ -270,8 +302,16 @@ class GrpoRun:
         self.tokenizer = load_tokenizer(GeneratorConfig(model=self.model_ref))
         policy = self._load_lm(self.model_ref, train=True)
         check_vocab(policy, self.tokenizer, self.model_ref)
+        if cfg.lora is not None:
+            if layout != "none":
+                raise ConfigError(
+                    f"rl: lora with {layout} is not supported (the adapters are small: train "
+                    f"them under DDP or ZeRO-1/2), or set lora=null for full fine-tuning"
+                )
+            policy = wrap_lora(policy, cfg.lora, cfg.gradient_checkpointing)
         self.ref_model = self._load_lm(self.model_ref, train=False) if cfg.kl_coef > 0 else None
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        trainable = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self._configure_deepspeed()
         self.model, self.optimizer = self.accelerator.prepare(policy, optimizer)
         self.rollout_engine = self._load_rollout_engine()
@@ -347,8 +387,12 @@ class GrpoRun:
     def _generator(self) -> Any:
         """The generator for this step's rollouts, holding the policy's current weights."""
         engine = self.rollout_engine
-        if engine is not None:
-            engine.sync(full_parameters(self.accelerator, self.model))  # this step's weights
+        if engine is not None:  # this step's weights (LoRA: merged into the base weights)
+            policy = self.accelerator.unwrap_model(self.model)
+            if is_lora(policy):
+                engine.sync(merged_parameters(policy))
+            else:
+                engine.sync(full_parameters(self.accelerator, self.model))
         if isinstance(engine, VllmRolloutEngine):
             from autotraj.models.vllm_backend import VllmGenerator
 
@@ -361,6 +405,7 @@ class GrpoRun:
             self.tokenizer,
             name=self.model_ref,
             batch_size=self.cfg.generator.batch_size,
+            logprobs=self.cfg.sampling.sampler_logprobs,
         )
 
     def restore(self) -> int:
@@ -406,23 +451,16 @@ class GrpoRun:
         began = time.perf_counter()
         indices = prompt_indices(len(self.queries), step, cfg.prompts_per_step, cfg.seed)
         mine = list(enumerate(indices))[acc.process_index :: acc.num_processes]
-        items = [
-            (f"rl/s{step + 1}/p{j}/{self.queries[i].id}/r{k}", self.queries[i])
-            for j, i in mine
-            for k in range(cfg.rollouts_per_prompt)
-        ]
-        groups = [traj_id.rsplit("/r", 1)[0] for traj_id, _ in items]
-        item_queries = [q for _, q in items]
         policy = acc.unwrap_model(self.model)
         policy.eval()  # no autocast here: it re-casts every weight at every token (2x slower)
         generator = self._generator()
         sync_s = time.perf_counter() - began
+        items = rollout_items(
+            step, 0, [(j, self.queries[i]) for j, i in mine], cfg.rollouts_per_prompt
+        )
         trajectories = rollout(
             generator, tools, self.tokenizer, items, replace(cfg.rollout, seed=cfg.seed)
         )
-        if isinstance(self.rollout_engine, VllmRolloutEngine):
-            self.rollout_engine.release()
-        policy.train()
         all_down = all(t.finish_reason == "infra_error" for t in trajectories)
         if down := gather_object([trajectories[0].error] if all_down else []):  # all stop
             raise StageIncomplete(
@@ -430,31 +468,83 @@ class GrpoRun:
                 f"{len(down)} of {acc.num_processes} processes ({down[0]}); re-run to resume "
                 f"from the last checkpoint"
             )
+        batch = self._score(items, trajectories)
+        generated, dynamic = batch, {}
+        if cfg.sampling.dynamic:  # local to this process: no collective in the extra rounds
+            batch, generated, dynamic = dynamic_sample(
+                batch,
+                cfg.sampling.max_rounds,
+                lambda r, n: self._refill(generator, tools, step, r, n),
+            )
+        if isinstance(self.rollout_engine, VllmRolloutEngine):
+            self.rollout_engine.release()
+        policy.train()
         rollout_s = time.perf_counter() - began - sync_s
-        breakdowns = compute_rewards(
-            trajectories, item_queries, self._rm_scores(trajectories, item_queries), cfg.reward
-        )
-        advantages = group_advantages([b.reward for b in breakdowns], groups)
-        rendered = [
-            render_trajectory(self.tokenizer, q.question, t, cfg.rollout.system_prompt)
-            for t, q in zip(trajectories, item_queries, strict=True)
+        keep = [  # DAPO overlong filtering: truncated rollouts leave the loss when asked
+            a is not None and not (cfg.loss.overlong_mask and t.finish_reason == "length")
+            for a, t in zip(batch.advantages, batch.trajectories, strict=True)
         ]
-        samples = [Sample(r, a) for r, a in zip(rendered, advantages, strict=True) if a is not None]
+        samples = [
+            Sample(r, a, sampler_logprobs(t, r))  # type: ignore[arg-type]
+            for r, a, t, k in zip(
+                batch.rendered, batch.advantages, batch.trajectories, keep, strict=True
+            )
+            if k
+        ]
         update = self.update(samples, step)
         if cfg.save_rollouts:
-            self._save_rollouts(step + 1, trajectories, breakdowns, advantages)
+            self._save_rollouts(
+                step + 1, generated.trajectories, generated.breakdowns, generated.advantages
+            )
         values = rollout_metrics(
-            gather_object(trajectories),
-            gather_object(breakdowns),
-            gather_object([len(r.input_ids) - r.prompt_length for r in rendered]),
+            gather_object(list(generated.trajectories)),
+            gather_object(list(generated.breakdowns)),
+            gather_object([len(r.input_ids) - r.prompt_length for r in generated.rendered]),
         )
+        advantages = batch.advantages
         zero = sum(1 for a in advantages if a == 0.0) / max(1, len(advantages))
         values.update(update)
+        for key, value in dynamic.items():  # summed over processes
+            values[key] = float(sum(gather_object([value])))
         values["rl/advantage/zero_fraction"] = zero
+        values["rl/overlong_masked"] = float(sum(gather_object([keep.count(False)])))
         values["rl/time/sync_s"] = sync_s  # full weights into the rollout engine
         values["rl/time/rollout_s"] = rollout_s
         values["rl/time/step_s"] = time.perf_counter() - began
         return values
+
+    def _refill(self, generator: Any, tools: dict, step: int, round_: int, count: int) -> Any:
+        """Dynamic sampling's extra round: `count` new groups, rolled out and scored."""
+        cfg, acc = self.cfg, self.accelerator
+        seed = f"{cfg.seed}/{acc.process_index}"
+        picked = refill_indices(len(self.queries), count, step, round_, seed)
+        items = rollout_items(
+            step,
+            round_,
+            [(j, self.queries[i]) for j, i in enumerate(picked)],
+            cfg.rollouts_per_prompt,
+        )
+        trajectories = rollout(
+            generator, tools, self.tokenizer, items, replace(cfg.rollout, seed=cfg.seed)
+        )
+        return self._score(items, trajectories)
+
+    def _score(
+        self, items: Sequence[tuple[str, Query]], trajectories: Sequence[Trajectory]
+    ) -> ScoredGroups:
+        """Rewards, renderings and advantages of one round (rl_sampling.score_groups)."""
+        cfg = self.cfg
+        queries = [q for _, q in items]
+        breakdowns = compute_rewards(
+            trajectories, queries, self._rm_scores(trajectories, queries), cfg.reward
+        )
+        rendered = [
+            render_trajectory(self.tokenizer, q.question, t, cfg.rollout.system_prompt)
+            for t, q in zip(trajectories, queries, strict=True)
+        ]
+        return score_groups(
+            items, trajectories, breakdowns, rendered, cfg.loss, cfg.rollout.max_response_tokens
+        )
 
     def _rm_scores(
         self, trajectories: Sequence[Trajectory], queries: Sequence[Query]
@@ -521,8 +611,12 @@ class GrpoRun:
         if not acc.is_main_process:
             return
         out = self.out_dir / "model"
-        acc.unwrap_model(self.model).save_pretrained(out, state_dict=state)
-        self.tokenizer.save_pretrained(out)
+        policy = acc.unwrap_model(self.model)
+        if is_lora(policy):
+            save_merged(policy, self.tokenizer, out)
+        else:
+            policy.save_pretrained(out, state_dict=state)
+            self.tokenizer.save_pretrained(out)
         write_manifest(
             self.out_dir,
             stage="rl",
@@ -545,8 +639,7 @@ def _brief(values: dict[str, float]) -> str:
 
 def run_rl(cfg: RlConfig, scorer: TrajectoryScorer | None = None) -> dict[str, Any]:
     """Run (or resume) the RL stage; `scorer` replaces the configured reward model (tests)."""
-    if cfg.steps < 0 or cfg.prompts_per_step < 1 or cfg.rollouts_per_prompt < 2:
-        raise ConfigError("rl: need steps >= 0, prompts_per_step >= 1, rollouts_per_prompt >= 2")
+    check_rl_config(cfg)
     out_dir = stage_dir(cfg)
     state = process_state()
     if state.is_main_process:

@@ -29,6 +29,13 @@ import torch
 
 from autotraj.render import RenderedTrajectory
 from autotraj.train.advantages import collate, policy_loss, token_logprobs
+from autotraj.train.rl_loss import (
+    clip_range,
+    loss_units,
+    mismatch_stats,
+    token_weights,
+    truncated_is_weights,
+)
 
 if TYPE_CHECKING:
     from autotraj.train.grpo import RlConfig
@@ -40,6 +47,9 @@ class Sample:
 
     rendered: RenderedTrajectory
     advantage: float
+    # the rollout engine's log-probs on `rendered.input_ids` and which are known (None: the
+    # engine returned none); rl_loss.sampler_logprobs
+    sampler: tuple[tuple[float, ...], tuple[bool, ...]] | None = None
 
 
 class PolicyUpdate:
@@ -126,6 +136,7 @@ class PolicyUpdate:
         if self.ref_model is not None:  # unsharded on every process: no collective
             ref = self._fixed_logprobs(self.ref_model, samples, collective=False)
         totals: Counter[str] = Counter()
+        mismatch = self._mismatch(samples, old)
         order = list(range(len(samples)))
         rng = random.Random(f"{cfg.seed}/update/{step}")
         for _ in range(cfg.ppo_epochs):
@@ -136,7 +147,7 @@ class PolicyUpdate:
                     [(samples[i], old[i], ref[i] if ref else None) for i in chosen], totals
                 )
         tokens = max(1.0, totals["tokens"])
-        return {
+        return mismatch | {
             "rl/loss": totals["loss"] / max(1, totals["updates"]),
             "rl/kl": totals["kl"] / tokens,
             "rl/entropy": totals["entropy"] / tokens,
@@ -148,6 +159,29 @@ class PolicyUpdate:
             "rl/time/update_s": time.perf_counter() - began,
         }
 
+    def _mismatch(self, samples: Sequence[Sample], old: Sequence[torch.Tensor]) -> dict[str, float]:
+        """Sampler/trainer divergence on this process's tokens whose sampler log-prob is known
+        (none: the engine returned no log-probs, and the metrics are absent)."""
+        sums: Counter[str] = Counter()
+        for sample, trainer in zip(samples, old, strict=True):
+            if sample.sampler is None:
+                continue
+            values, known = sample.sampler
+            for key, value in mismatch_stats(
+                trainer.cpu().unsqueeze(0),
+                torch.tensor([values], dtype=trainer.dtype),
+                torch.tensor([known], dtype=trainer.dtype),
+            ).items():
+                sums[key] = max(sums[key], value) if key == "ratio_max" else sums[key] + value
+        if not sums["tokens"]:
+            return {}
+        return {
+            "rl/mismatch/abs_logprob_diff": sums["abs_diff"] / sums["tokens"],
+            "rl/mismatch/k3": sums["k3"] / sums["tokens"],
+            "rl/mismatch/ratio_max": sums["ratio_max"],
+            "rl/mismatch/tokens": sums["tokens"],
+        }
+
     def _optimizer_step(
         self,
         chosen: Sequence[tuple[Sample, torch.Tensor, torch.Tensor | None]],
@@ -155,9 +189,11 @@ class PolicyUpdate:
     ) -> None:
         """Accumulate the loss of `chosen` over micro-batches, then one optimizer step."""
         cfg, acc = self.cfg, self.accelerator
-        local = sum(sum(s.rendered.trainable) for s, _, _ in chosen)
+        loss_cfg = cfg.loss
+        local = loss_units([s.rendered.trainable for s, _, _ in chosen], loss_cfg.aggregation)
         count = torch.tensor(float(local), device=acc.device)
-        # Token mean over all processes: DDP averages gradients, so scale by the process count.
+        # A mean over all processes' tokens (or sequences, rl_loss.loss_units): DDP averages
+        # gradients, so scale by the process count.
         normalizer = float(acc.reduce(count, reduction="sum")) / acc.num_processes
         ref = self.ref_model is not None
         spans = self._micro_batches(len(chosen), collective=True)
@@ -171,13 +207,21 @@ class PolicyUpdate:
                 logp, entropy, mask, _ = self._forward_logprobs(
                     self.model, [s.rendered for s, _, _ in part], with_entropy=True
                 )
+                old = _pad_rows([o for _, o, _ in part], logp)
+                low, high = clip_range(loss_cfg, cfg.clip)
                 loss, stats = policy_loss(
                     logp,
-                    _pad_rows([o for _, o, _ in part], logp),
+                    old,
                     torch.tensor([s.advantage for s, _, _ in part], device=logp.device),
                     mask,
                     normalizer=max(normalizer, 1.0),
-                    clip=cfg.clip,
+                    clip=low,
+                    clip_high=high,
+                    weights=token_weights(
+                        mask, loss_cfg.aggregation, cfg.rollout.max_response_tokens
+                    ),
+                    sequence_ratio=loss_cfg.aggregation == "gspo",
+                    is_weights=self._is_weights([s for s, _, _ in part], old, mask),
                     entropy=entropy,
                     entropy_coef=cfg.entropy_coef,
                     ref_logprobs=_pad_rows([r for _, _, r in part], logp) if ref else None,
@@ -196,6 +240,23 @@ class PolicyUpdate:
             grad_norm = grad_norm.full_tensor()
         totals["grad_norm"] += float(grad_norm) if grad_norm is not None else 0.0
         totals["updates"] += 1
+
+    def _is_weights(
+        self, part: Sequence[Sample], old: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Truncated importance weights (B, T) against the sampler's log-probs when
+        `loss.tis_cap` is set and the engine returned them; else None."""
+        cap = self.cfg.loss.tis_cap
+        if not cap or all(s.sampler is None for s in part):
+            return None
+        sampler = torch.zeros_like(old)
+        known = torch.zeros_like(mask)
+        for row, s in enumerate(part):
+            if s.sampler is not None:
+                n = len(s.sampler[0])
+                sampler[row, :n] = torch.tensor(s.sampler[0], device=old.device)
+                known[row, :n] = torch.tensor(s.sampler[1], dtype=mask.dtype, device=old.device)
+        return truncated_is_weights(old, sampler, known, cap)
 
 
 def _pad_rows(rows: Sequence[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
