@@ -69,6 +69,7 @@ from autotraj.train.policy_weights import (
     HfRolloutCopy,
     VllmRolloutEngine,
     full_parameters,
+    parameter_count,
     sharding,
     unsharded_load,
 )
@@ -92,10 +93,14 @@ class RlGeneratorConfig:
     # from the policy before every step's rollouts (2.4x faster generation on CPU than the fp32
     # policy, docs/rl.md). Log-probs for the loss always come from the policy.
     dtype: Literal["policy", "bfloat16"] = "policy"
-    # vllm only: the share of the GPU the engine may take, its longest sequence (prompt,
-    # demonstrations and response), and whether it frees the GPU during the update
-    gpu_memory_utilization: float = 0.3
+    # vllm only: the share of the GPU the engine may take while awake (bf16 weights + KV cache;
+    # 0.5 of 80 GB leaves ~24 GB of KV cache beside a 7B policy; refused up front when the
+    # weights leave less than 1 GiB), its longest sequence (prompt, demonstrations and
+    # response), eager mode (no CUDA graphs: less memory, slower decoding), and whether it
+    # sleeps (level 2: weights and KV cache freed) during the update
+    gpu_memory_utilization: float = 0.5
     max_model_len: int = 4096
+    enforce_eager: bool = False
     sleep: bool = True
 
 
@@ -270,6 +275,7 @@ class GrpoRun:
         self.tokenizer = load_tokenizer(GeneratorConfig(model=self.model_ref))
         policy = self._load_lm(self.model_ref, train=True)
         check_vocab(policy, self.tokenizer, self.model_ref)
+        self.policy_size = parameter_count(policy)
         self.ref_model = self._load_lm(self.model_ref, train=False) if cfg.kl_coef > 0 else None
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self._configure_deepspeed()
@@ -307,8 +313,10 @@ class GrpoRun:
                 self.accelerator,
                 gpu_memory_utilization=gen.gpu_memory_utilization,
                 max_model_len=gen.max_model_len,
+                enforce_eager=gen.enforce_eager,
                 sleep=gen.sleep,
                 seed=self.cfg.seed,
+                parameters=self.policy_size,
             )
         if gen.dtype == "bfloat16":
             return HfRolloutCopy.load(path, self.accelerator)
