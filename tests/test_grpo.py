@@ -406,3 +406,25 @@ def test_release_defaults():
     assert (cfg.prompts_per_step, cfg.rollouts_per_prompt, cfg.lr) == (12, 4, 1e-6)
     assert (cfg.max_prompt_tokens, cfg.rollout.max_response_tokens) == (768, 2048)
     assert (cfg.reward.rm_weight, cfg.reward.clip, cfg.reward.f1_on_math) == (0.2, 3.0, False)
+
+
+def test_frozen_models_load_in_the_configured_dtype(tmp_path, tiny_model_dir, monkeypatch):
+    """The KL reference and the reward model: bf16 when asked (auto does so on a GPU), so that
+    two extra whole 7B models are not 30 GB each in fp32 on every process."""
+    assert grpo.frozen_dtype("auto", torch.device("cuda", 3)) == torch.bfloat16
+    assert grpo.frozen_dtype("auto", torch.device("cpu")) == torch.float32
+    run = GrpoRun(tiny_config(tmp_path, tiny_model_dir, kl_coef=0.1, frozen_dtype="bfloat16"))
+    assert run.ref_model.dtype == torch.bfloat16
+    assert next(run.model.parameters()).dtype == torch.float32  # the policy trains in fp32
+    default = GrpoRun(tiny_config(tmp_path / "cpu", tiny_model_dir, kl_coef=0.1))
+    assert default.ref_model.dtype == torch.float32
+    from autotraj.train import reward_model
+
+    loads = []
+    monkeypatch.setattr(grpo, "resolve_rm", lambda cfg: "rm-dir")
+    monkeypatch.setattr(
+        reward_model.TrajectoryRewardModel, "load", lambda path, **kw: loads.append(kw)
+    )
+    with pytest.raises(AttributeError):  # the recorded stand-in returns None, not a model
+        run._load_scorer()
+    assert loads == [{"device": "cpu", "dtype": "bfloat16"}]

@@ -118,6 +118,10 @@ class RlConfig:
     limit: int | None = None  # first N queries
     rm: str = ""  # "": <run_dir>/rm/model if present; used only when reward.rm_weight != 0
     rm_batch_size: int = 8
+    # dtype of the frozen models (the reward model, and the KL reference when kl_coef > 0), each
+    # whole on every process. auto: bfloat16 on a GPU (fp32 would take 30 GB each at 7B), float32
+    # on CPU (where bf16 matmuls are slower and the models are small).
+    frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     steps: int = 100
     prompts_per_step: int = 12  # release: 12 prompts per batch
     rollouts_per_prompt: int = 4  # release: n = 4
@@ -166,6 +170,17 @@ def resolve_model(cfg: RlConfig) -> str:
         return cfg.model
     sft = Path(cfg.run_dir) / "sft" / "model"
     return str(sft) if sft.is_dir() else EMBEDDED_MODEL
+
+
+def frozen_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The dtype to load the reward model and KL reference in (`RlConfig.frozen_dtype`).
+
+    >>> frozen_dtype("auto", torch.device("cuda", 0)), frozen_dtype("auto", torch.device("cpu"))
+    (torch.bfloat16, torch.float32)
+    """
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, setting)
 
 
 def resolve_rm(cfg: RlConfig) -> str | None:
@@ -326,10 +341,9 @@ class GrpoRun:
         from transformers import AutoModelForCausalLM
 
         if not train:  # the frozen KL reference: whole on every process, never sharded
+            dtype = frozen_dtype(self.cfg.frozen_dtype, self.accelerator.device)
             with unsharded_load(self.accelerator):
-                model = AutoModelForCausalLM.from_pretrained(
-                    resolve_model_path(ref), dtype=torch.float32
-                )
+                model = AutoModelForCausalLM.from_pretrained(resolve_model_path(ref), dtype=dtype)
             return model.requires_grad_(False).eval().to(self.accelerator.device)
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(ref), dtype=torch.float32)
         if self.cfg.gradient_checkpointing:
@@ -343,7 +357,10 @@ class GrpoRun:
             return None
         from autotraj.train.reward_model import TrajectoryRewardModel
 
-        rm = TrajectoryRewardModel.load(path, device=str(self.accelerator.device))
+        dtype = frozen_dtype(self.cfg.frozen_dtype, self.accelerator.device)
+        rm = TrajectoryRewardModel.load(
+            path, device=str(self.accelerator.device), dtype=str(dtype).removeprefix("torch.")
+        )
         if rm.tokenizer.get_vocab() != self.tokenizer.get_vocab():
             raise ConfigError(
                 f"rl: the reward model {path} has another tokenizer than the policy "
