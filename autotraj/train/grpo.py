@@ -377,7 +377,12 @@ class GrpoRun:
         if isinstance(engine, VllmRolloutEngine):
             from autotraj.models.vllm_backend import VllmGenerator
 
-            return VllmGenerator(engine.llm, self.tokenizer, name=self.model_ref)
+            return VllmGenerator(
+                engine.llm,
+                self.tokenizer,
+                name=self.model_ref,
+                max_model_len=self.cfg.generator.max_model_len,
+            )
         from autotraj.models.transformers_backend import TransformersGenerator
 
         model = engine.model if engine is not None else self.accelerator.unwrap_model(self.model)
