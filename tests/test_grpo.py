@@ -428,3 +428,34 @@ def test_frozen_models_load_in_the_configured_dtype(tmp_path, tiny_model_dir, mo
     with pytest.raises(AttributeError):  # the recorded stand-in returns None, not a model
         run._load_scorer()
     assert loads == [{"device": "cpu", "dtype": "bfloat16"}]
+
+
+def test_documented_multi_gpu_rl_commands_divide_the_prompts_among_the_processes():
+    """Every `accelerate launch ... rl --config configs/rl_paper.yaml` in the docs and configs:
+    its process count (`--num_processes`, else the accelerate file's) must divide
+    prompts_per_step, or the stage refuses to start (the configs' 8 GPUs do not divide 12)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from autotraj.config import load_config
+
+    root = Path(__file__).parent.parent
+    per_step = load_config(RlConfig, root / "configs" / "rl_paper.yaml").prompts_per_step
+    found = []
+    for doc in ("README.md", "docs/rl.md", "docs/training.md", "configs/paper.yaml"):
+        text = re.sub(r"\\\n[#\s]*", " ", (root / doc).read_text(encoding="utf-8"))
+        for line in text.splitlines():
+            if "accelerate launch" not in line or "rl_paper.yaml" not in line:
+                continue
+            if count := re.search(r"--num_processes (\d+)", line):
+                processes = int(count.group(1))
+            else:
+                launch = re.search(r"--config_file (\S+)", line).group(1)
+                processes = yaml.safe_load((root / launch).read_text())["num_processes"]
+            override = re.search(r"prompts_per_step=(\d+)", line)
+            prompts = int(override.group(1)) if override else per_step
+            found.append((doc, processes))
+            assert prompts % processes == 0, f"{doc}: {prompts} prompts on {processes}: {line}"
+    assert len(found) >= 4, found
