@@ -154,3 +154,30 @@ def test_parameter_count_counts_zero3_partitioned_parameters(policy):
     first.ds_numel = first.numel()  # what ZeRO-3 sets before it empties the local tensor
     first.data = torch.empty(0)
     assert parameter_count(policy) == whole
+
+
+def test_vllm_engine_load_checks_memory_before_starting_and_passes_options(monkeypatch):
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    made = []
+    fake = types.ModuleType("vllm")
+    fake.LLM = lambda **kwargs: made.append(kwargs) or SimpleNamespace()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # restored after the test
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=48 * 2**30)
+    )
+    accelerator = SimpleNamespace(num_processes=1, process_index=0, device="cuda:0")
+    options = dict(max_model_len=4096, enforce_eager=True, sleep=True, seed=3)
+    options["parameters"] = 7_600_000_000
+    with pytest.raises(ConfigError, match="rl: generator.gpu_memory_utilization=0.3"):
+        VllmRolloutEngine.load("m", accelerator, gpu_memory_utilization=0.3, **options)
+    assert not made  # refused before vLLM spent a minute loading
+    engine = VllmRolloutEngine.load("m", accelerator, gpu_memory_utilization=0.5, **options)
+    (kwargs,) = made
+    assert kwargs["enforce_eager"] is True and kwargs["enable_sleep_mode"] is True
+    assert kwargs["max_model_len"] == 4096 and kwargs["gpu_memory_utilization"] == 0.5
+    assert engine.sleep and engine.awake
