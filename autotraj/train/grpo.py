@@ -291,6 +291,8 @@ class GrpoRun:
         policy = self._load_lm(self.model_ref, train=True)
         check_vocab(policy, self.tokenizer, self.model_ref)
         self.policy_size = parameter_count(policy)
+        if self.accelerator.device.type == "cuda":
+            self._check_memory(layout)
         self.ref_model = self._load_lm(self.model_ref, train=False) if cfg.kl_coef > 0 else None
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self._configure_deepspeed()
@@ -307,6 +309,27 @@ class GrpoRun:
         self.updater = PolicyUpdate(
             cfg, self.accelerator, self.model, self.optimizer, self.ref_model, self.tokenizer
         )
+
+    def _check_memory(self, layout: str) -> None:
+        """Refuse a layout whose resident memory per GPU exceeds the GPU (train/memory.py)."""
+        from autotraj.train.memory import check_rl_memory, rl_resident_gib
+
+        acc, cfg, gen = self.accelerator, self.cfg, self.cfg.generator
+        plugin = getattr(acc.state, "deepspeed_plugin", None)
+        name = layout if layout != "none" else "ddp"
+        if layout == "none" and plugin is not None and plugin.zero_stage in (1, 2):
+            name = f"zero{plugin.zero_stage}"
+        gpu_gib = torch.cuda.get_device_properties(acc.device).total_memory / 2**30
+        engine = 0.0
+        if gen.backend == "vllm":
+            engine = gen.gpu_memory_utilization * gpu_gib
+        elif gen.dtype == "bfloat16":
+            engine = 2 * self.policy_size / 2**30
+        frozen = int(cfg.kl_coef > 0) + int(resolve_rm(cfg) is not None)
+        width = 2 if frozen_dtype(cfg.frozen_dtype, acc.device) == torch.bfloat16 else 4
+        parts = rl_resident_gib(self.policy_size, name, acc.num_processes, frozen, width, engine)
+        log.info("resident per GPU (GiB, lower bound): %s", parts)
+        check_rl_memory(parts, gpu_gib, name, acc.num_processes)
 
     def _configure_deepspeed(self) -> None:
         """DeepSpeed takes the micro-batch size and the gradient clipping from its own config
