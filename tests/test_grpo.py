@@ -459,3 +459,41 @@ def test_documented_multi_gpu_rl_commands_divide_the_prompts_among_the_processes
             found.append((doc, processes))
             assert prompts % processes == 0, f"{doc}: {prompts} prompts on {processes}: {line}"
     assert len(found) >= 4, found
+
+
+def test_sampler_trainer_logprob_mismatch_is_logged(tmp_path, tiny_model_dir):
+    """The rollout engine's reported log-probs (vLLM's) against the trainer's on the same
+    tokens: zero when they agree, the shift and its k3 KL when they differ; tool results and
+    the appended end-of-turn token (no sampler log-prob) do not count."""
+    from autotraj.records import Segment
+    from autotraj.render import RenderedTrajectory
+    from autotraj.train.advantages import sampler_logprobs
+    from autotraj.train.grpo_update import Sample
+
+    run = GrpoRun(tiny_config(tmp_path, tiny_model_dir))
+    ids = (5, 6, 7, 8, 9, 10, 11)
+    rendered = RenderedTrajectory(ids, (False, False, True, True, False, True, True), 2)
+
+    def sampler(shift):
+        """Segments whose log-probs are the current policy's, the first one's shifted."""
+        with torch.no_grad():
+            logits = run.model(input_ids=torch.tensor([ids])).logits
+        own = [float(v) for v in token_logprobs(logits, torch.tensor([ids]))[0][0]]
+        segments = [
+            Segment("ab", True, (7, 8), (own[2] + shift, own[3] + shift)),
+            Segment("<result>", False, (9,)),  # a tool result: the engine did not sample it
+            Segment("c", True, (10,), (own[5],)),
+        ]  # ids[6] is the appended end-of-turn token
+        return sampler_logprobs(rendered, segments)
+
+    exact = sampler(0.0)
+    assert torch.isnan(exact[[0, 1, 4, 6]]).all() and not torch.isnan(exact[[2, 3, 5]]).any()
+    metrics = run.updater.run([Sample(rendered, 1.0, exact), Sample(rendered, -1.0, exact)], 0)
+    assert metrics["rl/sampler/tokens"] == 6
+    assert metrics["rl/sampler/logprob_abs_diff"] < 1e-5 and metrics["rl/sampler/kl_k3"] < 1e-8
+    metrics = run.updater.run([Sample(rendered, 1.0, sampler(0.1))], 1)
+    assert metrics["rl/sampler/tokens"] == 3
+    assert metrics["rl/sampler/logprob_abs_diff"] == pytest.approx(0.2 / 3, abs=1e-5)
+    expected = 2 * (math.exp(-0.1) + 0.1 - 1) / 3
+    assert metrics["rl/sampler/kl_k3"] == pytest.approx(expected, abs=1e-5)
+    assert "rl/sampler/tokens" not in run.updater.run([Sample(rendered, 1.0)], 2)

@@ -9,6 +9,8 @@ that is 1.0 on trainable response tokens and 0.0 on prompt, tool-result and padd
 - `token_logprobs`: log pi(token_t | tokens_<t) of each token, and the entropy of the
   distribution it was drawn from, from logits (in fp32, a chunk of positions at a time).
 - `kl_k3`: the k3 estimator of KL(pi || pi_ref) per token, exp(r) - r - 1 with r = ref - logp.
+- `sampler_logprobs`, `logprob_mismatch`: the rollout engine's own log-probs aligned with a
+  rendering, and their distance from the trainer's (logged, not corrected).
 - `prompt_indices`: which queries a step samples (a seeded shuffle per epoch).
 - `collate`: padded ids and the loss mask, taken from each rendering's own trainable flags.
 - `policy_loss`: PPO-clip surrogate + entropy bonus + optional KL penalty, summed over masked
@@ -27,6 +29,7 @@ from typing import Any
 
 import torch
 
+from autotraj.records import Segment
 from autotraj.render import RenderedTrajectory
 
 ADVANTAGE_EPS = 1e-6  # METHOD.md section 10: (R - mean) / (std + 1e-6)
@@ -233,6 +236,62 @@ def prompt_indices(n_queries: int, step: int, per_step: int, seed: int) -> list[
         random.Random(f"{seed}/{epoch}").shuffle(order)
         out.append(order[offset])
     return out
+
+
+def sampler_logprobs(
+    rendered: RenderedTrajectory, segments: Sequence[Segment]
+) -> torch.Tensor | None:
+    """The rollout engine's log-prob of each token of `rendered`, as the trajectory's segments
+    recorded them (vLLM reports them); NaN where it reported none (prompt, tool results, the
+    appended end-of-turn token). None when no segment has log-probs, or when a segment's ids
+    are not stored (text-only backends), so that positions cannot be matched.
+
+    >>> r = RenderedTrajectory((1, 2, 3, 4), (False, True, True, True), 1)
+    >>> sampler_logprobs(r, [Segment("ab", True, (2, 3), (-0.5, -1.0))]).tolist()
+    [nan, -0.5, -1.0, nan]
+    """
+    if not any(s.logprobs for s in segments) or not all(s.token_ids for s in segments):
+        return None
+    out = torch.full((len(rendered.input_ids),), math.nan)
+    position = rendered.prompt_length
+    for segment in segments:
+        end = position + len(segment.token_ids)
+        if segment.logprobs is not None and len(segment.logprobs) == len(segment.token_ids):
+            out[position:end] = torch.tensor(segment.logprobs)
+        position = end
+    if position > len(rendered.input_ids):
+        raise ValueError(
+            f"segments hold {position} tokens, the rendering {len(rendered.input_ids)}"
+        )
+    return out
+
+
+def logprob_mismatch(
+    trainer: Sequence[torch.Tensor], sampler: Sequence[torch.Tensor | None]
+) -> dict[str, float]:
+    """How far the rollout engine's log-probs are from the trainer's on the same tokens.
+
+    Over every token with a sampler log-prob: the mean |trainer - sampler| and the k3 estimate
+    of KL(sampler || trainer) (the tokens were drawn from the sampler: r = trainer - sampler,
+    exp(r) - r - 1). Empty when no sampler log-probs exist (the transformers engines).
+
+    >>> out = logprob_mismatch([torch.tensor([0.0, -1.0])], [torch.tensor([math.nan, -1.5])])
+    >>> {k.removeprefix("rl/sampler/"): round(v, 4) for k, v in out.items()}
+    {'tokens': 1.0, 'logprob_abs_diff': 0.5, 'kl_k3': 0.1487}
+    """
+    diffs = [
+        (t.float().cpu() - s)[~torch.isnan(s)]
+        for t, s in zip(trainer, sampler, strict=True)
+        if s is not None
+    ]
+    d = torch.cat(diffs) if diffs else torch.zeros(0)
+    if not d.numel():
+        return {}
+    return {
+        "rl/sampler/tokens": float(d.numel()),
+        "rl/sampler/logprob_abs_diff": float(d.abs().mean()),
+        "rl/sampler/kl_k3": float((torch.exp(d) - d - 1).mean()),
+    }
 
 
 def collate(

@@ -63,7 +63,7 @@ from autotraj.rewards import RewardBreakdown, RewardConfig, compute_rewards, rew
 from autotraj.rollout import RolloutConfig, rollout
 from autotraj.synthesize import StageIncomplete
 from autotraj.tools.toolbox import ToolsConfig, close_tools, open_tools
-from autotraj.train.advantages import group_advantages, prompt_indices
+from autotraj.train.advantages import group_advantages, prompt_indices, sampler_logprobs
 from autotraj.train.grpo_update import PolicyUpdate, Sample
 from autotraj.train.policy_weights import (
     HfRolloutCopy,
@@ -492,7 +492,11 @@ class GrpoRun:
             render_trajectory(self.tokenizer, q.question, t, cfg.rollout.system_prompt)
             for t, q in zip(trajectories, item_queries, strict=True)
         ]
-        samples = [Sample(r, a) for r, a in zip(rendered, advantages, strict=True) if a is not None]
+        samples = [
+            Sample(r, a, sampler_logprobs(r, t.segments))
+            for r, a, t in zip(rendered, advantages, trajectories, strict=True)
+            if a is not None
+        ]
         update = self.update(samples, step)
         if cfg.save_rollouts:
             self._save_rollouts(step + 1, trajectories, breakdowns, advantages)

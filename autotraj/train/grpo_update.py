@@ -5,7 +5,8 @@ flags are the loss mask, and the rollout's group advantage), computes the rollou
 log-probs on them (and a frozen reference's when `kl_coef > 0`), then runs `ppo_epochs` x
 `mini_batches` optimizer steps of the PPO-clip loss with entropy bonus and optional k3 KL
 (advantages.policy_loss), each accumulated over micro-batches, and returns the step's loss, KL,
-entropy, clip and gradient-norm metrics.
+entropy, clip and gradient-norm metrics, and, for samples that carry the rollout engine's own
+log-probs, their distance from the trainer's (advantages.logprob_mismatch; logged only).
 
 Under several processes every process runs as many micro-batches as the busiest one (empty ones
 on a filler with nothing trainable): FSDP2's and ZeRO-3's forward and backward passes are
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from autotraj.render import RenderedTrajectory
-from autotraj.train.advantages import collate, policy_loss, token_logprobs
+from autotraj.train.advantages import collate, logprob_mismatch, policy_loss, token_logprobs
 
 if TYPE_CHECKING:
     from autotraj.train.grpo import RlConfig
@@ -36,10 +37,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Sample:
-    """One rewarded rollout ready for the update: its rendering and its advantage."""
+    """One rewarded rollout ready for the update: its rendering and its advantage (and the
+    rollout engine's log-probs of its tokens, NaN where unknown, when the engine reports them)."""
 
     rendered: RenderedTrajectory
     advantage: float
+    sampler_logprobs: torch.Tensor | None = None
 
 
 class PolicyUpdate:
@@ -122,6 +125,7 @@ class PolicyUpdate:
         cfg = self.cfg
         began = time.perf_counter()
         old = self._fixed_logprobs(self.model, samples, collective=True)
+        mismatch = logprob_mismatch(old, [s.sampler_logprobs for s in samples])  # logged only
         ref = None
         if self.ref_model is not None:  # unsharded on every process: no collective
             ref = self._fixed_logprobs(self.ref_model, samples, collective=False)
@@ -146,6 +150,7 @@ class PolicyUpdate:
             "rl/lr": cfg.lr,
             "rl/trainable_tokens": totals["tokens"] / max(1, cfg.ppo_epochs),
             "rl/time/update_s": time.perf_counter() - began,
+            **mismatch,
         }
 
     def _optimizer_step(
