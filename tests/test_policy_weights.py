@@ -9,7 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autotraj.train.policy_weights import HfRolloutCopy, VllmRolloutEngine, full_parameters
+from autotraj.config import ConfigError
+from autotraj.train.policy_weights import (
+    HfRolloutCopy,
+    VllmRolloutEngine,
+    check_engine_memory,
+    full_parameters,
+    parameter_count,
+)
 
 
 class Unsharded:
@@ -77,8 +84,8 @@ class FakeLLM:
     def sleep(self, level):
         self.calls.append(("sleep", level))
 
-    def wake_up(self):
-        self.calls.append(("wake_up", 0))
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tuple(tags) if tags else "all"))
 
 
 def test_vllm_push_sends_all_weights_in_chunks_then_drops_the_prefix_cache(policy, monkeypatch):
@@ -93,7 +100,84 @@ def test_vllm_push_sends_all_weights_in_chunks_then_drops_the_prefix_cache(polic
     for name, p in params.items():
         torch.testing.assert_close(llm.loaded[name], p.detach())
         assert llm.loaded[name].data_ptr() != p.data_ptr()  # a copy: gathered storage is freed
+
+
+def test_vllm_sleeps_at_level_2_and_wakes_weights_then_pushes_then_kv_cache(policy, monkeypatch):
+    """Level 1 would copy the stale weights to pinned host memory and back every step; the KV
+    cache must not be on the GPU while the new weights arrive; PyTorch's cached blocks of the
+    update go back to the driver (vLLM allocates outside PyTorch) before vLLM wakes."""
+    monkeypatch.setattr(VllmRolloutEngine, "CHUNK", 1000)
+    llm = FakeLLM()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: llm.calls.append(("empty_cache", 0)))
+    engine = VllmRolloutEngine(llm, sleep=True)
+    engine.sync(full_parameters(Unsharded, policy))
+    assert [c for c, _ in llm.calls] == ["load_policy_weights", "reset_prefix_cache"]  # awake
     engine.release()
+    engine.release()  # already asleep: nothing more
+    assert llm.calls[2:] == [("sleep", 2)]
     llm.calls.clear()
     engine.sync(full_parameters(Unsharded, policy))
-    assert llm.calls[0] == ("wake_up", 0)  # the engine slept through the update
+    assert llm.calls == [
+        ("empty_cache", 0),
+        ("wake_up", ("weights",)),
+        ("load_policy_weights", len(dict(policy.named_parameters()))),
+        ("wake_up", ("kv_cache",)),
+        ("reset_prefix_cache", 0),
+    ]
+    assert engine.awake
+
+
+def test_vllm_without_sleep_never_sleeps(policy):
+    llm = FakeLLM()
+    engine = VllmRolloutEngine(llm, sleep=False)
+    engine.release()
+    engine.sync(full_parameters(Unsharded, policy))
+    assert not [c for c, _ in llm.calls if c in ("sleep", "wake_up")]
+
+
+def test_engine_memory_share_too_small_for_the_weights_is_refused():
+    field = "rl: generator.gpu_memory_utilization"
+    gib = 2**30
+    check_engine_memory(7_600_000_000, 80 * gib, 0.5, field)  # 40 GiB: 14 of weights
+    # the old default 0.3 of a 48 GB GPU cannot even hold a 7B model's bf16 weights
+    with pytest.raises(ConfigError, match=r"generator.gpu_memory_utilization=0.3.*14.2 GiB"):
+        check_engine_memory(7_600_000_000, 48 * gib, 0.3, field)
+    with pytest.raises(ConfigError, match="must be in"):
+        check_engine_memory(1000, 80 * gib, 1.5, field)
+
+
+def test_parameter_count_counts_zero3_partitioned_parameters(policy):
+    whole = sum(p.numel() for p in policy.parameters())
+    assert parameter_count(policy) == whole
+    first = next(policy.parameters())
+    first.ds_numel = first.numel()  # what ZeRO-3 sets before it empties the local tensor
+    first.data = torch.empty(0)
+    assert parameter_count(policy) == whole
+
+
+def test_vllm_engine_load_checks_memory_before_starting_and_passes_options(monkeypatch):
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    made = []
+    fake = types.ModuleType("vllm")
+    fake.LLM = lambda **kwargs: made.append(kwargs) or SimpleNamespace()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # restored after the test
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=48 * 2**30)
+    )
+    accelerator = SimpleNamespace(num_processes=1, process_index=0, device="cuda:0")
+    options = dict(max_model_len=4096, enforce_eager=True, sleep=True, seed=3)
+    options["parameters"] = 7_600_000_000
+    with pytest.raises(ConfigError, match="rl: generator.gpu_memory_utilization=0.3"):
+        VllmRolloutEngine.load("m", accelerator, gpu_memory_utilization=0.3, **options)
+    assert not made  # refused before vLLM spent a minute loading
+    engine = VllmRolloutEngine.load("m", accelerator, gpu_memory_utilization=0.5, **options)
+    (kwargs,) = made
+    assert kwargs["enforce_eager"] is True and kwargs["enable_sleep_mode"] is True
+    assert kwargs["max_model_len"] == 4096 and kwargs["gpu_memory_utilization"] == 0.5
+    assert engine.sleep and engine.awake

@@ -57,8 +57,14 @@ class GeneratorConfig:
     # text as one user message (any chat API; a partial assistant turn is not continued).
     chat_template_mode: Literal["chatml", "single_user"] = "chatml"
     retry_backoff_s: float = 0.5  # first retry delay; doubles at each retry (openai backend)
-    # vllm backend: fraction of GPU memory vLLM may take (leave room for a trainer beside it).
+    # vllm backend: fraction of GPU memory vLLM may take (leave room for a trainer beside it);
+    # the longest context (None: the model's own; a prompt that reaches it ends its trajectory
+    # with finish reason `length`); eager mode (no CUDA graphs: less memory, slower decoding);
+    # GPUs per engine (tensor parallelism: a model too big for one GPU, or more KV cache).
     gpu_memory_utilization: float = 0.85
+    max_model_len: int | None = None
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
 
 
 def resolve_model_path(model: str) -> str:

@@ -69,6 +69,7 @@ from autotraj.train.policy_weights import (
     HfRolloutCopy,
     VllmRolloutEngine,
     full_parameters,
+    parameter_count,
     sharding,
     unsharded_load,
 )
@@ -107,10 +108,14 @@ class RlGeneratorConfig:
     # from the policy before every step's rollouts (2.4x faster generation on CPU than the fp32
     # policy, docs/rl.md). Log-probs for the loss always come from the policy.
     dtype: Literal["policy", "bfloat16"] = "policy"
-    # vllm only: the share of the GPU the engine may take, its longest sequence (prompt,
-    # demonstrations and response), and whether it frees the GPU during the update
-    gpu_memory_utilization: float = 0.3
+    # vllm only: the share of the GPU the engine may take while awake (bf16 weights + KV cache;
+    # 0.5 of 80 GB leaves ~24 GB of KV cache beside a 7B policy; refused up front when the
+    # weights leave less than 1 GiB), its longest sequence (prompt, demonstrations and
+    # response), eager mode (no CUDA graphs: less memory, slower decoding), and whether it
+    # sleeps (level 2: weights and KV cache freed) during the update
+    gpu_memory_utilization: float = 0.5
     max_model_len: int = 4096
+    enforce_eager: bool = False
     sleep: bool = True
 
 
@@ -128,6 +133,10 @@ class RlConfig:
     limit: int | None = None  # first N queries
     rm: str = ""  # "": <run_dir>/rm/model if present; used only when reward.rm_weight != 0
     rm_batch_size: int = 8
+    # dtype of the frozen models (the reward model, and the KL reference when kl_coef > 0), each
+    # whole on every process. auto: bfloat16 on a GPU (fp32 would take 30 GB each at 7B), float32
+    # on CPU (where bf16 matmuls are slower and the models are small).
+    frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     steps: int = 100
     prompts_per_step: int = 12  # release: 12 prompts per batch
     rollouts_per_prompt: int = 4  # release: n = 4
@@ -179,6 +188,17 @@ def resolve_model(cfg: RlConfig) -> str:
         return cfg.model
     sft = Path(cfg.run_dir) / "sft" / "model"
     return str(sft) if sft.is_dir() else EMBEDDED_MODEL
+
+
+def frozen_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The dtype to load the reward model and KL reference in (`RlConfig.frozen_dtype`).
+
+    >>> frozen_dtype("auto", torch.device("cuda", 0)), frozen_dtype("auto", torch.device("cpu"))
+    (torch.bfloat16, torch.float32)
+    """
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, setting)
 
 
 def resolve_rm(cfg: RlConfig) -> str | None:
@@ -302,6 +322,9 @@ class GrpoRun:
         self.tokenizer = load_tokenizer(GeneratorConfig(model=self.model_ref))
         policy = self._load_lm(self.model_ref, train=True)
         check_vocab(policy, self.tokenizer, self.model_ref)
+        self.policy_size = parameter_count(policy)
+        if self.accelerator.device.type == "cuda" and cfg.lora is None:
+            self._check_memory(layout)  # full fine-tuning's training state (train/memory.py)
         if cfg.lora is not None:
             if layout != "none":
                 raise ConfigError(
@@ -327,6 +350,27 @@ class GrpoRun:
             cfg, self.accelerator, self.model, self.optimizer, self.ref_model, self.tokenizer
         )
 
+    def _check_memory(self, layout: str) -> None:
+        """Refuse a layout whose resident memory per GPU exceeds the GPU (train/memory.py)."""
+        from autotraj.train.memory import check_rl_memory, rl_resident_gib
+
+        acc, cfg, gen = self.accelerator, self.cfg, self.cfg.generator
+        plugin = getattr(acc.state, "deepspeed_plugin", None)
+        name = layout if layout != "none" else "ddp"
+        if layout == "none" and plugin is not None and plugin.zero_stage in (1, 2):
+            name = f"zero{plugin.zero_stage}"
+        gpu_gib = torch.cuda.get_device_properties(acc.device).total_memory / 2**30
+        engine = 0.0
+        if gen.backend == "vllm":
+            engine = gen.gpu_memory_utilization * gpu_gib
+        elif gen.dtype == "bfloat16":
+            engine = 2 * self.policy_size / 2**30
+        frozen = int(cfg.kl_coef > 0) + int(resolve_rm(cfg) is not None)
+        width = 2 if frozen_dtype(cfg.frozen_dtype, acc.device) == torch.bfloat16 else 4
+        parts = rl_resident_gib(self.policy_size, name, acc.num_processes, frozen, width, engine)
+        log.info("resident per GPU (GiB, lower bound): %s", parts)
+        check_rl_memory(parts, gpu_gib, name, acc.num_processes)
+
     def _configure_deepspeed(self) -> None:
         """DeepSpeed takes the micro-batch size and the gradient clipping from its own config
         (there is no dataloader to infer them from; the engine clips inside its step)."""
@@ -347,8 +391,10 @@ class GrpoRun:
                 self.accelerator,
                 gpu_memory_utilization=gen.gpu_memory_utilization,
                 max_model_len=gen.max_model_len,
+                enforce_eager=gen.enforce_eager,
                 sleep=gen.sleep,
                 seed=self.cfg.seed,
+                parameters=self.policy_size,
             )
         if gen.dtype == "bfloat16":
             return HfRolloutCopy.load(path, self.accelerator)
@@ -358,10 +404,9 @@ class GrpoRun:
         from transformers import AutoModelForCausalLM
 
         if not train:  # the frozen KL reference: whole on every process, never sharded
+            dtype = frozen_dtype(self.cfg.frozen_dtype, self.accelerator.device)
             with unsharded_load(self.accelerator):
-                model = AutoModelForCausalLM.from_pretrained(
-                    resolve_model_path(ref), dtype=torch.float32
-                )
+                model = AutoModelForCausalLM.from_pretrained(resolve_model_path(ref), dtype=dtype)
             return model.requires_grad_(False).eval().to(self.accelerator.device)
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(ref), dtype=torch.float32)
         if self.cfg.gradient_checkpointing:
@@ -375,7 +420,10 @@ class GrpoRun:
             return None
         from autotraj.train.reward_model import TrajectoryRewardModel
 
-        rm = TrajectoryRewardModel.load(path, device=str(self.accelerator.device))
+        dtype = frozen_dtype(self.cfg.frozen_dtype, self.accelerator.device)
+        rm = TrajectoryRewardModel.load(
+            path, device=str(self.accelerator.device), dtype=str(dtype).removeprefix("torch.")
+        )
         if rm.tokenizer.get_vocab() != self.tokenizer.get_vocab():
             raise ConfigError(
                 f"rl: the reward model {path} has another tokenizer than the policy "
@@ -396,7 +444,12 @@ class GrpoRun:
         if isinstance(engine, VllmRolloutEngine):
             from autotraj.models.vllm_backend import VllmGenerator
 
-            return VllmGenerator(engine.llm, self.tokenizer, name=self.model_ref)
+            return VllmGenerator(
+                engine.llm,
+                self.tokenizer,
+                name=self.model_ref,
+                max_model_len=self.cfg.generator.max_model_len,
+            )
         from autotraj.models.transformers_backend import TransformersGenerator
 
         model = engine.model if engine is not None else self.accelerator.unwrap_model(self.model)

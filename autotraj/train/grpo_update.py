@@ -5,7 +5,8 @@ flags are the loss mask, and the rollout's group advantage), computes the rollou
 log-probs on them (and a frozen reference's when `kl_coef > 0`), then runs `ppo_epochs` x
 `mini_batches` optimizer steps of the PPO-clip loss with entropy bonus and optional k3 KL
 (advantages.policy_loss), each accumulated over micro-batches, and returns the step's loss, KL,
-entropy, clip and gradient-norm metrics.
+entropy, clip and gradient-norm metrics, and, for samples that carry the rollout engine's own
+log-probs, their distance from the trainer's (rl_loss.mismatch_stats).
 
 Under several processes every process runs as many micro-batches as the busiest one (empty ones
 on a filler with nothing trainable): FSDP2's and ZeRO-3's forward and backward passes are
@@ -43,7 +44,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Sample:
-    """One rewarded rollout ready for the update: its rendering and its advantage."""
+    """One rewarded rollout ready for the update: its rendering and its advantage (and the
+    rollout engine's log-probs of its tokens, NaN where unknown, when the engine reports them)."""
 
     rendered: RenderedTrajectory
     advantage: float
@@ -157,6 +159,7 @@ class PolicyUpdate:
             "rl/lr": cfg.lr,
             "rl/trainable_tokens": totals["tokens"] / max(1, cfg.ppo_epochs),
             "rl/time/update_s": time.perf_counter() - began,
+            **mismatch,
         }
 
     def _mismatch(self, samples: Sequence[Sample], old: Sequence[torch.Tensor]) -> dict[str, float]:

