@@ -27,7 +27,9 @@ each process rolls out its share of the prompts (a group stays on one process), 
 normalized by the global trainable-token count, and every process runs the same number of
 forward/backward passes (padded with empty micro-batches), which sharded engines need.
 
-Not here: reward functions (rewards.py), advantage/loss math (advantages.py), the optimizer steps
+Not here: the config, its checks and what it resolves (rl_config.py), reward functions
+(rewards.py), advantage/loss math (advantages.py, rl_loss.py), sampling (rl_sampling.py), the
+optimizer steps
 (grpo_update.py), weights into the rollout engine (policy_weights.py), the reward model.
 """
 
@@ -37,11 +39,10 @@ import json
 import logging
 import shutil
 import time
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import torch
 import yaml
@@ -52,17 +53,16 @@ from autotraj.config import ConfigError, to_dict
 from autotraj.io import check_same_config, truncate_steps, write_manifest
 from autotraj.metrics import MetricsLog
 from autotraj.models.loading import (
-    EMBEDDED_MODEL,
     GeneratorConfig,
     load_tokenizer,
     resolve_model_path,
 )
 from autotraj.records import Query, Trajectory
-from autotraj.render import render_prompt, render_trajectory
-from autotraj.rewards import RewardBreakdown, RewardConfig, compute_rewards, reward_summary
-from autotraj.rollout import RolloutConfig, rollout
+from autotraj.render import render_trajectory
+from autotraj.rewards import RewardBreakdown, compute_rewards
+from autotraj.rollout import rollout
 from autotraj.run_dir import StageIncomplete
-from autotraj.tools.toolbox import ToolsConfig, close_tools, open_tools
+from autotraj.tools.toolbox import close_tools, open_tools
 from autotraj.train.advantages import prompt_indices
 from autotraj.train.grpo_update import PolicyUpdate, Sample
 from autotraj.train.policy_weights import (
@@ -74,163 +74,35 @@ from autotraj.train.policy_weights import (
     unsharded_load,
 )
 from autotraj.train.processes import process_state
+from autotraj.train.rl_config import (  # noqa: F401 (re-exported: the stage's public names)
+    RlConfig,
+    RlGeneratorConfig,
+    TrajectoryScorer,
+    check_rl_config,
+    frozen_dtype,
+    load_rl_queries,
+    resolve_model,
+    resolve_rm,
+    rollout_metrics,
+    stage_dir,
+)
 from autotraj.train.rl_lora import is_lora, merged_parameters, save_merged, wrap_lora
 from autotraj.train.rl_loss import (
-    RlLossConfig,
-    check_loss_config,
     sampler_logprobs,
 )
 from autotraj.train.rl_sampling import (
-    RlSamplingConfig,
     ScoredGroups,
-    check_sampling_config,
     dynamic_sample,
     refill_indices,
     rollout_items,
     score_groups,
 )
-from autotraj.train.sft import LoraSettings, check_vocab
+from autotraj.train.sft import check_vocab
 
 log = logging.getLogger(__name__)
 
 # Config fields that may change when a run is resumed (everything else must match).
 RESUMABLE_CHANGES = ("steps", "resume", "report_to", "save_every", "keep_checkpoints")
-
-
-@dataclass(frozen=True)
-class RlGeneratorConfig:
-    # transformers: generate with transformers on the process's device (CPU/GPU). vllm: a vLLM
-    # engine in each training process (GPU), fed the policy's weights before every step.
-    backend: Literal["transformers", "vllm"] = "transformers"
-    batch_size: int = 16  # sequences per generation batch (transformers)
-    # transformers only. policy: sample from the policy model object itself (its exact weights;
-    # impossible when FSDP2/ZeRO-3 shard it); bfloat16: from an unsharded bf16 copy refreshed
-    # from the policy before every step's rollouts (2.4x faster generation on CPU than the fp32
-    # policy, docs/rl.md). Log-probs for the loss always come from the policy.
-    dtype: Literal["policy", "bfloat16"] = "policy"
-    # vllm only: the share of the GPU the engine may take while awake (bf16 weights + KV cache;
-    # 0.5 of 80 GB leaves ~24 GB of KV cache beside a 7B policy; refused up front when the
-    # weights leave less than 1 GiB), its longest sequence (prompt, demonstrations and
-    # response), eager mode (no CUDA graphs: less memory, slower decoding), and whether it
-    # sleeps (level 2: weights and KV cache freed) during the update
-    gpu_memory_utilization: float = 0.5
-    max_model_len: int = 4096
-    enforce_eager: bool = False
-    sleep: bool = True
-
-
-def _rl_rollout() -> RolloutConfig:
-    # release: temperature 1.0; 2048 response tokens, tool-result tokens included
-    return RolloutConfig(temperature=1.0, top_p=1.0, max_new_tokens=2048, max_response_tokens=2048)
-
-
-@dataclass(frozen=True)
-class RlConfig:
-    run_dir: str = "runs/default"
-    model: str = ""  # "": <run_dir>/sft/model if present, else the embedded model
-    queries: str = ""  # "": <run_dir>/synthesize/queries.jsonl; or any load_queries source
-    kind: Literal["math", "qa"] | None = None
-    limit: int | None = None  # first N queries
-    rm: str = ""  # "": <run_dir>/rm/model if present; used only when reward.rm_weight != 0
-    rm_batch_size: int = 8
-    # dtype of the frozen models (the reward model, and the KL reference when kl_coef > 0), each
-    # whole on every process. auto: bfloat16 on a GPU (fp32 would take 30 GB each at 7B), float32
-    # on CPU (where bf16 matmuls are slower and the models are small).
-    frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    steps: int = 100
-    prompts_per_step: int = 12  # release: 12 prompts per batch
-    rollouts_per_prompt: int = 4  # release: n = 4
-    lr: float = 1e-6  # release: 1e-6, constant schedule
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # not given by the release; a common default
-    clip: float = 0.2  # release: PPO ratio clip 0.2
-    entropy_coef: float = 0.001  # release
-    kl_coef: float = 0.0  # release: 0 (no reference model); > 0 loads a frozen reference
-    max_prompt_tokens: int = 768  # release; longer prompts are skipped at load time
-    ppo_epochs: int = 1  # passes over each step's rollouts
-    mini_batches: int = 1  # optimizer updates per pass (1: a single on-policy update)
-    micro_batch_size: int = 4  # sequences per forward/backward
-    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # autocast; weights stay fp32
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    save_every: int = 10  # steps between checkpoints (0: none until the end)
-    keep_checkpoints: int = 2
-    resume: bool = True  # continue from the latest checkpoint in <run_dir>/rl/checkpoints
-    save_rollouts: bool = True
-    report_to: tuple[str, ...] = ()  # "tensorboard", "wandb" (metrics.jsonl is always written)
-    generator: RlGeneratorConfig = field(default_factory=RlGeneratorConfig)
-    rollout: RolloutConfig = field(default_factory=_rl_rollout)
-    tools: ToolsConfig = field(default_factory=ToolsConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    loss: RlLossConfig = field(default_factory=RlLossConfig)  # objective options (rl_loss.py)
-    sampling: RlSamplingConfig = field(default_factory=RlSamplingConfig)  # rl_sampling.py
-    lora: LoraSettings | None = None  # None: full fine-tuning (release); rl_lora.py
-
-
-ScoreItems = Sequence[tuple[str, Trajectory]]  # (question, trajectory)
-
-
-class TrajectoryScorer(Protocol):
-    """A trajectory RM (reward_model.TrajectoryRewardModel): scores in order, raises on failure."""
-
-    def score(self, items: ScoreItems, batch_size: int) -> list[float]: ...
-
-    def normalized(self, items: ScoreItems, batch_size: int) -> list[float]: ...
-
-
-def stage_dir(cfg: RlConfig) -> Path:
-    return Path(cfg.run_dir) / "rl"
-
-
-def resolve_model(cfg: RlConfig) -> str:
-    """The policy to start from: `cfg.model`, else the SFT model of the run, else embedded."""
-    if cfg.model:
-        return cfg.model
-    sft = Path(cfg.run_dir) / "sft" / "model"
-    return str(sft) if sft.is_dir() else EMBEDDED_MODEL
-
-
-def frozen_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """The dtype to load the reward model and KL reference in (`RlConfig.frozen_dtype`).
-
-    >>> frozen_dtype("auto", torch.device("cuda", 0)), frozen_dtype("auto", torch.device("cpu"))
-    (torch.bfloat16, torch.float32)
-    """
-    if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, setting)
-
-
-def resolve_rm(cfg: RlConfig) -> str | None:
-    """The reward-model directory, or None when the reward does not use one."""
-    if cfg.reward.formula != "release" or cfg.reward.rm_weight == 0:
-        return None
-    path = Path(cfg.rm) if cfg.rm else Path(cfg.run_dir) / "rm" / "model"
-    if not path.is_dir():
-        raise ConfigError(
-            f"rl: reward.rm_weight={cfg.reward.rm_weight} needs a reward model, none at {path}; "
-            f"train one (autotraj rm), set rm=PATH, or set reward.rm_weight=0"
-        )
-    return str(path)
-
-
-def rollout_metrics(
-    trajectories: Sequence[Trajectory],
-    breakdowns: Sequence[RewardBreakdown],
-    response_lengths: Sequence[int],
-) -> dict[str, float]:
-    """Reward, accuracy, format, length and tool metrics of one step's rollouts."""
-    values = {f"rl/{k}": v for k, v in reward_summary(breakdowns).items()}
-    values["rl/response_length"] = sum(response_lengths) / max(1, len(response_lengths))
-    calls = [c for t in trajectories for c in t.tool_calls]
-    values["rl/tools/calls_per_trajectory"] = len(calls) / max(1, len(trajectories))
-    for status in ("error", "timeout"):
-        values[f"rl/tools/{status}_rate"] = sum(c.status == status for c in calls) / max(
-            1, len(calls)
-        )
-    for reason, count in Counter(t.finish_reason for t in trajectories).items():
-        values[f"rl/finish/{reason}"] = float(count)
-    return values
 
 
 class _Progress:
@@ -254,42 +126,6 @@ def _comparable_yaml(cfg: RlConfig) -> str:
     """The resolved config minus the fields a resumed run may change (saved and compared)."""
     data = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES}
     return yaml.safe_dump(data, sort_keys=True)
-
-
-def load_rl_queries(cfg: RlConfig, tokenizer: Any) -> list[Query]:
-    """The training queries, without those whose prompt exceeds `max_prompt_tokens`."""
-    from autotraj.querysets import load_queries
-
-    source = cfg.queries or str(Path(cfg.run_dir) / "synthesize" / "queries.jsonl")
-    queries = load_queries(source, kind=cfg.kind, limit=cfg.limit)
-    kept = [
-        q
-        for q in queries
-        if len(render_prompt(tokenizer, q.question, cfg.rollout.system_prompt)[1])
-        <= cfg.max_prompt_tokens
-    ]
-    if len(kept) < len(queries):
-        log.warning(
-            "skipped %d queries longer than %d prompt tokens",
-            len(queries) - len(kept),
-            cfg.max_prompt_tokens,
-        )
-    if not kept:
-        raise ConfigError(f"rl: no usable training queries in {source}")
-    return kept
-
-
-def check_rl_config(cfg: RlConfig) -> None:
-    """Raise `ConfigError` naming the first field whose value is out of range."""
-    if cfg.steps < 0 or cfg.prompts_per_step < 1 or cfg.rollouts_per_prompt < 2:
-        raise ConfigError("rl: need steps >= 0, prompts_per_step >= 1, rollouts_per_prompt >= 2")
-    if cfg.rollout.max_consecutive_invalid_calls < 0:
-        raise ConfigError(
-            f"rl: rollout.max_consecutive_invalid_calls must be >= 0 (0: no cap), got "
-            f"{cfg.rollout.max_consecutive_invalid_calls}"
-        )
-    check_loss_config(cfg.loss, cfg.rollout.max_response_tokens)
-    check_sampling_config(cfg.sampling, cfg.generator.backend, cfg.loss.tis_cap)
 
 
 class GrpoRun:
