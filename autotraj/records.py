@@ -268,7 +268,8 @@ class Trajectory:
 
 
 RepairLabel = Literal["AC-LQ", "AW"]  # the partition labels that go to repair (quality.py)
-RepairHow = Literal["first_pass", "model"]  # a deterministic edit, or the repairer model
+# a deterministic edit, the repairer model's rewrite, or its continuation of a prefix of the original
+RepairHow = Literal["first_pass", "model", "continue"]
 
 
 @dataclass(frozen=True)
