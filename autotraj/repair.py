@@ -533,8 +533,8 @@ def repair_chunk(
     repairs = []
     for t in targets:
         attempts = history[t.original.id]
-        if not attempts:  # "continue" on an original with no usable cut point: no attempt
-            attempts = [unscored(t, t.original, 0, "continue", "no cut point after a tool result")]
+        if not attempts:  # "continue" on an original with no usable cut point: nothing generated
+            attempts = [unscored(t, _nothing(t.original), 1, "continue", NO_CUT)]
         repairs.append(
             Repair(
                 original_id=t.original.id,
@@ -546,6 +546,23 @@ def repair_chunk(
             )
         )
     return repairs
+
+
+NO_CUT = "no cut point after a tool result"
+
+
+def _nothing(original: Trajectory) -> Trajectory:
+    """The empty attempt recorded for an original the "continue" strategy cannot cut."""
+    return dataclasses.replace(
+        original,
+        id=f"{original.id}/r1",
+        segments=(),
+        tool_calls=(),
+        finish_reason="length",
+        prompt_ids=(),
+        parent_id=original.id,
+        extra=(),
+    )
 
 
 def _next_attempt(attempts: Sequence[RepairAttempt], cfg: RepairConfig) -> int:

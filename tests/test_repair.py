@@ -636,6 +636,8 @@ def test_continue_without_a_usable_cut_point_is_a_hard_case_without_a_call(
     assert gen.calls == [] and counts["hard_cases"] == 2
     assert got["aw"].final.reason == "no cut point after a tool result"
     assert got["h"].final.reason == "no cut point after a tool result"
+    nothing = got["aw"].final.trajectory
+    assert (nothing.id, nothing.parent_id, nothing.segments) == ("aw/s0/r1", "aw/s0", ())
 
 
 def test_an_unknown_strategy_is_refused(tmp_path, tokenizer, tools):
