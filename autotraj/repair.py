@@ -426,19 +426,39 @@ def run_model_attempt(
     ]
 
 
-def cut_points(original: Trajectory, hedging_words: Sequence[str] | None = None) -> list[int]:
-    """Where the "continue" strategy may cut `original`: the number of segments kept, right
-    after each tool result, latest first. A prefix with a flaw (flaws.flaws) is skipped: every
-    continuation of it would be rejected."""
-    cuts = []
+def cut_prefixes(original: Trajectory, hedging_words: Sequence[str]) -> list[Trajectory]:
+    """Where the "continue" strategy cuts `original`: its prefixes ending right after a tool
+    result, latest first. A prefix with a flaw (flaws.flaws) is cleaned by the first pass's
+    whole-unit edit (edits.edit: hedging sentences and clauses, repeated steps); one that is
+    still flawed, or that the edit cannot clean, is skipped, since every continuation of it
+    would be rejected."""
+    out: list[Trajectory] = []
     for i, segment in enumerate(original.segments):
         if segment.trainable:
             continue
         prefix = prefix_of(original, i + 1)
-        if hedging_words is not None and flaws(prefix, hedging_words):
-            continue
-        cuts.append(i + 1)
-    return cuts[::-1]
+        if flaws(prefix, hedging_words):
+            edited = _edit_prefix(prefix, hedging_words)
+            if edited is None or flaws(edited, hedging_words):
+                continue
+            prefix = edited
+        if all(p.text != prefix.text for p in out):
+            out.append(prefix)
+    return out[::-1]
+
+
+_SENTINEL = Segment("<answer></answer>", True)
+
+
+def _edit_prefix(prefix: Trajectory, hedging_words: Sequence[str]) -> Trajectory | None:
+    """edits.edit on a prefix that ends with a tool result (edit expects a last model piece
+    after the last result: an inert one is added for it and taken off again)."""
+    edited = edit(
+        dataclasses.replace(prefix, segments=(*prefix.segments, _SENTINEL)), hedging_words
+    )
+    if edited is None or edited.segments[-1] != _SENTINEL:
+        return None
+    return dataclasses.replace(edited, segments=edited.segments[:-1])
 
 
 def prefix_of(original: Trajectory, keep: int) -> Trajectory:
@@ -454,13 +474,13 @@ def prefix_of(original: Trajectory, keep: int) -> Trajectory:
 
 
 def run_continue_round(
-    jobs: Sequence[tuple[Target, int, int]],
+    jobs: Sequence[tuple[Target, Trajectory, int]],
     generator: Generator,
     tools: Mapping[ToolName, Tool],
     cfg: RepairConfig,
 ) -> list[list[RepairAttempt]]:
-    """For each (target, segments kept, first attempt number): `continue_samples`
-    continuations of the original's prefix, all in one batched rollout; judged, in order.
+    """For each (target, prefix of its original, first attempt number): `continue_samples`
+    continuations of the prefix, all in one batched rollout; judged, in order.
 
     The continuation sees the standard prompt (or the teacher's demonstrations, when
     `rollout.demonstrations` is set) and the prefix as its own turn so far: it only has to
@@ -469,8 +489,7 @@ def run_continue_round(
     k = cfg.continue_samples
     settings = dataclasses.replace(cfg.rollout, temperature=cfg.continue_temperature)
     items, starts = [], []
-    for target, keep, first in jobs:
-        prefix = prefix_of(target.original, keep)
+    for target, prefix, first in jobs:
         start = (tuple(Segment(s.text, s.trainable) for s in prefix.segments), prefix.tool_calls)
         for j in range(k):
             items.append((f"{target.original.id}/r{first + j}", target.query))
@@ -514,7 +533,7 @@ def repair_chunk(
             ):
                 history[target.original.id].append(attempt)
     if cfg.strategy in ("continue", "rewrite+continue"):
-        cuts = {t.original.id: cut_points(t.original, cfg.quality.hedging_words) for t in targets}
+        cuts = {t.original.id: cut_prefixes(t.original, cfg.quality.hedging_words) for t in targets}
         round_ = 0
         while todo := [t for t in pending() if len(cuts[t.original.id]) > round_]:
             jobs = [

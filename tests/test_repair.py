@@ -623,12 +623,22 @@ def test_rewrite_then_continue_only_where_the_rewrite_failed(tmp_path, tokenizer
 def test_continue_without_a_usable_cut_point_is_a_hard_case_without_a_call(
     tmp_path, tokenizer, tools
 ):
-    from autotraj.repair import cut_points
+    from autotraj.quality import QualityConfig
+    from autotraj.repair import cut_prefixes
 
-    hedged = hedged_tool_trajectory("h")  # its only prefix starts "Perhaps multiply": a flaw
-    assert cut_points(hedged, ["perhaps"]) == [] and cut_points(hedged) == [2]
-    assert cut_points(two_step("x")) == [4, 2]
-    make_run(tmp_path, {"aw": [WRONG], "h": [hedged]})
+    words = QualityConfig().hedging_words
+    assert [len(p.segments) for p in cut_prefixes(two_step("x"), words)] == [4, 2]
+    # its only prefix hedges through and through ("Maybe."): the edit cannot clean it
+    hopeless = traj(
+        "<think>Maybe.</think>\n<code>\nprint(6*7)\n</code>",
+        "\n<result>\n42\n</result>\n",
+        "<think>The product is 41.</think>\n<answer>\\boxed{41}</answer>",
+        tid="h/s0",
+        qid="h",
+        calls=[ToolCall(tool="python", input="print(6*7)", output="42", status="ok")],
+    )
+    assert cut_prefixes(hopeless, words) == []
+    make_run(tmp_path, {"aw": [WRONG], "h": [hopeless]})
     gen = ScriptedGenerator(lambda r: pytest.fail("nothing to continue"), tokenizer)
     cfg = RepairConfig(run_dir=str(tmp_path), strategy="continue", first_pass=False)
     counts = run_repair(cfg, gen, tools)
@@ -640,6 +650,32 @@ def test_continue_without_a_usable_cut_point_is_a_hard_case_without_a_call(
     assert (nothing.id, nothing.parent_id, nothing.segments) == ("aw/s0/r1", "aw/s0", ())
 
 
+def test_continue_cleans_a_hedged_prefix_before_continuing_it(tmp_path, tokenizer, tools):
+    """The prefix "Perhaps multiply six by seven." + call + result is flawed; the first pass's
+    edit cleans it to "Multiply six by seven." and the continuation goes on from there."""
+    hedged_wrong = traj(
+        "<think>Perhaps multiply six by seven.</think>\n<code>\nprint(6*7)\n</code>",
+        "\n<result>\n42\n</result>\n",
+        "<think>The product is probably 41.</think>\n<answer>\\boxed{41}</answer>",
+        tid="aw/s0",
+        qid="aw",
+        calls=[ToolCall(tool="python", input="print(6*7)", output="42", status="ok")],
+    )
+    make_run(tmp_path, {"aw": [hedged_wrong]})
+    gen = continuer(tokenizer)
+    cfg = RepairConfig(run_dir=str(tmp_path), strategy="continue", continue_samples=1)
+    run_repair(cfg, gen, tools)
+    [request] = gen.seen
+    assert "Perhaps" not in request.prompt_text
+    repair = outcomes(tmp_path)["aw"]
+    assert repair.accepted and repair.final.how == "continue"
+    assert repair.final.trajectory.text == (
+        "<think>Multiply six by seven.</think>\n<code>\nprint(6*7)\n</code>"
+        "\n<result>\n42\n</result>\n"
+        "<think>The product is 42.</think>\n<answer>\\boxed{42}</answer>"
+    )
+
+
 def test_an_unknown_strategy_is_refused(tmp_path, tokenizer, tools):
     from autotraj.config import ConfigError
 
@@ -648,3 +684,13 @@ def test_an_unknown_strategy_is_refused(tmp_path, tokenizer, tools):
         run_repair(
             RepairConfig(run_dir=str(tmp_path), strategy="resolve"), Repairer(tokenizer), tools
         )
+
+
+def test_a_prefix_ending_in_a_repeated_call_is_cut_back_to_the_first_one():
+    from autotraj.quality import QualityConfig
+    from autotraj.repair import cut_prefixes
+
+    repeated = two_step("x", second="print(6*7)", second_out="42", answer="42")
+    [only] = cut_prefixes(repeated, QualityConfig().hedging_words)
+    assert only.text == repeated.segments[0].text + repeated.segments[1].text
+    assert only.tool_calls == repeated.tool_calls[:1]
