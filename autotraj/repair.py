@@ -14,6 +14,13 @@ repair (METHOD.md section 6):
    (prompts/repair_aclq.txt or repair_aw.txt) + the protocol system prompt, and the question with
    the whole low-quality trajectory, tool results included, never the gold answer. Its reply is a
    real rollout: tools execute. All repairs of a chunk go through one batched rollout call.
+   For small repairers (opt-in): `examples` worked repairs of the label as earlier turns
+   (prompts/repair_examples.jsonl), a `prefill` that starts the turn ("<think>"), and
+   `strip_preamble` (prose before the first protocol tag dropped).
+   Strategy "continue" (or "rewrite+continue": after the rewrite attempts): the original is cut
+   right after a tool result, latest cut first, the prefix cleaned by the first pass's edit if it
+   has a flaw (skipped if the edit cannot clean it), and `continue_samples` continuations of it
+   are sampled with the standard prompt; the first one accepted is kept.
 3. Every candidate is verified the same way (`judge`): checked for flaws (flaws.flaws: a
    hedging phrase, a fragment left by a deletion, a repeated identical tool call, a `<result>`
    the model wrote itself: any one rejects it, whatever its score; METHOD.md section 6), graded
