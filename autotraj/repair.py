@@ -653,6 +653,13 @@ def run_repair(
         raise ConfigError(
             f"repair.strategy: {cfg.strategy!r} is not rewrite, continue or rewrite+continue"
         )
+    if cfg.generator.backend == "reference" and (cfg.prefill or cfg.strategy != "rewrite"):
+        raise ConfigError(
+            "repair.generator.backend 'reference' (the built-in tasks' stand-in solver) only "
+            "rewrites from the repair prompt: it continues neither a prefill nor a prefix; use "
+            f"repair.prefill='' and repair.strategy=rewrite with it (got prefill={cfg.prefill!r}, "
+            f"strategy={cfg.strategy!r})"
+        )
     if cfg.examples < 0 or cfg.examples > min(len(repair_examples(lb)) for lb in PROMPT_FILES):
         raise ConfigError(
             f"repair.examples: {cfg.examples} worked repairs asked; prompts/repair_examples.jsonl "

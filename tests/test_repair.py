@@ -694,3 +694,18 @@ def test_a_prefix_ending_in_a_repeated_call_is_cut_back_to_the_first_one():
     [only] = cut_prefixes(repeated, QualityConfig().hedging_words)
     assert only.text == repeated.segments[0].text + repeated.segments[1].text
     assert only.tool_calls == repeated.tool_calls[:1]
+
+
+@pytest.mark.parametrize("change", [{"prefill": "<think>"}, {"strategy": "continue"}])
+def test_the_stand_in_repairer_is_refused_where_it_would_have_to_continue(
+    tmp_path, tokenizer, tools, change
+):
+    from autotraj.config import ConfigError
+    from autotraj.models.loading import GeneratorConfig
+
+    make_run(tmp_path, {"aw_ok": [WRONG]})
+    cfg = RepairConfig(
+        run_dir=str(tmp_path), generator=GeneratorConfig(backend="reference"), **change
+    )
+    with pytest.raises(ConfigError, match="stand-in solver"):
+        run_repair(cfg, Repairer(tokenizer), tools)
