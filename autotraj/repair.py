@@ -14,6 +14,13 @@ repair (METHOD.md section 6):
    (prompts/repair_aclq.txt or repair_aw.txt) + the protocol system prompt, and the question with
    the whole low-quality trajectory, tool results included, never the gold answer. Its reply is a
    real rollout: tools execute. All repairs of a chunk go through one batched rollout call.
+   For small repairers (opt-in): `examples` worked repairs of the label as earlier turns
+   (prompts/repair_examples.jsonl), a `prefill` that starts the turn ("<think>"), and
+   `strip_preamble` (prose before the first protocol tag dropped).
+   Strategy "continue" (or "rewrite+continue": after the rewrite attempts): the original is cut
+   right after a tool result, latest cut first, the prefix cleaned by the first pass's edit if it
+   has a flaw (skipped if the edit cannot clean it), and `continue_samples` continuations of it
+   are sampled with the standard prompt; the first one accepted is kept.
 3. Every candidate is verified the same way (`judge`): checked for flaws (flaws.flaws: a
    hedging phrase, a fragment left by a deletion, a repeated identical tool call, a `<result>`
    the model wrote itself: any one rejects it, whatever its score; METHOD.md section 6), graded
@@ -46,14 +53,16 @@ Not here: scoring the candidates of a query (score.py), building SFT or preferen
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from tqdm import tqdm
@@ -104,6 +113,9 @@ from autotraj.tools.toolbox import ToolsConfig, close_tools, open_tools
 log = logging.getLogger(__name__)
 
 PROMPT_FILES: dict[RepairLabel, str] = {"AC-LQ": "repair_aclq.txt", "AW": "repair_aw.txt"}
+# The protocol's opening tags: what a repair may begin with (anything before is a preamble).
+_FIRST_TAG = re.compile(r"<(think|code|python|search|answer)>")
+Strategy = Literal["rewrite", "continue", "rewrite+continue"]
 
 
 @dataclass(frozen=True)
@@ -124,6 +136,19 @@ class RepairConfig:
     first_pass: bool = True  # deterministic edit before calling the model (AC-LQ): edits.edit
     accept_ac_lq: float = 0.86  # release: AC-LQ repair needs S > 0.86 (and > the original's)
     accept_aw: float = 0.8  # release: AW repair needs S > 0.8
+    # "rewrite": the repairer writes a whole new trajectory (up to `attempts`, the release);
+    # "continue": the original cut after a tool result (latest first) is continued by the
+    # repairer, `continue_samples` samples per cut; "rewrite+continue": rewrite attempts first,
+    # then continuations for what they left unrepaired.
+    strategy: Strategy = "rewrite"
+    continue_samples: int = 4  # k: continuations sampled per cut point
+    continue_temperature: float = 0.7  # sampling temperature of the continuations
+    # Rewrite prompt for small models (all off = the release prompt):
+    examples: int = (
+        0  # worked repairs of the same label shown first (prompts/repair_examples.jsonl)
+    )
+    prefill: str = ""  # text the repairer's turn starts with, e.g. "<think>" (part of the repair)
+    strip_preamble: bool = False  # drop prose the repairer wrote before its first protocol tag
 
 
 @dataclass(frozen=True)
@@ -150,25 +175,51 @@ def repair_instructions(label: RepairLabel) -> str:
     return path.read_text(encoding="utf-8").strip()
 
 
-def repair_messages(
-    question: str, trajectory_text: str, label: RepairLabel, system_prompt: str | None = None
-) -> list[dict[str, str]]:
-    """The repairer's conversation: instructions + protocol, then question + trajectory.
+@cache
+def repair_examples(label: RepairLabel) -> tuple[tuple[str, str, str], ...]:
+    """The worked repairs of `label`: (question, low-quality trajectory, clean repair)."""
+    path = resources.files("autotraj") / "prompts" / "repair_examples.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return tuple((r["question"], r["trajectory"], r["repair"]) for r in rows if r["label"] == label)
 
-    The gold answer is never an argument, so it cannot leak into the prompt.
-    """
-    protocol = default_system_prompt() if system_prompt is None else system_prompt
+
+def _repair_request(question: str, trajectory_text: str, label: RepairLabel) -> str:
     verdict = "the right" if label == "AC-LQ" else "a wrong"
-    user = (
+    return (
         f"Question:\n{question}\n\n"
         f"The trajectory below reaches {verdict} final answer and is low quality:\n"
         f"=== TRAJECTORY START ===\n{trajectory_text.strip()}\n=== TRAJECTORY END ===\n\n"
         f"Write your own clean trajectory for the question now."
     )
-    return [
-        {"role": "system", "content": f"{repair_instructions(label)}\n\n{protocol}"},
-        {"role": "user", "content": user},
-    ]
+
+
+def repair_messages(
+    question: str,
+    trajectory_text: str,
+    label: RepairLabel,
+    system_prompt: str | None = None,
+    examples: int = 0,
+) -> list[dict[str, str]]:
+    """The repairer's conversation: instructions + protocol, `examples` worked repairs of the
+    same label as earlier turns (request, then the clean trajectory with the results the
+    environment gave), then question + trajectory.
+
+    The gold answer is never an argument, so it cannot leak into the prompt.
+    """
+    protocol = default_system_prompt() if system_prompt is None else system_prompt
+    shown = repair_examples(label)[:examples]
+    if len(shown) < examples:
+        raise ConfigError(
+            f"repair.examples: only {len(shown)} worked {label} repairs in "
+            f"prompts/repair_examples.jsonl, asked {examples}"
+        )
+    turns = [{"role": "system", "content": f"{repair_instructions(label)}\n\n{protocol}"}]
+    for q, bad, good in shown:
+        turns += [
+            {"role": "user", "content": _repair_request(q, bad, label)},
+            {"role": "assistant", "content": good},
+        ]
+    return [*turns, {"role": "user", "content": _repair_request(question, trajectory_text, label)}]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,13 +384,21 @@ def run_first_pass(
 # Model attempts
 
 
-def as_repair(trajectory: Trajectory, original: Trajectory) -> Trajectory:
-    """A repairer rollout as a trajectory of the original question (token ids dropped)."""
+def as_repair(
+    trajectory: Trajectory, original: Trajectory, strip_preamble: bool = False
+) -> Trajectory:
+    """A repairer rollout as a trajectory of the original question (token ids dropped).
+
+    `strip_preamble`: prose before the first protocol tag of the first segment ("Here's the
+    correct, clean trajectory:") is dropped; a reply with no protocol tag is left as it is.
+    """
+    segments = [Segment(s.text, s.trainable) for s in trajectory.segments]
+    if strip_preamble and segments and segments[0].trainable:
+        first = _FIRST_TAG.search(segments[0].text)
+        if first is not None and first.start() > 0:
+            segments[0] = Segment(segments[0].text[first.start() :], True)
     return dataclasses.replace(
-        trajectory,
-        segments=tuple(Segment(s.text, s.trainable) for s in trajectory.segments),
-        prompt_ids=(),
-        parent_id=original.id,
+        trajectory, segments=tuple(segments), prompt_ids=(), parent_id=original.id
     )
 
 
@@ -356,9 +415,14 @@ def run_model_attempt(
         settings = dataclasses.replace(settings, temperature=cfg.retry_temperature)
     items = [(f"{t.original.id}/r{attempt}", t.query) for t in targets]
     conversations = [
-        repair_messages(t.query.question, t.original.text, t.label, settings.system_prompt)
+        repair_messages(
+            t.query.question, t.original.text, t.label, settings.system_prompt, cfg.examples
+        )
         for t in targets
     ]
+    starts = None
+    if cfg.prefill:
+        starts = [((Segment(cfg.prefill, True),), ()) for _ in targets]
     rolled = rollout(
         generator,
         tools,
@@ -367,11 +431,95 @@ def run_model_attempt(
         settings,
         role="repairer",
         messages=conversations,
+        starts=starts,
     )
     return [
-        judge(t, as_repair(r, t.original), attempt, "model", cfg)
+        judge(t, as_repair(r, t.original, cfg.strip_preamble), attempt, "model", cfg)
         for t, r in zip(targets, rolled, strict=True)
     ]
+
+
+def cut_prefixes(original: Trajectory, hedging_words: Sequence[str]) -> list[Trajectory]:
+    """Where the "continue" strategy cuts `original`: its prefixes ending right after a tool
+    result, latest first. A prefix with a flaw (flaws.flaws) is cleaned by the first pass's
+    whole-unit edit (edits.edit: hedging sentences and clauses, repeated steps); one that is
+    still flawed, or that the edit cannot clean, is skipped, since every continuation of it
+    would be rejected."""
+    out: list[Trajectory] = []
+    for i, segment in enumerate(original.segments):
+        if segment.trainable:
+            continue
+        prefix = prefix_of(original, i + 1)
+        if flaws(prefix, hedging_words):
+            edited = _edit_prefix(prefix, hedging_words)
+            if edited is None or flaws(edited, hedging_words):
+                continue
+            prefix = edited
+        if all(p.text != prefix.text for p in out):
+            out.append(prefix)
+    return out[::-1]
+
+
+_SENTINEL = Segment("<answer></answer>", True)
+
+
+def _edit_prefix(prefix: Trajectory, hedging_words: Sequence[str]) -> Trajectory | None:
+    """edits.edit on a prefix that ends with a tool result (edit expects a last model piece
+    after the last result: an inert one is added for it and taken off again)."""
+    edited = edit(
+        dataclasses.replace(prefix, segments=(*prefix.segments, _SENTINEL)), hedging_words
+    )
+    if edited is None or edited.segments[-1] != _SENTINEL:
+        return None
+    return dataclasses.replace(edited, segments=edited.segments[:-1])
+
+
+def prefix_of(original: Trajectory, keep: int) -> Trajectory:
+    """The first `keep` segments of `original` and the tool calls whose results they hold."""
+    segments = original.segments[:keep]
+    results = sum(not s.trainable for s in segments)
+    return dataclasses.replace(
+        original,
+        segments=segments,
+        tool_calls=original.tool_calls[:results],
+        finish_reason="length",
+    )
+
+
+def run_continue_round(
+    jobs: Sequence[tuple[Target, Trajectory, int]],
+    generator: Generator,
+    tools: Mapping[ToolName, Tool],
+    cfg: RepairConfig,
+) -> list[list[RepairAttempt]]:
+    """For each (target, prefix of its original, first attempt number): `continue_samples`
+    continuations of the prefix, all in one batched rollout; judged, in order.
+
+    The continuation sees the standard prompt (or the teacher's demonstrations, when
+    `rollout.demonstrations` is set) and the prefix as its own turn so far: it only has to
+    continue a trajectory. The prefix keeps its recorded tool results.
+    """
+    k = cfg.continue_samples
+    settings = dataclasses.replace(cfg.rollout, temperature=cfg.continue_temperature)
+    items, starts = [], []
+    for target, prefix, first in jobs:
+        start = (tuple(Segment(s.text, s.trainable) for s in prefix.segments), prefix.tool_calls)
+        for j in range(k):
+            items.append((f"{target.original.id}/r{first + j}", target.query))
+            starts.append(start)
+    rolled = rollout(
+        generator, tools, generator.tokenizer, items, settings, role="repairer", starts=starts
+    )
+    out = []
+    for n, (target, _, first) in enumerate(jobs):
+        mine = rolled[n * k : (n + 1) * k]
+        out.append(
+            [
+                judge(target, as_repair(r, target.original), first + j, "continue", cfg)
+                for j, r in enumerate(mine)
+            ]
+        )
+    return out
 
 
 def repair_chunk(
@@ -382,20 +530,43 @@ def repair_chunk(
 ) -> list[Repair]:
     """Repair every target of a chunk: first pass, then up to k model attempts for the rest."""
     history: dict[str, list[RepairAttempt]] = {t.original.id: [] for t in targets}
+
+    def pending() -> list[Target]:
+        return [t for t in targets if not any(a.accepted for a in history[t.original.id])]
+
     if cfg.first_pass:
         for original_id, attempt in run_first_pass(targets, tools, cfg).items():
             history[original_id].append(attempt)
-    for k in range(1, cfg.attempts + 1):
-        pending = [t for t in targets if not any(a.accepted for a in history[t.original.id])]
-        if not pending:
-            break
-        for target, attempt in zip(
-            pending, run_model_attempt(pending, k, get_generator(), tools, cfg), strict=True
-        ):
-            history[target.original.id].append(attempt)
+    if cfg.strategy in ("rewrite", "rewrite+continue"):
+        for k in range(1, cfg.attempts + 1):
+            if not (todo := pending()):
+                break
+            for target, attempt in zip(
+                todo, run_model_attempt(todo, k, get_generator(), tools, cfg), strict=True
+            ):
+                history[target.original.id].append(attempt)
+    if cfg.strategy in ("continue", "rewrite+continue"):
+        cuts = {t.original.id: cut_prefixes(t.original, cfg.quality.hedging_words) for t in targets}
+        round_ = 0
+        while todo := [t for t in pending() if len(cuts[t.original.id]) > round_]:
+            jobs = [
+                (t, cuts[t.original.id][round_], _next_attempt(history[t.original.id], cfg))
+                for t in todo
+            ]
+            for target, samples in zip(
+                todo, run_continue_round(jobs, get_generator(), tools, cfg), strict=True
+            ):
+                # samples in order up to the first accepted one; later samples are dropped
+                for attempt in samples:
+                    history[target.original.id].append(attempt)
+                    if attempt.accepted:
+                        break
+            round_ += 1
     repairs = []
     for t in targets:
         attempts = history[t.original.id]
+        if not attempts:  # "continue" on an original with no usable cut point: nothing generated
+            attempts = [unscored(t, _nothing(t.original), 1, "continue", NO_CUT)]
         repairs.append(
             Repair(
                 original_id=t.original.id,
@@ -407,6 +578,29 @@ def repair_chunk(
             )
         )
     return repairs
+
+
+NO_CUT = "no cut point after a tool result"
+
+
+def _nothing(original: Trajectory) -> Trajectory:
+    """The empty attempt recorded for an original the "continue" strategy cannot cut."""
+    return dataclasses.replace(
+        original,
+        id=f"{original.id}/r1",
+        segments=(),
+        tool_calls=(),
+        finish_reason="length",
+        prompt_ids=(),
+        parent_id=original.id,
+        extra=(),
+    )
+
+
+def _next_attempt(attempts: Sequence[RepairAttempt], cfg: RepairConfig) -> int:
+    """The first attempt number of the next continuation round (after the rewrite attempts)."""
+    base = cfg.attempts if cfg.strategy == "rewrite+continue" else 0
+    return max([base, *(a.attempt for a in attempts)]) + 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,9 +637,26 @@ def run_repair(
     configured tools (the caller then closes them). The repairer is only loaded if a chunk needs
     it (the first pass may repair everything).
     """
-    if cfg.attempts < 1 or cfg.chunk < 1:
+    if cfg.attempts < 1 or cfg.chunk < 1 or cfg.continue_samples < 1:
         raise ConfigError(
-            f"repair: attempts and chunk must be >= 1, got {cfg.attempts} and {cfg.chunk}"
+            f"repair: attempts, chunk and continue_samples must be >= 1, got {cfg.attempts}, "
+            f"{cfg.chunk} and {cfg.continue_samples}"
+        )
+    if cfg.strategy not in ("rewrite", "continue", "rewrite+continue"):
+        raise ConfigError(
+            f"repair.strategy: {cfg.strategy!r} is not rewrite, continue or rewrite+continue"
+        )
+    if cfg.generator.backend == "reference" and (cfg.prefill or cfg.strategy != "rewrite"):
+        raise ConfigError(
+            "repair.generator.backend 'reference' (the built-in tasks' stand-in solver) only "
+            "rewrites from the repair prompt: it continues neither a prefill nor a prefix; use "
+            f"repair.prefill='' and repair.strategy=rewrite with it (got prefill={cfg.prefill!r}, "
+            f"strategy={cfg.strategy!r})"
+        )
+    if cfg.examples < 0 or cfg.examples > min(len(repair_examples(lb)) for lb in PROMPT_FILES):
+        raise ConfigError(
+            f"repair.examples: {cfg.examples} worked repairs asked; prompts/repair_examples.jsonl "
+            f"has {min(len(repair_examples(lb)) for lb in PROMPT_FILES)} per label"
         )
     out_dir = stage_dir(cfg)
     targets, inputs = load_targets(cfg.run_dir)

@@ -29,6 +29,7 @@ def chunk_metrics(results: Sequence[Repair], seconds: float) -> dict[str, float]
         "repair/speed/seconds": seconds,
         "repair/attempts/model": sum(a.how == "model" for a in attempts),
         "repair/attempts/first_pass": sum(a.how == "first_pass" for a in attempts),
+        "repair/attempts/continue": sum(a.how == "continue" for a in attempts),
         "repair/attempts/infra_error": sum(a.reason.startswith("infra error") for a in attempts),
         "repair/accept/first_pass": sum(
             r.accepted and r.final.how == "first_pass" for r in results
@@ -70,7 +71,15 @@ def summarize(
             )
             for label in REPAIR_LABELS
         },
+        "accepted_by": {
+            how: {
+                label: sum(r.final.how == how for r in accepted if r.label == label)
+                for label in REPAIR_LABELS
+            }
+            for how in ("first_pass", "model", "continue")
+        },
         "model_attempts": sum(a.how == "model" for a in attempts),
+        "continue_attempts": sum(a.how == "continue" for a in attempts),
         "infra_errors": sum(a.reason.startswith("infra error") for a in attempts),
     }
 

@@ -125,16 +125,24 @@ def rollout(
     role: str = "policy",
     progress: Callable[[int], None] | None = None,
     messages: Sequence[Sequence[dict[str, str]]] | None = None,
+    starts: Sequence[tuple[Sequence[Segment], Sequence[ToolCall]]] | None = None,
 ) -> list[Trajectory]:
     """Roll out one trajectory per (trajectory id, query) item; results keep the input order.
 
     `tokenizer` renders the prompt (chat template) and tokenizes tool results; `progress` is
     called with the number of trajectories that finished in each round. `messages`, one
     conversation per item, replaces the standard prompt (the repair stage shows the repairer
-    its instructions and the trajectory to repair this way).
+    its instructions and the trajectory to repair this way). `starts`, one per item: segments
+    (and the tool calls whose results they hold) that the assistant turn already begins with,
+    generation continues after them: a prefill such as "<think>", or a prefix of an earlier
+    trajectory (the repair stage's "continue" strategy). Their token ids are taken as given, or
+    encoded with `tokenizer` when empty; they count towards the budgets and the tool-call limit
+    and are part of the returned trajectory.
     """
     if messages is not None and len(messages) != len(items):
         raise ValueError(f"{len(messages)} conversations for {len(items)} rollout items")
+    if starts is not None and len(starts) != len(items):
+        raise ValueError(f"{len(starts)} starts for {len(items)} rollout items")
     token_mode = generator.backend in TOKEN_BACKENDS
     states = []
     for i, (traj_id, query) in enumerate(items):
@@ -147,7 +155,10 @@ def rollout(
             text, ids = render_messages(tokenizer, conversation)
         else:
             text, ids = render_prompt(tokenizer, query.question, cfg.system_prompt)
-        states.append(_State(traj_id, query, text, ids if token_mode else ()))
+        state = _State(traj_id, query, text, ids if token_mode else ())
+        if starts is not None:
+            _begin(state, starts[i], tokenizer, token_mode)
+        states.append(state)
     # A trajectory's prompt_ids are those of the standard prompt or empty (the renderer then
     # builds the standard prompt): never a repair or demonstration prompt.
     standard = messages is None and not cfg.demonstrations
@@ -214,6 +225,25 @@ def rollout(
         )
         for s in states
     ]
+
+
+def _begin(
+    state: _State,
+    start: tuple[Sequence[Segment], Sequence[ToolCall]],
+    tokenizer: Tokenizer,
+    token_mode: bool,
+) -> None:
+    """Put the given opening segments and tool calls into a fresh trajectory."""
+    segments, calls = start
+    for segment in segments:
+        if token_mode and not segment.token_ids:
+            ids = tuple(tokenizer.encode(segment.text, add_special_tokens=False))
+            segment = Segment(segment.text, segment.trainable, token_ids=ids)
+        elif not token_mode and segment.token_ids:
+            segment = Segment(segment.text, segment.trainable)
+        state.segments.append(segment)
+        state.used_tokens += _token_count(tokenizer, segment)
+    state.calls.extend(calls)
 
 
 def _request(state: _State, cfg: RolloutConfig, turn: int, token_mode: bool) -> GenerationRequest:

@@ -293,6 +293,7 @@ COMMAND_OF = {  # configs/<name> -> the `autotraj` command that reads it (cli.ST
     "ablation_cpu_full.yaml": "ablate",
     "cpu.yaml": "run",
     "cpu_gsm8k.yaml": "run",
+    "cpu_llm_repair.yaml": "run",
     "cpu_synthesize.yaml": "synthesize",
     "paper.yaml": "run",
 }

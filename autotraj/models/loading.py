@@ -5,7 +5,8 @@ its own, so a large hosted repairer can serve a small local policy.
 
 `resolve_model_path` maps a model reference to something `from_pretrained` accepts:
 "embedded:<name>" -> the converted embedded model (models/embedded.py), a local directory -> its
-path, anything else -> passed through unchanged as a Hugging Face Hub name (so
+path, a Hub id pinned to a GGUF file (`embedded.PINNED_GGUF`: Qwen/Qwen2.5-Coder-0.5B-Instruct)
+-> its converted checkpoint when that file is present, anything else -> passed through unchanged as a Hugging Face Hub name (so
 `Qwen/Qwen2.5-7B-Instruct` keeps working where the Hub is reachable). `load_tokenizer` and
 `load_generator` build the tokenizer and the backend; backends are imported lazily, so the
 openai backend never imports torch and vLLM is only imported when asked for.
@@ -77,6 +78,11 @@ def resolve_model_path(model: str) -> str:
         from autotraj.models.embedded import embedded_model_dir
 
         return str(embedded_model_dir(model.removeprefix(EMBEDDED_PREFIX)))
+    from autotraj.models.embedded import pinned_model_dir
+
+    pinned = pinned_model_dir(model)
+    if pinned is not None:
+        return str(pinned)
     path = Path(model).expanduser()
     if path.is_dir():
         return str(path)

@@ -19,7 +19,8 @@ from autotraj.records.fields import RecordError, literal, optional, require
 Label = Literal["HQ", "AC-LQ", "AW"]  # the partition labels (quality.py)
 LABELS: tuple[Label, ...] = get_args(Label)
 RepairLabel = Literal["AC-LQ", "AW"]  # the partition labels that go to repair
-RepairHow = Literal["first_pass", "model"]  # a deterministic edit, or the repairer model
+# a deterministic edit, the repairer model's rewrite, or its continuation of a prefix of the original
+RepairHow = Literal["first_pass", "model", "continue"]
 
 
 @dataclass(frozen=True)
