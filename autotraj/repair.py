@@ -53,14 +53,11 @@ Not here: scoring the candidates of a query (score.py), building SFT or preferen
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,7 +67,7 @@ from tqdm import tqdm
 from autotraj.config import ConfigError, to_dict
 from autotraj.edits import edit
 from autotraj.flaws import flaws
-from autotraj.grading import Checker, grade_trajectory
+from autotraj.grading import Checker
 from autotraj.io import (
     DataError,
     ResumableJsonl,
@@ -81,22 +78,28 @@ from autotraj.io import (
 from autotraj.metrics import MetricsLog
 from autotraj.models.generator import Generator
 from autotraj.models.loading import GeneratorConfig, load_generator
-from autotraj.quality import QualityConfig, length_words, score_one
+from autotraj.quality import QualityConfig
 from autotraj.records import (
     Provenance,
     QualityScore,
     Query,
     Repair,
     RepairAttempt,
-    RepairHow,
     RepairLabel,
     Segment,
     ToolCall,
     ToolName,
     Trajectory,
 )
-from autotraj.render import default_system_prompt
 from autotraj.repair_counts import chunk_metrics, summarize
+from autotraj.repair_prefix import cut_prefixes, prefix_of  # noqa: F401 (public here too)
+from autotraj.repair_prompts import (  # noqa: F401 (public here too)
+    PROMPT_FILES,
+    repair_examples,
+    repair_instructions,
+    repair_messages,
+)
+from autotraj.repair_verify import judge, rejection_reason, unscored  # noqa: F401
 from autotraj.rollout import RolloutConfig, generator_failed, rollout
 from autotraj.run_dir import (
     RECORD_FILES,
@@ -112,7 +115,6 @@ from autotraj.tools.toolbox import ToolsConfig, close_tools, open_tools
 
 log = logging.getLogger(__name__)
 
-PROMPT_FILES: dict[RepairLabel, str] = {"AC-LQ": "repair_aclq.txt", "AW": "repair_aw.txt"}
 # The protocol's opening tags: what a repair may begin with (anything before is a preamble).
 _FIRST_TAG = re.compile(r"<(think|code|python|search|answer)>")
 Strategy = Literal["rewrite", "continue", "rewrite+continue"]
@@ -169,131 +171,8 @@ def stage_dir(cfg: RepairConfig) -> Path:
 # Prompts
 
 
-@cache
-def repair_instructions(label: RepairLabel) -> str:
-    path = resources.files("autotraj") / "prompts" / PROMPT_FILES[label]
-    return path.read_text(encoding="utf-8").strip()
-
-
-@cache
-def repair_examples(label: RepairLabel) -> tuple[tuple[str, str, str], ...]:
-    """The worked repairs of `label`: (question, low-quality trajectory, clean repair)."""
-    path = resources.files("autotraj") / "prompts" / "repair_examples.jsonl"
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    return tuple((r["question"], r["trajectory"], r["repair"]) for r in rows if r["label"] == label)
-
-
-def _repair_request(question: str, trajectory_text: str, label: RepairLabel) -> str:
-    verdict = "the right" if label == "AC-LQ" else "a wrong"
-    return (
-        f"Question:\n{question}\n\n"
-        f"The trajectory below reaches {verdict} final answer and is low quality:\n"
-        f"=== TRAJECTORY START ===\n{trajectory_text.strip()}\n=== TRAJECTORY END ===\n\n"
-        f"Write your own clean trajectory for the question now."
-    )
-
-
-def repair_messages(
-    question: str,
-    trajectory_text: str,
-    label: RepairLabel,
-    system_prompt: str | None = None,
-    examples: int = 0,
-) -> list[dict[str, str]]:
-    """The repairer's conversation: instructions + protocol, `examples` worked repairs of the
-    same label as earlier turns (request, then the clean trajectory with the results the
-    environment gave), then question + trajectory.
-
-    The gold answer is never an argument, so it cannot leak into the prompt.
-    """
-    protocol = default_system_prompt() if system_prompt is None else system_prompt
-    shown = repair_examples(label)[:examples]
-    if len(shown) < examples:
-        raise ConfigError(
-            f"repair.examples: only {len(shown)} worked {label} repairs in "
-            f"prompts/repair_examples.jsonl, asked {examples}"
-        )
-    turns = [{"role": "system", "content": f"{repair_instructions(label)}\n\n{protocol}"}]
-    for q, bad, good in shown:
-        turns += [
-            {"role": "user", "content": _repair_request(q, bad, label)},
-            {"role": "assistant", "content": good},
-        ]
-    return [*turns, {"role": "user", "content": _repair_request(question, trajectory_text, label)}]
-
-
 # ---------------------------------------------------------------------------------------------
 # Verification: the one acceptance rule for every candidate
-
-
-def rejection_reason(
-    label: RepairLabel,
-    correct: bool,
-    score: float,
-    original_score: float | None,
-    threshold: float,
-    found: Sequence[str] = (),
-) -> str:
-    """Why a repair is rejected, or "" if it is accepted (METHOD.md section 6). `found`: the
-    repair's flaws (flaws.flaws); any one rejects it.
-
-    >>> rejection_reason("AW", True, 0.85, None, 0.8)
-    ''
-    >>> rejection_reason("AC-LQ", True, 0.88, 0.9, 0.86)
-    'S 0.880 <= original 0.900'
-    >>> rejection_reason("AW", True, 0.95, None, 0.8, ["hedging: 'maybe'"])
-    "flaw: hedging: 'maybe'"
-    """
-    if found:
-        return f"flaw: {'; '.join(found)}"
-    if not correct:
-        return "wrong answer"
-    if score <= threshold:
-        return f"S {score:.3f} <= {threshold:.2f}"
-    if label == "AC-LQ" and original_score is not None and score <= original_score:
-        return f"S {score:.3f} <= original {original_score:.3f}"
-    return ""
-
-
-def unscored(
-    target: Target, trajectory: Trajectory, attempt: int, how: RepairHow, reason: str
-) -> RepairAttempt:
-    """A candidate rejected before grading (infrastructure failure, tool output changed)."""
-    return RepairAttempt(attempt, how, trajectory, False, None, None, None, 0, (), reason)
-
-
-def judge(
-    target: Target, repair: Trajectory, attempt: int, how: RepairHow, cfg: RepairConfig
-) -> RepairAttempt:
-    """Grade and score one candidate repair of `target` and decide whether it is accepted."""
-    if repair.finish_reason == "infra_error":
-        return unscored(target, repair, attempt, how, f"infra error: {repair.error}")
-    grade = grade_trajectory(repair.text, target.query, cfg.checker)
-    q = cfg.quality
-    original_s: float | None = None
-    if target.label == "AC-LQ":  # L* = the shorter of the two, for both
-        length_ref = min(length_words(target.original, q), length_words(repair, q))
-        original_s = score_one(target.original, q, length_ref, correct=True).score
-        threshold = cfg.accept_ac_lq
-    else:  # AW: L* = itself
-        length_ref, threshold = length_words(repair, q), cfg.accept_aw
-    scored = score_one(repair, q, length_ref, correct=grade.correct)
-    found = flaws(repair, q.hedging_words)
-    reason = rejection_reason(
-        target.label, grade.correct, scored.score, original_s, threshold, found
-    )
-    return RepairAttempt(
-        attempt=attempt,
-        how=how,
-        trajectory=repair,
-        correct=grade.correct,
-        extracted=grade.extracted,
-        score=scored.score,
-        reference_score=original_s,
-        length_ref=length_ref,
-        components=scored.components,
-        reason=reason,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,53 +316,6 @@ def run_model_attempt(
         judge(t, as_repair(r, t.original, cfg.strip_preamble), attempt, "model", cfg)
         for t, r in zip(targets, rolled, strict=True)
     ]
-
-
-def cut_prefixes(original: Trajectory, hedging_words: Sequence[str]) -> list[Trajectory]:
-    """Where the "continue" strategy cuts `original`: its prefixes ending right after a tool
-    result, latest first. A prefix with a flaw (flaws.flaws) is cleaned by the first pass's
-    whole-unit edit (edits.edit: hedging sentences and clauses, repeated steps); one that is
-    still flawed, or that the edit cannot clean, is skipped, since every continuation of it
-    would be rejected."""
-    out: list[Trajectory] = []
-    for i, segment in enumerate(original.segments):
-        if segment.trainable:
-            continue
-        prefix = prefix_of(original, i + 1)
-        if flaws(prefix, hedging_words):
-            edited = _edit_prefix(prefix, hedging_words)
-            if edited is None or flaws(edited, hedging_words):
-                continue
-            prefix = edited
-        if all(p.text != prefix.text for p in out):
-            out.append(prefix)
-    return out[::-1]
-
-
-_SENTINEL = Segment("<answer></answer>", True)
-
-
-def _edit_prefix(prefix: Trajectory, hedging_words: Sequence[str]) -> Trajectory | None:
-    """edits.edit on a prefix that ends with a tool result (edit expects a last model piece
-    after the last result: an inert one is added for it and taken off again)."""
-    edited = edit(
-        dataclasses.replace(prefix, segments=(*prefix.segments, _SENTINEL)), hedging_words
-    )
-    if edited is None or edited.segments[-1] != _SENTINEL:
-        return None
-    return dataclasses.replace(edited, segments=edited.segments[:-1])
-
-
-def prefix_of(original: Trajectory, keep: int) -> Trajectory:
-    """The first `keep` segments of `original` and the tool calls whose results they hold."""
-    segments = original.segments[:keep]
-    results = sum(not s.trainable for s in segments)
-    return dataclasses.replace(
-        original,
-        segments=segments,
-        tool_calls=original.tool_calls[:results],
-        finish_reason="length",
-    )
 
 
 def run_continue_round(
