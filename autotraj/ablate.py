@@ -145,7 +145,7 @@ def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
         stages=("synthesize", "score", "repair", "build"),
         build=dataclasses.replace(cfg.build, extra_sets=extra),
     )
-    run_stage(run_pipeline, engine, a.isolate_stages)
+    run_stage(run_pipeline, engine, iso)
     keys = stage_keys(engine)
 
     sft_keys: dict[str, str] = {}

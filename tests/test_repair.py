@@ -121,6 +121,24 @@ class Repairer(ScriptedGenerator):
         super().__init__(reply, tokenizer)
 
 
+class CrashingRepairer(Repairer):
+    """A Repairer killed on its second batch (the second chunk): a crash mid-stage."""
+
+    def generate(self, requests):
+        if len(self.calls) == 1:
+            raise RuntimeError("killed")
+        return super().generate(requests)
+
+
+def written_ids(run_dir):
+    """The original ids the stage wrote: accepted repairs first, then hard cases."""
+    return [
+        row["original_id"]
+        for name in ("repairs", "hard_cases")
+        for _, row in read_jsonl(run_dir / f"repair/{name}.jsonl")
+    ]
+
+
 def outcomes(run_dir):
     rows = [
         *read_jsonl(run_dir / "repair/repairs.jsonl"),
@@ -326,23 +344,13 @@ def test_resume_after_a_crash_has_no_duplicates_or_losses(tmp_path, tokenizer, t
     replies = {c: (SHORT if i % 2 == 0 else WRONG,) * 2 for i, c in enumerate(cases)}
     cfg = RepairConfig(run_dir=str(tmp_path), first_pass=False, chunk=2)
 
-    class Crash(Repairer):
-        def generate(self, requests):
-            if len(self.calls) == 1:  # the second chunk
-                raise RuntimeError("killed")
-            return super().generate(requests)
-
     with pytest.raises(RuntimeError, match="killed"):
-        run_repair(cfg, Crash(tokenizer, replies), tools)
+        run_repair(cfg, CrashingRepairer(tokenizer, replies), tools)
     assert not (tmp_path / "repair/repairs.jsonl").exists()
     resumed = Repairer(tokenizer, replies)
     counts = run_repair(cfg, resumed, tools)
     assert resumed.calls == [2, 1] and sorted(resumed.prompts) == ["aw2", "aw3", "aw4"]
-    ids = [
-        row["original_id"]
-        for name in ("repairs", "hard_cases")
-        for _, row in read_jsonl(tmp_path / f"repair/{name}.jsonl")
-    ]
+    ids = written_ids(tmp_path)
     assert sorted(ids) == [f"{c}/s0" for c in cases]
     assert counts["accepted"]["AW"] == 3 and counts["hard_cases"] == 2
     idle = Repairer(tokenizer, replies)
@@ -372,11 +380,7 @@ def test_kill_between_the_two_appends_redoes_only_the_unwritten_rows(
     resumed = Repairer(tokenizer, replies)
     run_repair(cfg, resumed, tools)
     assert sorted(resumed.prompts) == ["aw1"]
-    ids = [
-        row["original_id"]
-        for name in ("repairs", "hard_cases")
-        for _, row in read_jsonl(tmp_path / f"repair/{name}.jsonl")
-    ]
+    ids = written_ids(tmp_path)
     assert ids == ["aw0/s0", "aw1/s0"]
 
 
@@ -386,14 +390,8 @@ def test_resume_from_changed_scores_is_refused(tmp_path, tokenizer, tools):
     replies = {c: (SHORT, SHORT) for c in cases}
     cfg = RepairConfig(run_dir=str(tmp_path), first_pass=False, chunk=1)
 
-    class Crash(Repairer):
-        def generate(self, requests):
-            if len(self.calls) == 1:  # the second chunk
-                raise RuntimeError("killed")
-            return super().generate(requests)
-
     with pytest.raises(RuntimeError, match="killed"):
-        run_repair(cfg, Crash(tokenizer, replies), tools)
+        run_repair(cfg, CrashingRepairer(tokenizer, replies), tools)
     scores = tmp_path / "score/scores.jsonl"
     scores.write_text(scores.read_text().replace('"score":', '"score": ', 1))
     with pytest.raises(ConfigError, match=r"different input files \(scores changed\)"):
