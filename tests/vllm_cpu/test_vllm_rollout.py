@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from autotraj.records import Query, Segment
 from autotraj.rollout import RolloutConfig, rollout
-from autotraj.tools.toolbox import ToolsConfig, close_tools, open_tools
+from autotraj.tools.toolbox import PythonToolConfig, ToolsConfig, close_tools, open_tools
 
 
 def test_rollout_with_the_python_tool(generator):
@@ -12,15 +12,15 @@ def test_rollout_with_the_python_tool(generator):
     between generation rounds and its result goes back to vLLM as tokens."""
     queries = [
         Query(id=f"q{i}", question=f"What is {i} * 7?", answers=(str(i * 7),), kind="math")
-        for i in range(4)
+        for i in range(2)
     ]
     items = [(f"{q.id}/s{k}", q) for q in queries for k in range(2)]
     starts = [
         ((Segment(f"<code>\nprint({q.question[8:-1]})\n", trainable=True),), ()) for _, q in items
     ]
-    tools = open_tools(ToolsConfig())
+    tools = open_tools(ToolsConfig(python=PythonToolConfig(workers=1)))
     try:
-        cfg = RolloutConfig(temperature=0.7, top_p=1.0, max_new_tokens=96, max_response_tokens=400)
+        cfg = RolloutConfig(temperature=0.7, top_p=1.0, max_new_tokens=32, max_response_tokens=128)
         trajectories = rollout(generator, tools, generator.tokenizer, items, cfg, starts=starts)
     finally:
         close_tools(tools)
