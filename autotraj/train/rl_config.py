@@ -208,4 +208,4 @@ def check_rl_config(cfg: RlConfig) -> None:
             f"{cfg.rollout.max_consecutive_invalid_calls}"
         )
     check_loss_config(cfg.loss, cfg.rollout.max_response_tokens)
-    check_sampling_config(cfg.sampling, cfg.generator.backend, cfg.loss.tis_cap)
+    check_sampling_config(cfg.sampling, cfg.loss.tis_cap)

@@ -71,7 +71,8 @@ print(json.dumps(run_eval(cfg)))
 
 def test_two_grpo_steps_with_vllm_rollouts(tmp_path):
     """Rollouts from vLLM, weights pushed into it before each step (the CPU build: one whole
-    reload), the policy trained in fp32 beside it."""
+    reload), the policy trained in fp32 beside it, with truncated importance sampling against
+    vLLM's log-probs."""
     from autotraj.models.loading import EMBEDDED_MODEL, resolve_model_path
 
     queries = write_queries(tmp_path / "q.jsonl")
@@ -89,6 +90,7 @@ cfg = build(RlConfig, {{
     "reward": {{"rm_weight": 0.0, "components": [{{"name": "test_vllm_stages:char_reward",
                                                     "weight": 1.0}}]}},
     "rollout": {{"max_new_tokens": 24, "max_response_tokens": 24}},
+    "sampling": {{"sampler_logprobs": True}}, "loss": {{"tis_cap": 2.0}},
 }})
 assert run_rl(cfg)["steps"] == 2
 """,
@@ -97,6 +99,9 @@ assert run_rl(cfg)["steps"] == 2
     out = tmp_path / "run" / "rl"
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:  # the bf16 vLLM sampler's log-probs against the fp32 trainer's (TIS on)
+        assert row["rl/mismatch/tokens"] > 0
+        assert 0 <= row["rl/mismatch/abs_logprob_diff"] < 1, row
     rollouts = (out / "rollouts.jsonl").read_text().splitlines()
     assert len(rollouts) == 2 * 2 * 2
     assert {json.loads(r)["trajectory"]["provenance"]["backend"] for r in rollouts} == {"vllm"}
