@@ -561,6 +561,20 @@ def test_tis_needs_the_sampler_logprobs(tmp_path, tiny_model_dir):
         run_rl(tiny_config(tmp_path, tiny_model_dir, loss={"tis_cap": 2.0}))
 
 
+def test_tis_with_the_vllm_backend_is_accepted(tmp_path, tiny_model_dir):
+    """vLLM returns the sampled tokens' log-probs (the run itself: tests/vllm_cpu/)."""
+    from autotraj.train.rl_config import check_rl_config
+
+    cfg = tiny_config(
+        tmp_path,
+        tiny_model_dir,
+        generator={"backend": "vllm"},
+        sampling={"sampler_logprobs": True},
+        loss={"tis_cap": 2.0},
+    )
+    check_rl_config(cfg)
+
+
 @pytest.mark.parametrize(
     ("section", "values", "field"),
     [

@@ -1,7 +1,8 @@
 """Full policy weights into rollout engines: the bf16 transformers copy and the vLLM push.
 
 The sharded paths (FSDP2, ZeRO-3) run end to end in tests/test_distributed.py; vLLM needs a
-GPU, so here its engine is a stand-in that records what the trainer sends it.
+GPU or the CPU tier's environment (tests/vllm_cpu/), so here its engine is a stand-in that
+records what the trainer sends it.
 """
 
 from __future__ import annotations
@@ -67,16 +68,29 @@ def test_copy_refuses_partial_or_foreign_weights(policy, tiny_model_dir):
 
 
 class FakeLLM:
-    """Records the calls a VllmRolloutEngine makes on vllm.LLM."""
+    """Records the calls a VllmRolloutEngine makes on vllm.LLM; `chunkable` is what its worker
+    answers (GPU builds: True; the CPU build, whose linear layers lost their loaders: False)."""
 
-    def __init__(self):
+    def __init__(self, chunkable=True):
+        self.chunkable = chunkable
         self.calls = []
         self.loaded = {}
 
     def collective_rpc(self, method, args=()):
-        (chunk,) = args
-        self.calls.append((method, len(chunk)))
-        self.loaded.update(chunk)
+        if method == "policy_weights_chunkable":
+            return [self.chunkable]
+        (weights,) = args
+        if method == "reload_policy_weights":
+            assert not isinstance(weights, list | tuple)  # streamed, never all at once
+            received = 0
+            for name, tensor in weights:
+                self.loaded[name] = tensor
+                received += 1
+            self.calls.append((method, received))
+        else:
+            self.calls.append((method, len(weights)))
+            self.loaded.update(weights)
+        return [None]
 
     def reset_prefix_cache(self):
         self.calls.append(("reset_prefix_cache", 0))
@@ -88,6 +102,13 @@ class FakeLLM:
         self.calls.append(("wake_up", tuple(tags) if tags else "all"))
 
 
+def assert_pushed_in_bf16(llm, params):
+    for name, p in params.items():
+        assert llm.loaded[name].dtype == torch.bfloat16  # the engine's dtype
+        torch.testing.assert_close(llm.loaded[name], p.detach().to(torch.bfloat16))
+        assert llm.loaded[name].data_ptr() != p.data_ptr()  # a copy: gathered storage is freed
+
+
 def test_vllm_push_sends_all_weights_in_chunks_then_drops_the_prefix_cache(policy, monkeypatch):
     monkeypatch.setattr(VllmRolloutEngine, "CHUNK", 3)
     llm = FakeLLM()
@@ -97,9 +118,47 @@ def test_vllm_push_sends_all_weights_in_chunks_then_drops_the_prefix_cache(polic
     pushes = [n for method, n in llm.calls if method == "load_policy_weights"]
     assert sum(pushes) == len(params) and max(pushes) == 3
     assert llm.calls[-1] == ("reset_prefix_cache", 0)
-    for name, p in params.items():
-        torch.testing.assert_close(llm.loaded[name], p.detach())
-        assert llm.loaded[name].data_ptr() != p.data_ptr()  # a copy: gathered storage is freed
+    assert_pushed_in_bf16(llm, params)
+
+
+def test_vllm_push_without_weight_loaders_reloads_the_whole_model_in_one_call(policy):
+    """The CPU build: one reload_weights call gets every tensor (chunks of reloads break it)."""
+    llm = FakeLLM(chunkable=False)
+    engine = VllmRolloutEngine(llm, sleep=False)
+    params = dict(policy.named_parameters())
+    for _ in range(2):  # the build is asked once; every sync is one whole reload
+        llm.calls.clear()
+        assert engine.sync(full_parameters(Unsharded, policy)) == len(params)
+        assert llm.calls == [("reload_policy_weights", len(params)), ("reset_prefix_cache", 0)]
+    assert engine.chunked is False
+    assert_pushed_in_bf16(llm, params)
+
+
+def test_vllm_whole_reload_that_stops_early_is_an_error(policy):
+    class Stopping(FakeLLM):
+        def collective_rpc(self, method, args=()):
+            if method == "reload_policy_weights":
+                next(args[0])  # takes one tensor and returns
+                return [None]
+            return super().collective_rpc(method, args)
+
+    engine = VllmRolloutEngine(Stopping(chunkable=False), sleep=False)
+    with pytest.raises(RuntimeError, match="stopped before the last policy tensor"):
+        engine.sync(full_parameters(Unsharded, policy))
+
+
+def test_weight_loaders_intact_checks_only_the_given_layer_types():
+    from autotraj.train.policy_weights import weight_loaders_intact
+
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(4, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    )
+    for p in model[1].parameters():
+        p.weight_loader = object()
+    assert not weight_loaders_intact(model, (torch.nn.Linear,))  # model[2] was repacked
+    for p in model[2].parameters():
+        p.weight_loader = object()
+    assert weight_loaders_intact(model, (torch.nn.Linear,))  # the embedding needs none
 
 
 def test_vllm_sleeps_at_level_2_and_wakes_weights_then_pushes_then_kv_cache(policy, monkeypatch):
@@ -173,6 +232,10 @@ def test_vllm_engine_load_checks_memory_before_starting_and_passes_options(monke
     accelerator = SimpleNamespace(num_processes=1, process_index=0, device="cuda:0")
     options = dict(max_model_len=4096, enforce_eager=True, sleep=True, seed=3)
     options["parameters"] = 7_600_000_000
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="generator.sleep=true needs a CUDA GPU"):
+        VllmRolloutEngine.load("m", accelerator, gpu_memory_utilization=0.5, **options)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ConfigError, match="rl: generator.gpu_memory_utilization=0.3"):
         VllmRolloutEngine.load("m", accelerator, gpu_memory_utilization=0.3, **options)
     assert not made  # refused before vLLM spent a minute loading

