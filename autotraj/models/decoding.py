@@ -44,9 +44,10 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
+from autotraj.models.decode_step import FastStep
 from autotraj.models.generator import GenerationRequest
+from autotraj.models.kv_cache import BufferedLayer, buffered_cache, compact_cache, fill_holes
 
 
 def decode(tokenizer: Any, ids: Sequence[int]) -> str:
@@ -97,28 +98,30 @@ class _Batch:
     top_p: torch.Tensor  # (live,) float32
     cache: DynamicCache
 
-    def keep(self, keep: list[int]) -> None:
-        """Keep only the live rows at batch positions `keep` (in that order)."""
-        index = torch.tensor(keep, dtype=torch.long, device=self.attention_mask.device)
-        self.rows = [self.rows[j] for j in keep]
-        self.pads = [self.pads[j] for j in keep]
+    def keep(self, keep: list[int]) -> list[int]:
+        """Keep only the live rows at batch positions `keep` (ascending). The rows above the
+        new batch size move into the freed slots (kv_cache.fill_holes), so that the cache copies
+        only those rows; returns the new order (new row j = old row order[j])."""
+        order = fill_holes(keep, len(self.rows))
+        index = torch.tensor(order, dtype=torch.long, device=self.attention_mask.device)
+        self.rows = [self.rows[j] for j in order]
+        self.pads = [self.pads[j] for j in order]
         self.attention_mask = self.attention_mask[index]
         self.positions = self.positions[index]
         self.temperature = self.temperature[index]
         self.top_p = self.top_p[index]
-        self.cache.batch_select_indices(index)
+        compact_cache(self.cache, order)
         self._trim_padding()
+        return order
 
     def _trim_padding(self) -> None:
         """Cut the leading columns that are padding in every live row (plain cache layers only:
         a sliding-window layer's columns are not aligned with the mask's)."""
         cut = min(self.pads)
-        if cut == 0 or not all(type(layer) is DynamicLayer for layer in self.cache.layers):
+        if cut == 0 or not all(isinstance(layer, BufferedLayer) for layer in self.cache.layers):
             return
         for layer in self.cache.layers:
-            if layer.is_initialized and layer.keys.numel() > 0:
-                layer.keys = layer.keys[:, :, cut:, :]
-                layer.values = layer.values[:, :, cut:, :]
+            layer.trim_front(cut)
         self.attention_mask = self.attention_mask[:, cut:]
         self.pads = [p - cut for p in self.pads]
 
@@ -129,9 +132,11 @@ def decode_batch(
     requests: Sequence[GenerationRequest],
     eos_ids: Collection[int],
     pad_id: int,
+    fast: FastStep | None = None,
 ) -> list[tuple[int, ...]]:
-    """Raw new ids per request, each ending with its finishing token or at its budget."""
-    return [ids for ids, _ in _decode(model, tokenizer, requests, eos_ids, pad_id, False)]
+    """Raw new ids per request, each ending with its finishing token or at its budget.
+    `fast`: the model's decode_step.FastStep, used for the decode steps (None: transformers)."""
+    return [ids for ids, _ in _decode(model, tokenizer, requests, eos_ids, pad_id, False, fast)]
 
 
 def decode_batch_logprobs(
@@ -140,9 +145,10 @@ def decode_batch_logprobs(
     requests: Sequence[GenerationRequest],
     eos_ids: Collection[int],
     pad_id: int,
+    fast: FastStep | None = None,
 ) -> list[tuple[tuple[int, ...], tuple[float, ...]]]:
     """`decode_batch`'s ids per request with each id's log-prob under the unscaled logits."""
-    return _decode(model, tokenizer, requests, eos_ids, pad_id, True)
+    return _decode(model, tokenizer, requests, eos_ids, pad_id, True, fast)
 
 
 def _decode(
@@ -152,6 +158,7 @@ def _decode(
     eos_ids: Collection[int],
     pad_id: int,
     with_logprobs: bool,
+    fast: FastStep | None,
 ) -> list[tuple[tuple[int, ...], tuple[float, ...]]]:
     if any(not r.prompt_ids for r in requests):
         raise ValueError("decode_batch needs prompt_ids on every request")
@@ -178,9 +185,8 @@ def _decode(
         if not keep:
             return [(tuple(ids), tuple(lp)) for ids, lp in zip(out, logprobs, strict=True)]
         if len(keep) < len(batch.rows):
-            batch.keep(keep)
-            tokens = tokens[keep]
-        logits = _step(model, batch, tokens)
+            tokens = tokens[batch.keep(keep)]
+        logits = _step(model, batch, tokens, fast)
 
 
 def _finished(
@@ -225,16 +231,22 @@ def _prefill(
         positions=positions[:, -1],
         temperature=_floats(temperature, device),
         top_p=_floats(top_p, device),
-        cache=DynamicCache(config=model.config),
+        cache=buffered_cache(model.config, width + _FIRST_ROOM),
     )
     return batch, _forward(model, input_ids, mask, positions, batch.cache)
 
 
-def _step(model: Any, batch: _Batch, tokens: torch.Tensor) -> torch.Tensor:
+# New-token room of a fresh cache; it doubles when a row needs more (kv_cache.py).
+_FIRST_ROOM = 128
+
+
+def _step(model: Any, batch: _Batch, tokens: torch.Tensor, fast: FastStep | None) -> torch.Tensor:
     """Feed each live row its new token; the logits for the token after it."""
     ones = torch.ones_like(batch.attention_mask[:, :1])
     batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
     batch.positions = batch.positions + 1
+    if fast is not None and all(isinstance(x, BufferedLayer) for x in batch.cache.layers):
+        return fast(tokens, batch.positions, batch.attention_mask, batch.cache.layers)
     return _forward(
         model, tokens[:, None], batch.attention_mask, batch.positions[:, None], batch.cache
     )

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from autotraj.models.cpu_linear import packed_linears
+from autotraj.models.decode_step import FastStep
 from autotraj.models.decoding import decode, decode_batch, decode_batch_logprobs, has_stop
 from autotraj.models.generator import Completion, GenerationRequest, StopReason
 
@@ -92,6 +94,7 @@ class TransformersGenerator:
         self.name = name
         self.batch_size = batch_size
         self.logprobs = logprobs
+        self._fast: FastStep | None = None
 
     @classmethod
     def from_config(cls, cfg: GeneratorConfig) -> TransformersGenerator:
@@ -150,6 +153,14 @@ class TransformersGenerator:
             raise ValueError("a generation request has neither prompt_ids nor prompt_text")
         return ids
 
+    def _fast_step(self) -> FastStep | None:
+        """The model's fast decode step where it applies, rebuilt after a weight change."""
+        if not FastStep.supports(self.model):
+            self._fast = None
+        elif self._fast is None or not self._fast.current(self.model):
+            self._fast = FastStep(self.model)
+        return self._fast
+
     def _generate_batch(self, requests: list[GenerationRequest]) -> list[Completion]:
         requests = [dataclasses.replace(r, prompt_ids=self._prompt_ids(r)) for r in requests]
         pad_id = self.tokenizer.pad_token_id
@@ -158,13 +169,14 @@ class TransformersGenerator:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), packed_linears(self.model):
+                fast = self._fast_step()
                 if self.logprobs:
                     raw = decode_batch_logprobs(
-                        self.model, self.tokenizer, requests, eos_ids, pad_id
+                        self.model, self.tokenizer, requests, eos_ids, pad_id, fast
                     )
                 else:
-                    ids = decode_batch(self.model, self.tokenizer, requests, eos_ids, pad_id)
+                    ids = decode_batch(self.model, self.tokenizer, requests, eos_ids, pad_id, fast)
                     raw = [(new, None) for new in ids]
         finally:
             self.model.train(was_training)

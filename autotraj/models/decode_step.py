@@ -1,0 +1,159 @@
+"""One decoding step of a Llama-family model, written out for CPU speed.
+
+At the small row counts of decoding, a transformers forward spends much of its time outside the
+arithmetic: ~35 small operations and several Python module calls per layer, a 4-D mask built per
+step, three separate q/k/v and two gate/up matmuls. `FastStep` runs the same computation for a
+one-token step with the model's own weights:
+- q/k/v fused into one matmul and gate/up into another, every weight prepacked for oneDNN
+  (cpu_linear.pack; bit-identical to `F.linear` in our checks);
+- the operations of transformers' Llama code otherwise, in the same order and dtypes (RMSNorm in
+  float32, rotary embeddings, grouped-query attention packed as transformers does for one query
+  token: the query heads of a key/value head attend together, the cache is read once);
+- keys and values written into the `BufferedLayer` cache (kv_cache.py), the mask built once.
+
+It is used for the decode steps of models whose architecture it knows (`FastStep.supports`:
+LlamaForCausalLM, Qwen2ForCausalLM with full attention, default RoPE, SiLU MLP) in bfloat16 on
+CPU; the prompt's prefill, other models and other devices run the transformers forward. The
+greedy outputs of the embedded model are token-identical to the transformers path
+(tests/test_decode_step.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from autotraj.models.cpu_linear import pack, packed_linear, packing_available
+
+_ARCHITECTURES = {"LlamaForCausalLM", "Qwen2ForCausalLM"}
+
+
+@dataclass
+class _Layer:
+    norm1: torch.Tensor
+    norm2: torch.Tensor
+    qkv: torch.Tensor  # packed (q, k, v) rows
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    gate_up: torch.Tensor  # packed (gate, up) rows
+    down: torch.Tensor
+
+
+class FastStep:
+    """The decode step of one model; rebuilt when the model's weights change (`current`)."""
+
+    def __init__(self, model: Any):
+        config = model.config
+        inner = model.model
+        self.eps = float(config.rms_norm_eps)
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(config.num_key_value_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
+        self.inter = int(config.intermediate_size)
+        rotary = inner.rotary_emb
+        self.inv_freq = rotary.inv_freq.float()
+        self.rope_scale = float(rotary.attention_scaling)
+        self.embed = inner.embed_tokens.weight
+        self.final_norm = inner.norm.weight
+        self.lm_head = pack(model.lm_head.weight)
+        self.layers = []
+        for block in inner.layers:
+            attn, mlp = block.self_attn, block.mlp
+            biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+            qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            self.layers.append(
+                _Layer(
+                    norm1=block.input_layernorm.weight,
+                    norm2=block.post_attention_layernorm.weight,
+                    qkv=pack(qkv),
+                    qkv_bias=None if biases[0] is None else torch.cat(biases),
+                    o=pack(attn.o_proj.weight),
+                    gate_up=pack(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                    down=pack(mlp.down_proj.weight),
+                )
+            )
+        self.key = _weights_key(model)
+
+    @staticmethod
+    def supports(model: Any) -> bool:
+        """True for the architectures and settings this step reproduces, in bf16 on CPU."""
+        config = getattr(model, "config", None)
+        if config is None or not packing_available():
+            return False
+        architectures = set(getattr(config, "architectures", None) or ())
+        rope = getattr(config, "rope_parameters", None) or {}
+        layer_types = set(getattr(config, "layer_types", None) or {"full_attention"})
+        return (
+            bool(architectures & _ARCHITECTURES)
+            and type(model).__name__ in _ARCHITECTURES
+            and model.device.type == "cpu"
+            and model.dtype == torch.bfloat16
+            and getattr(config, "hidden_act", None) == "silu"
+            and not getattr(config, "mlp_bias", False)
+            and rope.get("rope_type", "default") == "default"
+            and layer_types == {"full_attention"}
+            and not model.training
+        )
+
+    def current(self, model: Any) -> bool:
+        """False once any weight of `model` changed since this step was built."""
+        return self.key == _weights_key(model)
+
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        attention_mask: torch.Tensor,
+        layers: list[Any],
+    ) -> torch.Tensor:
+        """float32 logits (rows x vocab) after feeding `tokens` (rows,) at `positions` (rows,);
+        `attention_mask` (rows x columns, the new token's column included) masks the cache."""
+        rows = tokens.shape[0]
+        h = F.embedding(tokens[:, None], self.embed)  # (rows, 1, hidden)
+        freqs = positions[:, None, None].float() * self.inv_freq  # (rows, 1, dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scale).to(h.dtype)[:, None]  # (rows, 1, 1, dim)
+        sin = (emb.sin() * self.rope_scale).to(h.dtype)[:, None]
+        mask = attention_mask.bool()[:, None, None, :]
+        groups = self.heads // self.kv_heads
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        for layer, cache in zip(self.layers, layers, strict=True):
+            x = _rms_norm(h, layer.norm1, self.eps)
+            qkv = packed_linear(x, layer.qkv, layer.qkv_bias)
+            qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
+            qk = qk.view(rows, 1, self.heads + self.kv_heads, self.head_dim).transpose(1, 2)
+            qk = qk * cos + _rotate_half(qk) * sin  # rotary on q and k at once
+            q, k = qk.split([self.heads, self.kv_heads], dim=1)
+            v = v.view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            keys, values = cache.update(k, v)
+            if groups > 1:  # the query heads of one key/value head attend together
+                q = q.reshape(rows, self.kv_heads, groups, self.head_dim)
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=self.head_dim**-0.5
+            )
+            out = out.reshape(rows, self.heads, 1, self.head_dim).transpose(1, 2)
+            h = h + packed_linear(out.reshape(rows, 1, q_size), layer.o, None)
+            x = _rms_norm(h, layer.norm2, self.eps)
+            gate, up = packed_linear(x, layer.gate_up, None).split(self.inter, dim=-1)
+            h = h + packed_linear(F.silu(gate) * up, layer.down, None)
+        h = _rms_norm(h, self.final_norm, self.eps)
+        return packed_linear(h, self.lm_head, None)[:, -1].float()
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama RMSNorm (float32, then cast, then the weight); torch's fused
+    rms_norm gives the same bits as its pow/mean/rsqrt (tests/test_decode_step.py)."""
+    h = F.rms_norm(x.to(torch.float32), (x.shape[-1],), None, eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _weights_key(model: Any) -> tuple:
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())

@@ -1,0 +1,204 @@
+"""The CPU decoder's speed-ups keep its results: buffered KV cache, packed linears, fast step.
+
+Each speed-up is checked against the path it replaces, on real tensors and tiny real models
+(Llama and Qwen2 with q/k/v biases), in bfloat16 on CPU where the fast paths apply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from autotraj.models import decode_step
+from autotraj.models.cpu_linear import packed_linears, packing_available
+from autotraj.models.decode_step import FastStep
+from autotraj.models.generator import GenerationRequest
+from autotraj.models.kv_cache import BufferedLayer, fill_holes
+from autotraj.models.loading import GeneratorConfig, load_generator
+
+needs_packing = pytest.mark.skipif(not packing_available(), reason="torch without oneDNN ops")
+
+
+def _kv(rows: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (rows, 2, length, 4)
+    return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+
+def test_buffered_layer_matches_dynamic_layer_through_a_decode():
+    """Prefill, steps past the first room (growth), front trims, row compaction, a crop."""
+    ours, ref = BufferedLayer(capacity=6), DynamicLayer()
+    for layer in (ours, ref):
+        layer.update(*_kv(5, 4, 0))
+    for step in range(8):
+        k, v = _kv(ours.keys.shape[0], 1, step + 1)
+        got, want = ours.update(k, v), ref.update(k, v)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    ours.trim_front(2)
+    ref.keys, ref.values = ref.keys[:, :, 2:], ref.values[:, :, 2:]
+    order = fill_holes([0, 2, 4], 5)
+    ours.compact(order)
+    ref.batch_select_indices(torch.tensor(order))
+    for layer in (ours, ref):
+        layer.update(*_kv(3, 1, 99))
+        layer.crop(-1)
+    assert ours.get_seq_length() == ref.get_seq_length() == 10
+    assert torch.equal(ours.keys, ref.keys) and torch.equal(ours.values, ref.values)
+    ours.batch_select_indices(torch.tensor([2, 0]))
+    ref.batch_select_indices(torch.tensor([2, 0]))
+    assert torch.equal(ours.keys, ref.keys)
+
+
+@pytest.mark.parametrize(
+    "keep,rows", [([0, 2, 3, 5], 6), ([4], 5), ([0, 1, 2], 3), ([1, 3, 5, 6, 7], 8)]
+)
+def test_fill_holes_moves_only_rows_above_the_new_size(keep, rows):
+    order = fill_holes(keep, rows)
+    assert sorted(order) == keep
+    assert all(order[j] == j for j in range(len(order)) if j in keep)  # kept slots stay
+
+
+@needs_packing
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+def test_packed_linears_are_bit_identical_and_follow_weight_updates(rows):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.Linear(96, 32, bias=False))
+    model = model.to(torch.bfloat16)
+    x = torch.randn(rows, 48, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        plain = model(x)
+        with packed_linears(model) as n:
+            packed = model(x)
+    assert n == 2 and torch.equal(packed, plain)
+    with torch.no_grad():  # an optimizer step or weight push changes the weights in place
+        model[0].weight.mul_(-1)
+    with torch.inference_mode():
+        plain = model(x)
+        with packed_linears(model):
+            packed = model(x)
+    assert torch.equal(packed, plain)  # repacked, not the stale weights
+    assert "forward" not in vars(model[0])  # the context leaves the modules as they were
+
+
+def _qwen2_dir(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(1)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # biases as Qwen2 has them, not zeros
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def bf16_generator(request, tiny_model_dir, tmp_path):
+    path = tiny_model_dir if request.param == "llama" else _qwen2_dir(tiny_model_dir, tmp_path)
+    gen = load_generator(GeneratorConfig(model=str(path), dtype="bfloat16", device="cpu"))
+    assert FastStep.supports(gen.model)
+    return gen
+
+
+def _requests(tokenizer, temperature=0.0):
+    texts = ["Hello there, how are", "2+2=", "A much longer prompt than the others, to pad"]
+    budgets = (40, 25, 33)
+    return [
+        GenerationRequest(
+            prompt_text="",
+            prompt_ids=tuple(tokenizer.encode(t)),
+            max_new_tokens=b,
+            temperature=temperature,
+            top_p=0.9,
+            stop=("zz",),
+            seed=7,
+        )
+        for t, b in zip(texts, budgets, strict=True)
+    ]
+
+
+def _both_paths(gen, requests, monkeypatch):
+    fast = gen.generate(requests)
+    assert gen._fast is not None
+    with monkeypatch.context() as m:
+        m.setattr(decode_step.FastStep, "supports", staticmethod(lambda model: False))
+        plain = gen.generate(requests)
+        assert gen._fast is None
+    return fast, plain
+
+
+@needs_packing
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_fast_step_generates_what_the_transformers_forward_does(
+    bf16_generator, monkeypatch, temperature
+):
+    """Token-identical, greedy and seeded sampling, with log-probs, over rows of different
+    prompt lengths that end at different steps."""
+    gen = bf16_generator
+    gen.logprobs = True
+    fast, plain = _both_paths(gen, _requests(gen.tokenizer, temperature), monkeypatch)
+    assert [c.token_ids for c in fast] == [c.token_ids for c in plain]
+    assert [c.stop_reason for c in fast] == [c.stop_reason for c in plain]
+    assert [c.logprobs for c in fast] == [c.logprobs for c in plain]
+    assert len({len(c.token_ids) for c in fast}) > 1  # rows did leave at different steps
+
+
+@needs_packing
+def test_fast_step_follows_a_weight_update(bf16_generator, monkeypatch):
+    """RL pushes new weights into the generator's model: the next rollout must come from them."""
+    gen = bf16_generator
+    requests = _requests(gen.tokenizer)
+    before = gen.generate(requests)
+    with torch.no_grad():
+        gen.model.model.layers[0].mlp.down_proj.weight.mul_(-3)
+    after, plain = _both_paths(gen, requests, monkeypatch)
+    assert [c.token_ids for c in after] == [c.token_ids for c in plain]
+    assert [c.token_ids for c in after] != [c.token_ids for c in before]
+
+
+def test_fast_step_declines_what_it_does_not_reproduce(tiny_model_dir):
+    gen = load_generator(GeneratorConfig(model=str(tiny_model_dir), dtype="float32"))
+    assert not FastStep.supports(gen.model)  # float32: the transformers forward runs
+    bf16 = load_generator(GeneratorConfig(model=str(tiny_model_dir), dtype="bfloat16"))
+    bf16.model.config.rope_parameters = {**bf16.model.config.rope_parameters, "rope_type": "yarn"}
+    assert not FastStep.supports(bf16.model)
+    bf16.model.train()
+    assert not FastStep.supports(bf16.model)
+
+
+@pytest.mark.slow
+def test_embedded_model_fast_path_is_token_identical_on_gsm8k_prompts(monkeypatch):
+    from pathlib import Path
+
+    from autotraj.querysets import load_queries
+
+    data = Path(__file__).resolve().parents[2] / "shared/data/benchmarks/gsm8k_test.jsonl"
+    gen = load_generator(GeneratorConfig(dtype="bfloat16", device="cpu", batch_size=8))
+    requests = []
+    for q in load_queries(str(data), limit=8):
+        text = gen.tokenizer.apply_chat_template(
+            [{"role": "user", "content": q.question}], tokenize=False, add_generation_prompt=True
+        )
+        ids = tuple(gen.tokenizer.encode(text, add_special_tokens=False))
+        requests.append(GenerationRequest(prompt_text=text, prompt_ids=ids, max_new_tokens=96))
+    requests = [dataclasses.replace(r, temperature=0.0) for r in requests]
+    fast, plain = _both_paths(gen, requests, monkeypatch)
+    assert [c.token_ids for c in fast] == [c.token_ids for c in plain]
