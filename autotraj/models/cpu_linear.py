@@ -58,7 +58,8 @@ def _eligible(module: nn.Module) -> bool:
     )
 
 
-def _packed_weight(module: nn.Linear) -> torch.Tensor:
+def packed_weight(module: nn.Linear) -> torch.Tensor:
+    """`module`'s weight packed, cached on the module until the weight changes."""
     weight = module.weight
     key = (weight.data_ptr(), weight._version, tuple(weight.shape))
     cached = getattr(module, "_autotraj_packed", None)
@@ -80,7 +81,7 @@ def packed_linears(model: Any) -> Iterator[int]:
     many layers were packed (0 where packing does not apply)."""
     modules = [m for m in model.modules() if _eligible(m)] if packing_available() else []
     for module in modules:
-        packed = _packed_weight(module)
+        packed = packed_weight(module)
         module.forward = lambda x, m=module, p=packed: _packed_forward(m, p, x)
     try:
         yield len(modules)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from autotraj.models.cpu_linear import pack, packed_linear, packing_available
+from autotraj.models.cpu_linear import pack, packed_linear, packed_weight, packing_available
 
 _ARCHITECTURES = {"LlamaForCausalLM", "Qwen2ForCausalLM"}
 
@@ -58,7 +58,7 @@ class FastStep:
         self.rope_scale = float(rotary.attention_scaling)
         self.embed = inner.embed_tokens.weight
         self.final_norm = inner.norm.weight
-        self.lm_head = pack(model.lm_head.weight)
+        self.lm_head = packed_weight(model.lm_head)  # shared with cpu_linear.packed_linears
         self.layers = []
         for block in inner.layers:
             attn, mlp = block.self_attn, block.mlp
@@ -70,9 +70,9 @@ class FastStep:
                     norm2=block.post_attention_layernorm.weight,
                     qkv=pack(qkv),
                     qkv_bias=None if biases[0] is None else torch.cat(biases),
-                    o=pack(attn.o_proj.weight),
+                    o=packed_weight(attn.o_proj),
                     gate_up=pack(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-                    down=pack(mlp.down_proj.weight),
+                    down=packed_weight(mlp.down_proj),
                 )
             )
         self.key = _weights_key(model)
