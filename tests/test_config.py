@@ -295,6 +295,7 @@ COMMAND_OF = {  # configs/<name> -> the `autotraj` command that reads it (cli.ST
     "cpu_gsm8k.yaml": "run",
     "cpu_llm_repair.yaml": "run",
     "cpu_synthesize.yaml": "synthesize",
+    "gpu_smoke.yaml": "run",
     "paper.yaml": "run",
 }
 
