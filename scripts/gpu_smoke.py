@@ -28,10 +28,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def losses(stage_dir: Path, key: str) -> list[float]:
+def metric_rows(stage_dir: Path) -> list[dict]:
     path = stage_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [float(r[key]) for r in rows if key in r]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses(stage_dir: Path, key: str) -> list[float]:
+    return [float(r[key]) for r in metric_rows(stage_dir) if key in r]
 
 
 def fell(values: list[float]) -> tuple[bool, str]:
@@ -61,8 +64,7 @@ def weight_change(before: Path, after: Path) -> tuple[bool, str]:
 
 
 def rollouts(rl_dir: Path) -> tuple[bool, str]:
-    rows = [json.loads(line) for line in (rl_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "rl/response_length" in r]
+    steps = [r for r in metric_rows(rl_dir) if "rl/response_length" in r]
     lengths = [r["rl/response_length"] for r in steps]
     calls = [r.get("rl/tools/calls_per_trajectory", 0.0) for r in steps]
     ok = bool(steps) and min(lengths) > 0 and max(calls) > 0
