@@ -1,7 +1,7 @@
 """GPU smoke test: the whole pipeline with tiny budgets on one CUDA GPU, then checks.
 
     python scripts/gpu_smoke.py --out runs/gpu-smoke            # needs a CUDA GPU (exit 2 if none)
-    python scripts/gpu_smoke.py --device cpu --out /tmp/smoke   # the same on CPU (~10 min here)
+    python scripts/gpu_smoke.py --device cpu --out /tmp/smoke   # the same on CPU
 
 Runs `autotraj run --config configs/gpu_smoke.yaml` in this process (synthesize -> score ->
 repair -> build -> SFT -> reward model -> GRPO -> eval on the embedded SmolLM2-135M-Instruct and
