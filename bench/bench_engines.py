@@ -125,14 +125,18 @@ def main() -> None:
     parser.add_argument("--batches", default="16,64")
     parser.add_argument("--settings", default="plain,tools")
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per cell (median)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per cell (median)")
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--out", default="runs/bench-engines")
     args = parser.parse_args()
     engines = args.engines.split(",")
     batches = [int(b) for b in args.batches.split(",")]
     settings = args.settings.split(",")
-    questions = load_queries(args.data, limit=max(batches))
+    # Every timed run gets questions no engine has seen in this process (vLLM caches prompt
+    # prefixes: a repeated prompt would skip its prefill), the warm-up its own few.
+    timed_runs = len(settings) * len(batches) * args.repeats
+    questions = load_queries(args.data, limit=timed_runs * max(batches) + 8)
+    fresh = iter(range(8, len(questions), max(batches)))
     peak = matmul_peak_gflops()
     print(f"bf16 matmul peak: {peak:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
     tools = open_tools(ToolsConfig()) if "tools" in settings else None
@@ -143,16 +147,19 @@ def main() -> None:
         loaded[name] = load_engine(name, max(batches))
     params = sum(p.numel() for p in loaded["ours"].model.parameters()) if "ours" in loaded else 0
     results = []
+    for gen in loaded.values():  # warm-up: first calls allocate and compile kernels
+        gen.generate(chat_requests(gen.tokenizer, questions[:8], 16))
     for setting in settings:
         for batch in batches:
-            subset = questions[:batch]
             cells: dict[str, dict] = {}
             for name in engines:
                 gen = loaded[name]
                 if name == "ours":
                     gen.batch_size = batch
-                cells[name] = {"seconds": [], "tokens": 0, "outputs": None, "calls": 0}
-            for repeat in range(args.repeats + 1):  # repeat 0 warms up
+                cells[name] = {"seconds": [], "rates": [], "outputs": None, "calls": 0}
+            for _ in range(args.repeats):
+                start = next(fresh)
+                subset = questions[start : start + batch]
                 for name in engines:
                     gen, cell = loaded[name], cells[name]
                     if setting == "plain":
@@ -163,12 +170,12 @@ def main() -> None:
                         seconds, tokens, outputs, calls = run_tools(
                             gen, tools, subset, args.max_new_tokens
                         )
-                    if repeat:
-                        cell["seconds"].append(seconds)
+                    cell["seconds"].append(seconds)
+                    cell["rates"].append(tokens / seconds)
                     cell.update(tokens=tokens, outputs=outputs, calls=calls)
             for name, cell in cells.items():
                 seconds = statistics.median(cell["seconds"])
-                tok_s = cell["tokens"] / seconds
+                tok_s = statistics.median(cell["rates"])  # tokens differ between runs
                 row = {
                     "setting": setting,
                     "batch": batch,
