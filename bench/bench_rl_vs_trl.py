@@ -92,6 +92,10 @@ def run_setting(config: Path, setting: str, steps: int, out: Path, overrides: li
         def on_step_end(self, args, state, control, **kw):
             trl_times.append(time.perf_counter() - self.began)
             ours_rows.append(ours.step(len(ours_rows), tools))
+            sys.stderr.write(
+                f"{setting} step {len(ours_rows)}: TRL {trl_times[-1]:.1f} s, "
+                f"autotraj {ours_rows[-1]['rl/time/step_s']:.1f} s\n"
+            )
 
     args = GRPOConfig(
         output_dir=str(out / "trl"),
