@@ -3,7 +3,8 @@
     .venv/bin/python bench/bench_grpo.py queries runs/rl-cpu/arith.jsonl --n 64
     .venv/bin/python -m autotraj.cli rl --config configs/cpu.yaml MEASURED_RUN (below, written out)
     .venv/bin/python bench/bench_grpo.py table runs/rl-cpu
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_grpo.py compare --steps 3
+
+The step-time comparison with TRL's GRPOTrainer lives in bench/bench_rl_vs_trl.py.
 
 The questions are word problems of the kind the two built-in demonstrations show (products and
 differences that a one-line `print(...)` answers), with seeded random numbers, so a 135M model
@@ -86,131 +87,6 @@ def print_table(run_dir: Path) -> None:
         sys.stdout.write(f"| {row['step']} | " + " | ".join(cells) + " |\n")
 
 
-def compare(config: Path, steps: int, out: Path) -> None:
-    """Seconds per step of autotraj's loop vs TRL's GRPOTrainer(rollout_func, env_mask) driving
-    the same rollout engine, tools, rendering and reward on the same queries and sizes."""
-    import dataclasses
-    import time
-
-    from autotraj.config import load_stage_config
-    from autotraj.train.grpo import RlConfig, run_rl
-
-    overrides = [*MEASURED_RUN, f"steps={steps}", f"run_dir={out / 'ours'}"]
-    cfg = load_stage_config(RlConfig, "rl", config, overrides)
-    began = time.perf_counter()
-    run_rl(cfg)
-    ours = time.perf_counter() - began
-    rows = [json.loads(x) for x in (out / "ours" / "rl" / "metrics.jsonl").read_text().splitlines()]
-    trl_s, trl_steps = _run_trl(dataclasses.replace(cfg, run_dir=str(out / "trl")), steps)
-    sys.stdout.write(
-        json.dumps(
-            {
-                "ours_total_s": round(ours, 1),
-                "ours_step_s": [round(r["rl/time/step_s"], 1) for r in rows],
-                "trl_total_s": round(trl_s, 1),
-                "trl_step_s": trl_steps,
-            }
-        )
-        + "\n"
-    )
-
-
-def _run_trl(cfg, steps: int) -> tuple[float, list[float]]:
-    """TRL 1.16 GRPOTrainer with our rollout() as rollout_func and our mask as env_mask."""
-    import time
-
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    from autotraj.models.loading import GeneratorConfig, load_tokenizer, resolve_model_path
-    from autotraj.models.transformers_backend import TransformersGenerator
-    from autotraj.records import Trajectory
-    from autotraj.render import render_trajectory
-    from autotraj.rewards import compute_rewards
-    from autotraj.rollout import rollout
-    from autotraj.tools.toolbox import close_tools, open_tools
-    from autotraj.train.grpo import load_rl_queries, resolve_model
-
-    ref = resolve_model(cfg)
-    tokenizer = load_tokenizer(GeneratorConfig(model=ref))
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(ref), dtype=torch.float32)
-    queries = load_rl_queries(cfg, tokenizer)
-    by_question = {q.question: q for q in queries}
-    tools = open_tools(cfg.tools)
-    system = cfg.rollout.system_prompt
-    counter = iter(range(1_000_000))
-
-    def rollout_func(prompts, trainer):
-        items = [(f"trl/{next(counter)}", by_question[p]) for p in prompts]
-        policy = trainer.accelerator.unwrap_model(trainer.model)
-        gen = TransformersGenerator(policy, tokenizer, ref, cfg.generator.batch_size)
-        trajectories = rollout(gen, tools, tokenizer, items, cfg.rollout)
-        out = {"prompt_ids": [], "completion_ids": [], "logprobs": None, "env_mask": []}
-        out["trajectory"] = [t.to_dict() for t in trajectories]
-        for (_, q), t in zip(items, trajectories, strict=True):
-            r = render_trajectory(tokenizer, q.question, t, system)
-            out["prompt_ids"].append(list(r.input_ids[: r.prompt_length]))
-            out["completion_ids"].append(list(r.input_ids[r.prompt_length :]))
-            out["env_mask"].append([int(m) for m in r.trainable[r.prompt_length :]])
-        return out
-
-    def reward(prompts, completions, trajectory, **kwargs):
-        trajs = [Trajectory.from_dict(t) for t in trajectory]
-        qs = [by_question[p] for p in prompts]
-        return [b.reward for b in compute_rewards(trajs, qs, None, cfg.reward)]
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times, self.began = [], 0.0
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.began = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.times.append(round(time.perf_counter() - self.began, 1))
-
-    args = GRPOConfig(
-        output_dir=cfg.run_dir,
-        max_steps=steps,
-        per_device_train_batch_size=cfg.prompts_per_step * cfg.rollouts_per_prompt,
-        num_generations=cfg.rollouts_per_prompt,
-        learning_rate=cfg.lr,
-        lr_scheduler_type="constant",
-        beta=cfg.kl_coef,
-        epsilon=cfg.clip,
-        entropy_coef=cfg.entropy_coef,
-        temperature=cfg.rollout.temperature,
-        max_completion_length=cfg.rollout.max_response_tokens + 1,
-        use_cpu=True,
-        bf16=cfg.mixed_precision == "bf16",
-        gradient_checkpointing=False,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=cfg.seed,
-    )
-    data = Dataset.from_list([{"prompt": q.question} for q in queries])
-    timer = StepTimer()
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=reward,
-        args=args,
-        train_dataset=data,
-        processing_class=tokenizer,
-        rollout_func=rollout_func,
-        callbacks=[timer],
-    )
-    began = time.perf_counter()
-    try:
-        trainer.train()
-    finally:
-        close_tools(tools)
-    return time.perf_counter() - began, timer.times
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -220,15 +96,9 @@ def main() -> None:
     q.add_argument("--seed", type=int, default=0)
     t = sub.add_parser("table", help="print the per-step curves of an RL run as a Markdown table")
     t.add_argument("run_dir", type=Path)
-    c = sub.add_parser("compare", help="s/step: autotraj's loop vs TRL GRPOTrainer(rollout_func)")
-    c.add_argument("--config", type=Path, default=Path("configs/cpu.yaml"))
-    c.add_argument("--steps", type=int, default=3)
-    c.add_argument("--out", type=Path, default=Path("runs/bench-grpo"))
     args = parser.parse_args()
     if args.command == "queries":
         write_queries(args.path, args.n, args.seed)
-    elif args.command == "compare":
-        compare(args.config, args.steps, args.out)
     else:
         print_table(args.run_dir)
 

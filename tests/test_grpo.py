@@ -712,3 +712,79 @@ def test_documented_multi_gpu_rl_commands_divide_the_prompts_among_the_processes
             found.append((doc, processes))
             assert prompts % processes == 0, f"{doc}: {prompts} prompts on {processes}: {line}"
     assert len(found) >= 4, found
+
+
+def test_on_policy_update_skips_the_old_logprob_pass_with_the_same_result(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """One optimizer step per batch: the update uses the current log-probs, detached, as the
+    old ones (no second forward pass) and ends at the weights, loss and mismatch metrics of the
+    path that runs the separate pass."""
+    from transformers import AutoModelForCausalLM
+
+    from autotraj.train.grpo_update import PolicyUpdate
+
+    passes = []
+    fixed = PolicyUpdate._fixed_logprobs
+
+    def counting(self, model, samples, collective):
+        passes.append(len(samples))
+        return fixed(self, model, samples, collective)
+
+    monkeypatch.setattr(PolicyUpdate, "_fixed_logprobs", counting)
+
+    def run(name):
+        cfg = tiny_config(
+            tmp_path / name,
+            tiny_model_dir,
+            steps=1,
+            tools={"python": {"workers": 1}},
+            sampling={"sampler_logprobs": True},
+        )
+        run_rl(cfg)
+        out = tmp_path / name / "run" / "rl"
+        [metrics] = load_rows(out / "metrics.jsonl")
+        return metrics, AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+
+    fast, fast_weights = run("fast")
+    assert passes == []
+    monkeypatch.setattr(PolicyUpdate, "on_policy", lambda self: False)
+    slow, slow_weights = run("slow")
+    assert passes
+    for key in ("rl/loss", "rl/entropy", "rl/mismatch/abs_logprob_diff", "rl/mismatch/tokens"):
+        assert fast[key] == pytest.approx(slow[key], rel=1e-4, abs=1e-6), key
+    assert fast["rl/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    for key, value in slow_weights.items():
+        torch.testing.assert_close(fast_weights[key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_logits_from_the_first_trainable_position_equal_the_full_ones(tiny_model_dir, tokenizer):
+    """The update asks the model for logits from the position before the first trainable token
+    only; on every trainable token the log-probs, entropies and gradients equal those of the
+    full logits."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from autotraj.render import RenderedTrajectory
+    from autotraj.train.advantages import token_logprobs
+    from autotraj.train.grpo_update import PolicyUpdate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    update = PolicyUpdate.__new__(PolicyUpdate)
+    update.accelerator, update.tokenizer = Accelerator(cpu=True), tokenizer
+    batch = [
+        RenderedTrajectory(tuple(range(5, 17)), (False,) * 7 + (True,) * 5, 7),
+        RenderedTrajectory(tuple(range(20, 29)), (False,) * 5 + (True,) * 3 + (False,), 5),
+    ]
+    logp, entropy, mask, ids = update._forward_logprobs(model, batch, with_entropy=True)
+    (logp * mask).sum().backward()
+    fast_grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    attention = torch.tensor([[1] * 12, [1] * 9 + [0] * 3])  # collate pads on the right
+    full = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+    ref_logp, ref_entropy = token_logprobs(full, ids, with_entropy=True)
+    (ref_logp * mask).sum().backward()
+    on = mask.bool()
+    torch.testing.assert_close(logp[on], ref_logp[on])
+    torch.testing.assert_close(entropy[on], ref_entropy[on])
+    torch.testing.assert_close(fast_grad, model.lm_head.weight.grad)

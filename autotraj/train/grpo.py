@@ -170,7 +170,9 @@ class GrpoRun:
             policy = wrap_lora(policy, cfg.lora, cfg.gradient_checkpointing)
         self.ref_model = self._load_lm(self.model_ref, train=False) if cfg.kl_coef > 0 else None
         trainable = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(
+            trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=self._fused_adamw(layout)
+        )
         self._configure_deepspeed()
         self.model, self.optimizer = self.accelerator.prepare(policy, optimizer)
         self.rollout_engine = self._load_rollout_engine()
@@ -185,6 +187,13 @@ class GrpoRun:
         self.updater = PolicyUpdate(
             cfg, self.accelerator, self.model, self.optimizer, self.ref_model, self.tokenizer
         )
+
+    def _fused_adamw(self, layout: str) -> bool:
+        """Fused AdamW (one kernel over all tensors; same update as the loop, to rounding) when
+        the parameters are plain unsharded tensors: not under FSDP2 and not DeepSpeed, which
+        brings its own optimizer state handling."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return layout == "none" and plugin is None
 
     def _check_memory(self, layout: str) -> None:
         """Refuse a layout whose resident memory per GPU exceeds the GPU (train/memory.py)."""

@@ -82,9 +82,21 @@ class PolicyUpdate:
         ids, attention, mask = collate(batch, self.tokenizer.eos_token_id if pad is None else pad)
         device = self.accelerator.device
         ids, attention, mask = ids.to(device), attention.to(device), mask.to(device)
+        # logits only from the position before the first trainable token on: the prompt's
+        # positions predict nothing the loss uses, so the lm_head and log-softmax skip them
+        trainable = mask.any(dim=0).nonzero()
+        skip = max(0, int(trainable[0]) - 1) if len(trainable) else 0
         with self.accelerator.autocast():
-            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-        logp, entropy = token_logprobs(logits, ids, with_entropy=with_entropy)
+            logits = model(
+                input_ids=ids,
+                attention_mask=attention,
+                use_cache=False,
+                logits_to_keep=ids.shape[1] - skip,
+            ).logits
+        logp, entropy = token_logprobs(logits, ids[:, skip:], with_entropy=with_entropy)
+        logp = torch.nn.functional.pad(logp, (skip, 0))
+        if entropy is not None:
+            entropy = torch.nn.functional.pad(entropy, (skip, 0))
         return logp, entropy, mask, ids
 
     def _micro_batches(self, n: int, collective: bool) -> list[range]:
@@ -129,16 +141,27 @@ class PolicyUpdate:
             )
         return out
 
+    def on_policy(self) -> bool:
+        """Exactly one optimizer step per batch: the policy the loss sees is the sampled one."""
+        return self.cfg.ppo_epochs * self.cfg.mini_batches == 1
+
     def run(self, samples: Sequence[Sample], step: int) -> dict[str, float]:
         """PPO-clip updates on this process's samples; returns loss/kl/entropy/clip metrics."""
         cfg = self.cfg
         began = time.perf_counter()
-        old = self._fixed_logprobs(self.model, samples, collective=True)
+        # One optimizer step per batch is on-policy: the old log-probs equal the current ones, so
+        # the loss uses the current log-probs detached (ratio exactly 1) and skips a forward pass.
+        on_policy = self.on_policy()
+        old: list[torch.Tensor | None] = (
+            [None] * len(samples)
+            if on_policy
+            else list(self._fixed_logprobs(self.model, samples, collective=True))
+        )
+        seen: list[tuple[Sample, torch.Tensor]] = []
         ref = None
         if self.ref_model is not None:  # unsharded on every process: no collective
             ref = self._fixed_logprobs(self.ref_model, samples, collective=False)
         totals: Counter[str] = Counter()
-        mismatch = self._mismatch(samples, old)
         order = list(range(len(samples)))
         rng = random.Random(f"{cfg.seed}/update/{step}")
         for _ in range(cfg.ppo_epochs):
@@ -146,8 +169,13 @@ class PolicyUpdate:
             for part in range(cfg.mini_batches):
                 chosen = order[part :: cfg.mini_batches]
                 self._optimizer_step(
-                    [(samples[i], old[i], ref[i] if ref else None) for i in chosen], totals
+                    [(samples[i], old[i], ref[i] if ref else None) for i in chosen], totals, seen
                 )
+        mismatch = (
+            self._mismatch([s for s, _ in seen], [o for _, o in seen])
+            if on_policy
+            else self._mismatch(samples, old)
+        )
         tokens = max(1.0, totals["tokens"])
         return mismatch | {
             "rl/loss": totals["loss"] / max(1, totals["updates"]),
@@ -187,10 +215,13 @@ class PolicyUpdate:
 
     def _optimizer_step(
         self,
-        chosen: Sequence[tuple[Sample, torch.Tensor, torch.Tensor | None]],
+        chosen: Sequence[tuple[Sample, torch.Tensor | None, torch.Tensor | None]],
         totals: Counter[str],
+        seen: list[tuple[Sample, torch.Tensor]],
     ) -> None:
-        """Accumulate the loss of `chosen` over micro-batches, then one optimizer step."""
+        """Accumulate the loss of `chosen` over micro-batches, then one optimizer step. A sample
+        whose old log-probs are None is on-policy: its current log-probs, detached, stand in
+        (and are appended to `seen` with the sample, for the mismatch metrics)."""
         cfg, acc = self.cfg, self.accelerator
         loss_cfg = cfg.loss
         local = loss_units([s.rendered.trainable for s, _, _ in chosen], loss_cfg.aggregation)
@@ -210,7 +241,15 @@ class PolicyUpdate:
                 logp, entropy, mask, _ = self._forward_logprobs(
                     self.model, [s.rendered for s, _, _ in part], with_entropy=True
                 )
-                old = _pad_rows([o for _, o, _ in part], logp)
+                current = logp.detach()
+                rows = []
+                for row, (s, o, _) in enumerate(part):
+                    if o is None:
+                        o = current[row, : len(s.rendered.input_ids)]
+                        if span:  # not the filler
+                            seen.append((s, o))
+                    rows.append(o)
+                old = _pad_rows(rows, logp)
                 low, high = clip_range(loss_cfg, cfg.clip)
                 loss, stats = policy_loss(
                     logp,
