@@ -213,3 +213,38 @@ def test_greedy_pick_is_the_first_maximum_like_argmax():
     assert picked.tolist() == logits.argmax(dim=-1).tolist() == [1, 0, 2]
     big = torch.randn(64, 49152).round(decimals=1)  # many ties
     assert torch.equal(sample_next(big, torch.zeros(64), torch.ones(64)), big.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_shared_prompt_prefix_computed_once_gives_the_same_tokens(
+    tiny_model_dir, monkeypatch, dtype
+):
+    """Prompts with a long common start (a system prompt, worked examples): the prefix is run
+    once and copied to every row; greedy outputs equal the plain left-padded prefill."""
+    from autotraj.models import decoding
+
+    gen = load_generator(GeneratorConfig(model=str(tiny_model_dir), dtype=dtype, batch_size=8))
+    system = "You are a careful solver. Show the steps, then answer. " * 2
+    tails = ["What is 2+3?", "Name a prime above 10.", "Say hi", "Count to five, slowly please"]
+    requests = [
+        GenerationRequest(
+            prompt_text="",
+            prompt_ids=tuple(gen.tokenizer.encode(system + t)),
+            max_new_tokens=b,
+            temperature=0.0,
+        )
+        for t, b in zip(tails, (30, 12, 25, 18), strict=True)
+    ]
+    assert decoding.shared_prefix([r.prompt_ids for r in requests]) >= decoding._MIN_SHARED
+    calls = []
+    real_forward = decoding._forward
+    monkeypatch.setattr(
+        decoding, "_forward", lambda m, ids, *a: calls.append(ids.shape) or real_forward(m, ids, *a)
+    )
+    shared = gen.generate(requests)
+    assert calls[0][0] == 1 and calls[1][0] == len(requests)  # prefix once, then the rests
+    monkeypatch.setattr(decoding, "_MIN_SHARED", 10**9)
+    calls.clear()
+    plain = gen.generate(requests)
+    assert calls[0][0] == len(requests)
+    assert [c.token_ids for c in shared] == [c.token_ids for c in plain]

@@ -214,17 +214,41 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator | None
 def _prefill(
     model: Any, requests: Sequence[GenerationRequest], rows: list[int], pad_id: int
 ) -> tuple[_Batch, torch.Tensor]:
-    """Run the left-padded prompts once; the batch state and the last position's logits."""
+    """Run the prompts once; the batch state and the last position's logits.
+
+    When every prompt starts with the same `shared_prefix` tokens (at least _MIN_SHARED; a
+    system prompt, worked examples, a rollout group's question), that prefix is computed once
+    for a batch of one and its cache copied to every row; the rest of each prompt follows it,
+    left-padded to the longest rest (the padding sits between prefix and rest, masked out).
+    Otherwise the whole prompts are left-padded and run together."""
     device = model.device
-    width = max(len(r.prompt_ids) for r in requests)
-    pads = [width - len(r.prompt_ids) for r in requests]
+    shared = shared_prefix([r.prompt_ids for r in requests])
+    if len(requests) < 2 or shared < _MIN_SHARED:
+        shared = 0
+    cache = None
+    if shared:
+        cache = buffered_cache(model.config, 0)
+        if not all(isinstance(layer, BufferedLayer) for layer in cache.layers):
+            shared, cache = 0, None  # sliding-window layers: the plain layout only
+    rests = [r.prompt_ids[shared:] for r in requests]
+    width = max(len(rest) for rest in rests)
+    pads = [width - len(rest) for rest in rests]
     input_ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(requests), width), dtype=torch.long)
-    for j, (request, pad) in enumerate(zip(requests, pads, strict=True)):
-        input_ids[j, pad:] = torch.tensor(request.prompt_ids, dtype=torch.long)
-        mask[j, pad:] = 1
+    mask = torch.ones((len(requests), shared + width), dtype=torch.long)
+    for j, (rest, pad) in enumerate(zip(rests, pads, strict=True)):
+        input_ids[j, pad:] = torch.tensor(rest, dtype=torch.long)
+        mask[j, shared : shared + pad] = 0
     input_ids, mask = input_ids.to(device), mask.to(device)
     positions = (mask.cumsum(dim=-1) - 1).masked_fill(mask == 0, 0)
+    if cache is None:
+        cache = buffered_cache(model.config, width + _FIRST_ROOM)
+    else:
+        for layer in cache.layers:
+            layer.capacity = shared + width + _FIRST_ROOM
+        prefix = torch.tensor([requests[0].prompt_ids[:shared]], dtype=torch.long, device=device)
+        _forward(model, prefix, mask[:1, :shared], positions[:1, :shared], cache)
+        for layer in cache.layers:
+            layer.batch_repeat_interleave(len(requests))
     greedy = [r.temperature <= 0 for r in requests]
     temperature = [
         0.0 if g else float(r.temperature) for g, r in zip(greedy, requests, strict=True)
@@ -232,16 +256,34 @@ def _prefill(
     top_p = [1.0 if g else float(r.top_p) for g, r in zip(greedy, requests, strict=True)]
     batch = _Batch(
         rows=list(rows),
-        pads=pads,
+        pads=[0] * len(requests) if shared else pads,  # leading padding columns
         attention_mask=mask,
         positions=positions[:, -1],
         temperature=_floats(temperature, device),
         top_p=_floats(top_p, device),
-        cache=buffered_cache(model.config, width + _FIRST_ROOM),
+        cache=cache,
     )
-    return batch, _forward(model, input_ids, mask, positions, batch.cache)
+    return batch, _forward(model, input_ids, mask, positions[:, shared:], batch.cache)
 
 
+def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every prompt has in common, keeping at least one token of each
+    prompt after it (its logits are the first step's).
+
+    >>> shared_prefix([(1, 2, 3, 4), (1, 2, 3, 9, 9), (1, 2, 3, 4, 5)])
+    3
+    >>> shared_prefix([(1, 2), (1, 2)])
+    1
+    """
+    first, limit = prompts[0], min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
+# A shared prefix shorter than this is computed with each row (not worth a separate pass).
+_MIN_SHARED = 32
 # New-token room of a fresh cache; it doubles when a row needs more (kv_cache.py).
 _FIRST_ROOM = 128
 
