@@ -88,6 +88,10 @@ class BuildConfig:
     # Baseline SFT sets to write beside sft.jsonl for the ablation (`autotraj ablate`):
     # sft_hq.jsonl, sft_correct.jsonl, sft_all.jsonl (JSONL only).
     extra_sets: tuple[Literal["hq", "correct", "all"], ...] = ()
+    # False: the sets' trajectories are written as text only (Trajectory.text_only: no prompt
+    # or segment token ids), so a student whose tokenizer differs from the generator's can train
+    # on them (distillation from another model family); the exact generated ids are given up.
+    keep_token_ids: bool = True
 
 
 def stage_dir(cfg: BuildConfig) -> Path:
@@ -192,11 +196,15 @@ def prompt_messages(question: str, system_prompt: str | None) -> tuple[Message, 
 
 
 def sft_records(
-    inputs: RunFiles, system_prompt: str | None = None, data: SftData = "autotraj"
+    inputs: RunFiles,
+    system_prompt: str | None = None,
+    data: SftData = "autotraj",
+    keep_token_ids: bool = True,
 ) -> list[SftRecord]:
     """The records of one SFT set. "autotraj": HQ trajectories (file order), then accepted
     repairs (file order); nothing else. "hq": the HQ ones only. "correct": every candidate with
-    a correct answer, as sampled. "all": every scored candidate, as sampled."""
+    a correct answer, as sampled. "all": every scored candidate, as sampled. Without
+    `keep_token_ids` the trajectories are stored as text only (BuildConfig.keep_token_ids)."""
     wanted = {"autotraj": {"HQ"}, "hq": {"HQ"}, "correct": {"HQ", "AC-LQ"}}.get(
         data, {"HQ", "AC-LQ", "AW"}
     )
@@ -217,7 +225,7 @@ def sft_records(
                 query_id=trajectory.query_id,
                 source=source,
                 messages=(*prompt_messages(question, system_prompt), reply),
-                trajectory=trajectory,
+                trajectory=trajectory if keep_token_ids else trajectory.text_only(),
             )
         )
     check_unique_ids((r.id for r in records), "sft set")
@@ -242,19 +250,25 @@ def drop_flawed(items: list[T], trajectory: Callable[[T], Trajectory], what: str
     return kept
 
 
-def preference_pairs(inputs: RunFiles, system_prompt: str | None = None) -> list[PreferencePair]:
-    """One pair per accepted repair: chosen = the repair, rejected = its original."""
+def preference_pairs(
+    inputs: RunFiles, system_prompt: str | None = None, keep_token_ids: bool = True
+) -> list[PreferencePair]:
+    """One pair per accepted repair: chosen = the repair, rejected = its original (text only
+    without `keep_token_ids`)."""
     pairs = []
     for repair in inputs.repairs.values():
         original = inputs.trajectories[repair.original_id]
         check_same_prompt(original, repair.trajectory, f"repair of {repair.original_id}")
         question = inputs.queries[original.query_id].question
+        chosen = repair.trajectory
+        if not keep_token_ids:
+            chosen, original = chosen.text_only(), original.text_only()
         pairs.append(
             PreferencePair(
                 id=repair.trajectory.id,
                 query_id=original.query_id,
                 prompt=prompt_messages(question, system_prompt),
-                chosen_trajectory=repair.trajectory,
+                chosen_trajectory=chosen,
                 rejected_trajectory=original,
                 label=repair.label,
                 chosen_score=repair.repair_score,
@@ -398,15 +412,16 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
         system_prompt = synthesize_system_prompt(cfg.run_dir)
     inputs = load_inputs(cfg.run_dir)
     (out_dir / "manifest.json").unlink(missing_ok=True)  # a crash below leaves no stale "finished"
-    all_sft = sft_records(inputs, system_prompt)
-    all_pairs = preference_pairs(inputs, system_prompt)
+    keep = cfg.keep_token_ids
+    all_sft = sft_records(inputs, system_prompt, keep_token_ids=keep)
+    all_pairs = preference_pairs(inputs, system_prompt, keep_token_ids=keep)
     sft = drop_flawed(all_sft, lambda r: r.trajectory, "SFT record")
     pairs = drop_flawed(all_pairs, lambda p: p.chosen_trajectory, "preference pair")
     write_jsonl_atomic(out_dir / "sft.jsonl", (r.to_dict() for r in sft))
     write_jsonl_atomic(out_dir / "preferences.jsonl", (p.to_dict() for p in pairs))
     extra: dict[str, int] = {}
     for name in cfg.extra_sets:
-        records = sft_records(inputs, system_prompt, name)
+        records = sft_records(inputs, system_prompt, name, keep_token_ids=keep)
         if name in CLEAN_SETS:
             records = drop_flawed(records, lambda r: r.trajectory, f"SFT record ({name})")
         write_jsonl_atomic(out_dir / SFT_FILES[name], (r.to_dict() for r in records))

@@ -174,6 +174,13 @@ class Trajectory:
         """Only what the model wrote (tool results left out)."""
         return "".join(s.text for s in self.segments if s.trainable)
 
+    def text_only(self) -> Trajectory:
+        """This trajectory without its token ids and sampler log-probs (prompt and segments):
+        what a text-only backend would have stored. A model with another tokenizer than the
+        generator's can train on it (the renderer encodes each segment's text with its own)."""
+        segments = tuple(dataclasses.replace(s, token_ids=(), logprobs=None) for s in self.segments)
+        return dataclasses.replace(self, segments=segments, prompt_ids=())
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
