@@ -740,6 +740,10 @@ def test_on_policy_update_skips_the_old_logprob_pass_with_the_same_result(
             steps=1,
             tools={"python": {"workers": 1}},
             sampling={"sampler_logprobs": True},
+            # whole rows in both runs: the separate pass sees other micro-batches than the
+            # update, and a shared-prompt forward over another grouping rounds differently,
+            # which Adam's first step (~lr * sign(gradient)) turns into lr-sized differences
+            shared_prompt_forward=False,
         )
         run_rl(cfg)
         out = tmp_path / name / "run" / "rl"
@@ -772,6 +776,7 @@ def test_logits_from_the_first_trainable_position_equal_the_full_ones(tiny_model
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     update = PolicyUpdate.__new__(PolicyUpdate)
     update.accelerator, update.tokenizer = Accelerator(cpu=True), tokenizer
+    update._share_prompts = False
     batch = [
         RenderedTrajectory(tuple(range(5, 17)), (False,) * 7 + (True,) * 5, 7),
         RenderedTrajectory(tuple(range(20, 29)), (False,) * 5 + (True,) * 3 + (False,), 5),
@@ -788,3 +793,94 @@ def test_logits_from_the_first_trainable_position_equal_the_full_ones(tiny_model
     torch.testing.assert_close(logp[on], ref_logp[on])
     torch.testing.assert_close(entropy[on], ref_entropy[on])
     torch.testing.assert_close(fast_grad, model.lm_head.weight.grad)
+
+
+def _rendered(prompt: tuple[int, ...], reply: tuple[int, ...], masked: int = 0):
+    """A rendering of `prompt` + `reply`, the reply trainable except its last `masked` ids (a
+    tool result's place)."""
+    from autotraj.render import RenderedTrajectory
+
+    flags = (True,) * (len(reply) - masked) + (False,) * masked
+    return RenderedTrajectory(prompt + reply, (False,) * len(prompt) + flags, len(prompt))
+
+
+def test_a_shared_prompt_forwarded_once_gives_the_whole_rows_logprobs_and_gradients(
+    tiny_model_dir, tokenizer
+):
+    """Rollouts of one group share their prompt: the update forwards it once and reuses its KV
+    cache for every row. Log-probs, entropies and every parameter's gradient equal those of
+    whole rows, with groups of different prompt lengths, replies of different lengths, masked
+    ids inside replies and a row alone in its group, in one micro-batch; and fewer tokens are
+    forwarded."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from autotraj.train.grpo_update import PolicyUpdate, prompt_groups
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    a, b, c = tuple(range(5, 19)), tuple(range(30, 39)), tuple(range(50, 61))
+    batch = [
+        _rendered(a, (70, 71, 72, 73, 74)),
+        _rendered(b, (80, 81, 82)),
+        _rendered(a, (75, 76), masked=1),
+        _rendered(c, (90, 91, 92, 93)),  # alone
+        _rendered(a, (77, 78, 79, 60, 61, 62, 63), masked=2),
+        _rendered(b, (84, 85, 86, 87, 88, 89)),
+    ]
+    assert prompt_groups(batch) == [(14, [0, 2, 4]), (9, [1, 5]), (11, [3])]
+    update = PolicyUpdate.__new__(PolicyUpdate)
+    update.accelerator, update.tokenizer = Accelerator(cpu=True), tokenizer
+    forwarded: list[int] = []
+    hook = model.model.embed_tokens.register_forward_hook(
+        lambda _m, args, _out: forwarded.append(args[0].numel())
+    )
+    results = {}
+    for share in (False, True):
+        update._share_prompts = share
+        forwarded.clear()
+        logp, entropy, mask, _ = update._forward_logprobs(model, batch, with_entropy=True)
+        ((logp + 0.1 * entropy) * mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        results[share] = (logp, entropy, mask, grads, sum(forwarded))
+    hook.remove()
+    (logp0, ent0, mask0, grads0, tokens0), (logp1, ent1, mask1, grads1, tokens1) = (
+        results[False],
+        results[True],
+    )
+    on = mask0.bool()
+    assert torch.equal(mask0, mask1) and int(on.sum()) == 24
+    torch.testing.assert_close(logp1[on], logp0[on], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent1[on], ent0[on], rtol=1e-5, atol=1e-5)
+    for name, grad in grads0.items():
+        scale = float(grad.abs().max())  # float rounding: sums in another order
+        assert scale > 0, name
+        torch.testing.assert_close(grads1[name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+    # whole rows: 6 x 21 padded ids; shared: 3 prompts once, then each group's replies
+    assert tokens0 == 6 * 21
+    assert tokens1 == (14 + 9 + 11) + 3 * 7 + 2 * 6 + 1 * 4
+
+
+def test_the_update_forwards_whole_rows_where_collectives_or_checkpointing_need_it(
+    tiny_model_dir, tokenizer
+):
+    """The shared-prompt forward is on by default in one process and off with gradient
+    checkpointing, when switched off, or under several processes."""
+    from accelerate import Accelerator
+
+    from autotraj.train.grpo_update import PolicyUpdate
+
+    class Several:
+        num_processes = 2
+        state = None
+
+    def share(accelerator, **changes):
+        cfg = RlConfig(**changes)
+        return PolicyUpdate(cfg, accelerator, None, None, None, tokenizer)._share_prompts
+
+    one = Accelerator(cpu=True)
+    assert share(one)
+    assert not share(one, gradient_checkpointing=True)
+    assert not share(one, shared_prompt_forward=False)
+    assert not share(Several())

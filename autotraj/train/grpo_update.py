@@ -74,6 +74,15 @@ class PolicyUpdate:
         self.tokenizer = tokenizer
         eos = int(tokenizer.eos_token_id)
         self._filler = RenderedTrajectory((eos, eos), (False, False), 2)  # nothing trainable
+        # Forwarding a shared prompt once changes how many forward calls a micro-batch makes,
+        # which collectives (FSDP2, ZeRO-3, DDP) must agree on; checkpointed layers return no
+        # cache. So: one process, no DeepSpeed, no gradient checkpointing.
+        self._share_prompts = (
+            cfg.shared_prompt_forward
+            and accelerator.num_processes == 1
+            and getattr(accelerator.state, "deepspeed_plugin", None) is None
+            and not cfg.gradient_checkpointing
+        )
 
     def _forward_logprobs(
         self, model: Any, batch: Sequence[RenderedTrajectory], with_entropy: bool
@@ -82,6 +91,10 @@ class PolicyUpdate:
         ids, attention, mask = collate(batch, self.tokenizer.eos_token_id if pad is None else pad)
         device = self.accelerator.device
         ids, attention, mask = ids.to(device), attention.to(device), mask.to(device)
+        groups = prompt_groups(batch) if self._share_prompts else []
+        if any(len(rows) > 1 for _, rows in groups):
+            logp, entropy = self._grouped_logprobs(model, ids, attention, groups, with_entropy)
+            return logp, entropy, mask, ids
         # logits only from the position before the first trainable token on: the prompt's
         # positions predict nothing the loss uses, so the lm_head and log-softmax skip them
         trainable = mask.any(dim=0).nonzero()
@@ -98,6 +111,44 @@ class PolicyUpdate:
         if entropy is not None:
             entropy = torch.nn.functional.pad(entropy, (skip, 0))
         return logp, entropy, mask, ids
+
+    def _grouped_logprobs(
+        self,
+        model: Any,
+        ids: torch.Tensor,
+        attention: torch.Tensor,
+        groups: Sequence[tuple[int, list[int]]],
+        with_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`_forward_logprobs`'s log-probs (and entropies) with each group's shared prompt of
+        length P forwarded once: its KV cache (differentiable) is repeated for the group's rows,
+        which then forward only their tokens from P on. The logits at P - 1 (the prompt's last
+        position, predicting the first reply token) come from the prompt's pass. Causal
+        attention makes this the same computation as whole rows."""
+        batch, width = ids.shape
+        logp = torch.zeros((batch, width), device=ids.device)
+        entropy = torch.zeros((batch, width), device=ids.device) if with_entropy else None
+        for prompt, rows in groups:
+            index = torch.tensor(rows, device=ids.device)
+            end = int(attention[index].sum(dim=1).max())
+            with self.accelerator.autocast():
+                head = model(input_ids=ids[rows[0] : rows[0] + 1, :prompt], use_cache=True)
+                cache = head.past_key_values
+                cache.batch_repeat_interleave(len(rows))
+                tail = model(
+                    input_ids=ids[index, prompt:end],
+                    attention_mask=attention[index, :end],
+                    past_key_values=cache,
+                    use_cache=True,
+                ).logits
+            logits = torch.cat([head.logits[:, -1:].expand(len(rows), -1, -1), tail], dim=1)
+            part, part_entropy = token_logprobs(
+                logits, ids[index, prompt - 1 : end], with_entropy=with_entropy
+            )
+            logp[index, prompt - 1 : end] = part.float()
+            if entropy is not None and part_entropy is not None:
+                entropy[index, prompt - 1 : end] = part_entropy.float()
+        return logp, entropy
 
     def _micro_batches(self, n: int, collective: bool) -> list[range]:
         """Index ranges of the micro-batches over `n` items. `collective`: the passes run on the
@@ -299,6 +350,18 @@ class PolicyUpdate:
                 sampler[row, :n] = torch.tensor(s.sampler[0], device=old.device)
                 known[row, :n] = torch.tensor(s.sampler[1], dtype=mask.dtype, device=old.device)
         return truncated_is_weights(old, sampler, known, cap)
+
+
+def prompt_groups(batch: Sequence[RenderedTrajectory]) -> list[tuple[int, list[int]]]:
+    """The rows of `batch` grouped by identical prompt ids, as (prompt length, rows) in order of
+    first appearance. A rollout group's rows share their prompt; nothing before the prompt's end
+    is trainable."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for row, r in enumerate(batch):
+        if r.prompt_length < 1 or any(r.trainable[: r.prompt_length]):
+            raise ValueError(f"row {row}: a prompt of {r.prompt_length} tokens with trainable ids")
+        groups.setdefault(r.input_ids[: r.prompt_length], []).append(row)
+    return [(len(prompt), rows) for prompt, rows in groups.items()]
 
 
 def _pad_rows(rows: Sequence[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:

@@ -95,6 +95,10 @@ class RlConfig:
     micro_batch_size: int = 4  # sequences per forward/backward
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # autocast; weights stay fp32
     gradient_checkpointing: bool = False
+    # In the update, the prompt that a group's rollouts share is forwarded once and its KV cache
+    # serves every rollout (grpo_update.py; the same log-probs and gradients as whole rows, to
+    # rounding). Used in one process without gradient checkpointing; elsewhere rows are whole.
+    shared_prompt_forward: bool = True
     seed: int = 0
     save_every: int = 10  # steps between checkpoints (0: none until the end)
     keep_checkpoints: int = 2
