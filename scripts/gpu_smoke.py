@@ -74,6 +74,14 @@ def rollouts(rl_dir: Path) -> tuple[bool, str]:
     )
 
 
+def shared_prompt_update(rl_dir: Path) -> tuple[bool, str]:
+    """The update forwarded rows after their group's shared prompt (grpo_update.py) on the
+    device, in every step."""
+    shares = [r["rl/update/shared_prompt_rows"] for r in metric_rows(rl_dir) if "rl/loss" in r]
+    ok = bool(shares) and min(shares) > 0
+    return ok, f"share of rows per step {[round(x, 2) for x in shares]}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -114,6 +122,7 @@ def main() -> int:
         checks["sft weights"] = weight_change(base, run / "sft" / "model")
         checks["rl weights"] = weight_change(run / "sft" / "model", run / "rl" / "model")
         checks["rollouts"] = rollouts(run / "rl")
+        checks["shared-prompt update"] = shared_prompt_update(run / "rl")
         summaries = [run / "eval" / m / "summary.json" for m in ("base", "sft", "rl")]
         checks["eval"] = (all(p.is_file() for p in summaries), "base, sft, rl summaries")
     for name, (ok, detail) in checks.items():

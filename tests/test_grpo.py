@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -776,7 +777,7 @@ def test_logits_from_the_first_trainable_position_equal_the_full_ones(tiny_model
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     update = PolicyUpdate.__new__(PolicyUpdate)
     update.accelerator, update.tokenizer = Accelerator(cpu=True), tokenizer
-    update._share_prompts = False
+    update._share_prompts, update._rows = False, Counter()
     batch = [
         RenderedTrajectory(tuple(range(5, 17)), (False,) * 7 + (True,) * 5, 7),
         RenderedTrajectory(tuple(range(20, 29)), (False,) * 5 + (True,) * 3 + (False,), 5),
@@ -831,6 +832,7 @@ def test_a_shared_prompt_forwarded_once_gives_the_whole_rows_logprobs_and_gradie
     assert prompt_groups(batch) == [(14, [0, 2, 4]), (9, [1, 5]), (11, [3])]
     update = PolicyUpdate.__new__(PolicyUpdate)
     update.accelerator, update.tokenizer = Accelerator(cpu=True), tokenizer
+    update._rows = Counter()
     forwarded: list[int] = []
     hook = model.model.embed_tokens.register_forward_hook(
         lambda _m, args, _out: forwarded.append(args[0].numel())
@@ -884,3 +886,23 @@ def test_the_update_forwards_whole_rows_where_collectives_or_checkpointing_need_
     assert not share(one, gradient_checkpointing=True)
     assert not share(one, shared_prompt_forward=False)
     assert not share(Several())
+
+
+def test_a_run_reports_the_rows_forwarded_after_a_shared_prompt(tmp_path, tiny_model_dir):
+    """In a real run with both groups in one micro-batch every row follows its group's shared
+    prompt (metric 1.0), the loss is that of whole rows, and switched off the metric is 0."""
+    rows = {}
+    for share in (True, False):
+        cfg = tiny_config(
+            tmp_path / str(share),
+            tiny_model_dir,
+            steps=1,
+            micro_batch_size=4,
+            shared_prompt_forward=share,
+        )
+        run_rl(cfg)
+        [rows[share]] = load_rows(tmp_path / str(share) / "run" / "rl" / "metrics.jsonl")
+    assert rows[True]["rl/update/shared_prompt_rows"] == 1.0
+    assert rows[False]["rl/update/shared_prompt_rows"] == 0.0
+    assert rows[True]["rl/loss"] == pytest.approx(rows[False]["rl/loss"], rel=1e-4, abs=1e-6)
+    assert rows[True]["rl/entropy"] == pytest.approx(rows[False]["rl/entropy"], rel=1e-4)

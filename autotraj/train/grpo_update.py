@@ -77,6 +77,7 @@ class PolicyUpdate:
         # Forwarding a shared prompt once changes how many forward calls a micro-batch makes,
         # which collectives (FSDP2, ZeRO-3, DDP) must agree on; checkpointed layers return no
         # cache. So: one process, no DeepSpeed, no gradient checkpointing.
+        self._rows: Counter[str] = Counter()  # rows forwarded: all, and after a shared prompt
         self._share_prompts = (
             cfg.shared_prompt_forward
             and accelerator.num_processes == 1
@@ -92,7 +93,9 @@ class PolicyUpdate:
         device = self.accelerator.device
         ids, attention, mask = ids.to(device), attention.to(device), mask.to(device)
         groups = prompt_groups(batch) if self._share_prompts else []
+        self._rows["all"] += len(batch)
         if any(len(rows) > 1 for _, rows in groups):
+            self._rows["shared"] += sum(len(rows) for _, rows in groups if len(rows) > 1)
             logp, entropy = self._grouped_logprobs(model, ids, attention, groups, with_entropy)
             return logp, entropy, mask, ids
         # logits only from the position before the first trainable token on: the prompt's
@@ -200,6 +203,7 @@ class PolicyUpdate:
         """PPO-clip updates on this process's samples; returns loss/kl/entropy/clip metrics."""
         cfg = self.cfg
         began = time.perf_counter()
+        self._rows.clear()
         # One optimizer step per batch is on-policy: the old log-probs equal the current ones, so
         # the loss uses the current log-probs detached (ratio exactly 1) and skips a forward pass.
         on_policy = self.on_policy()
@@ -238,6 +242,8 @@ class PolicyUpdate:
             "rl/lr": cfg.lr,
             "rl/trainable_tokens": totals["tokens"] / max(1, cfg.ppo_epochs),
             "rl/time/update_s": time.perf_counter() - began,
+            # share of the update's forwarded rows whose prompt was forwarded once for its group
+            "rl/update/shared_prompt_rows": self._rows["shared"] / max(1, self._rows["all"]),
             **mismatch,
         }
 
