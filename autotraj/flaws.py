@@ -16,6 +16,10 @@ trainable segments): tool results are the environment's words, not the model's.
 - `repeated_calls(trajectory)`: indices of tool calls identical (same tool, same input up to
   whitespace) to an earlier call of the same trajectory.
 - `written_results(trajectory)`: `<result>` tags the model wrote itself (in trainable text).
+- markup: the release's format rule (`tags.check_format`: <think> tags balanced, every tool
+  call closed and followed by its result, a closed <answer> with \boxed{}), so text such as
+  `<think>...</th>` (written by Qwen2.5-Coder-0.5B as a teacher, with a correct answer) never
+  counts as high quality.
 - `flaws(trajectory)`: all of the above as short reasons, () when the trajectory is clean.
 
 Pure functions; no I/O. Not here: scoring (quality.py, which uses `hedges` for its confidence
@@ -29,6 +33,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from autotraj.records import Trajectory
+from autotraj.tags import check_format
 
 # Release hedging words (METHOD.md section 5).
 RELEASE_HEDGING_WORDS: tuple[str, ...] = (
@@ -173,12 +178,17 @@ def written_results(trajectory: Trajectory) -> int:
     return len(_RESULT_TAG.findall(trajectory.model_text))
 
 
-def flaws(trajectory: Trajectory, phrases: Sequence[str] = HEDGES) -> tuple[str, ...]:
-    """Why `trajectory` must not be trained on as a good example; () when it is clean."""
+def flaws(
+    trajectory: Trajectory, phrases: Sequence[str] = HEDGES, complete: bool = True
+) -> tuple[str, ...]:
+    """Why `trajectory` must not be trained on as a good example; () when it is clean.
+    `complete=False`: a prefix cut before the answer, so the answer rule of the markup check is
+    left out."""
     text = prose(trajectory.model_text)
     out = [f"hedging: {h!r}" for h in dict.fromkeys(hedges(text, phrases))]
     out += [f"fragment: {f}" for f in fragments(text)]
     out += [f"repeated tool call {i}" for i in repeated_calls(trajectory)]
     if n := written_results(trajectory):
         out.append(f"model-written <result> tags: {n}")
+    out += [f"markup: {r}" for r in check_format(trajectory.text, answer=complete).reasons]
     return tuple(out)

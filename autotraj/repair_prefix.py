@@ -28,9 +28,9 @@ def cut_prefixes(original: Trajectory, hedging_words: Sequence[str]) -> list[Tra
         if segment.trainable:
             continue
         prefix = prefix_of(original, i + 1)
-        if flaws(prefix, hedging_words):
+        if flaws(prefix, hedging_words, complete=False):
             edited = _edit_prefix(prefix, hedging_words)
-            if edited is None or flaws(edited, hedging_words):
+            if edited is None or flaws(edited, hedging_words, complete=False):
                 continue
             prefix = edited
         if all(p.text != prefix.text for p in out):

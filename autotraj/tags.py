@@ -159,22 +159,23 @@ class FormatCheck:
     reasons: tuple[str, ...]
 
 
-def check_format(text: str) -> FormatCheck:
+def check_format(text: str, answer: bool = True) -> FormatCheck:
     """The release's format rule (METHOD.md section 10), with the reasons it fails.
 
     Valid iff: <think> and </think> counts are equal and >= 1; <answer> ... </answer> present in
     order with \\boxed{ inside; every <search>/<code>/<python> is closed and followed by a
-    <result>...</result> block.
+    <result>...</result> block. `answer=False` leaves out the answer rule: the check for a
+    trajectory cut before its answer (a prefix to continue from).
     """
     reasons: list[str] = []
     outside = "<result></result>".join(piece for _, piece in _outside_results(text))
     opens, closes = outside.count("<think>"), outside.count("</think>")
     if opens < 1 or opens != closes:
         reasons.append(f"think tags unbalanced or missing ({opens} open, {closes} close)")
-    block = answer_block(text)
+    block = answer_block(text) if answer else ""
     if block is None:
         reasons.append("no closed <answer> block")
-    elif "\\boxed{" not in block:
+    elif answer and "\\boxed{" not in block:
         reasons.append("no \\boxed{ inside <answer>")
     tags = [(m.group(1) == "/", m.group(2)) for m in _TAG.finditer(outside)]
     for i, (closing, name) in enumerate(tags):

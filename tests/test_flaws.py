@@ -75,9 +75,12 @@ def test_release_words_are_a_subset_of_the_default():
 
 
 def test_code_and_queries_are_not_prose():
-    t = traj("<think>Add them.</think>\n<code>\nprint(1 , 2)  # maybe\n</code>")
+    t = traj(
+        "<think>Add them.</think>\n<code>\nprint(1 , 2)  # maybe\n</code>",
+        ("result", "\n<result>\n1 2\n</result>\n"),
+    )
     assert prose(t.model_text) == "<think>Add them.</think>\n<code>"
-    assert flaws(t) == ()
+    assert flaws(t, complete=False) == ()  # a prefix: no answer yet
 
 
 def test_repeated_identical_calls_whitespace_aside():
@@ -85,7 +88,8 @@ def test_repeated_identical_calls_whitespace_aside():
     b = ToolCall("search", "Ada Lovelace", "x", "ok")
     c = ToolCall("python", "Ada Lovelace", "x", "error")
     assert repeated_calls(traj("<think>x</think>", calls=(a, c, b))) == [2]
-    assert flaws(traj("<think>Look it up.</think>", calls=(a, b))) == ("repeated tool call 1",)
+    looked = traj("<think>Look it up.</think>", calls=(a, b))
+    assert flaws(looked, complete=False) == ("repeated tool call 1",)
 
 
 def test_a_result_the_model_wrote_is_a_flaw_and_a_real_one_is_not():
@@ -94,4 +98,30 @@ def test_a_result_the_model_wrote_is_a_flaw_and_a_real_one_is_not():
         "<think>Run it.</think><code>print(1)</code>", ("result", "\n<result>\n1\n</result>\n")
     )
     assert written_results(fake) == 2 and "model-written <result> tags: 2" in flaws(fake)
-    assert written_results(real) == 0 and flaws(real) == ()
+    assert written_results(real) == 0 and flaws(real, complete=False) == ()
+
+
+def test_broken_markup_is_a_flaw_and_a_prefix_needs_no_answer_yet():
+    """A correct answer in broken markup (`</th>` for `</think>`, as Qwen2.5-Coder-0.5B wrote as
+    a teacher) is a flaw, so it never counts as HQ; a cut before the answer is judged without
+    the answer rule, but its own markup still counts."""
+    result = ("result", "\n<result>\n43647138\n</result>\n")
+    sound = traj(
+        "<think>Multiply.</think>\n<code>\nprint(438 * 99651)\n</code>",
+        result,
+        "<think>43647138 widgets.</think>\n<answer>\\boxed{43647138}</answer>",
+    )
+    broken = traj(
+        "<think>Multiply.</think>\n<code>\nprint(438 * 99651)\n</code>",
+        result,
+        "<think>43647138 widgets.</th>\n<answer>\\boxed{43647138}</answer>",
+    )
+    assert flaws(sound) == ()
+    assert flaws(broken) == ("markup: think tags unbalanced or missing (2 open, 1 close)",)
+    prefix = traj("<think>Multiply.</think>\n<code>\nprint(438 * 99651)\n</code>", result)
+    assert flaws(prefix) == ("markup: no closed <answer> block",)
+    assert flaws(prefix, complete=False) == ()
+    unclosed = traj("<think>Multiply.\n<code>\nprint(438 * 99651)\n</code>", result)
+    assert flaws(unclosed, complete=False) == (
+        "markup: think tags unbalanced or missing (1 open, 0 close)",
+    )
