@@ -291,6 +291,7 @@ SHIPPED = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yam
 COMMAND_OF = {  # configs/<name> -> the `autotraj` command that reads it (cli.STAGES)
     "ablation_cpu.yaml": "ablate",
     "ablation_cpu_full.yaml": "ablate",
+    "ablation_llm.yaml": "ablate",
     "cpu.yaml": "run",
     "cpu_gsm8k.yaml": "run",
     "cpu_llm_repair.yaml": "run",
