@@ -83,7 +83,8 @@ def test_packed_linears_are_bit_identical_and_follow_weight_updates(rows):
     assert "forward" not in vars(model[0])  # the context leaves the modules as they were
 
 
-def _qwen2_dir(tiny_model_dir, tmp_path):
+def _qwen2_dir(tiny_model_dir, tmp_path, sliding: bool = False):
+    """A tiny Qwen2 (biased q/k/v); `sliding`: its second layer attends in a window of 8."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -98,6 +99,11 @@ def _qwen2_dir(tiny_model_dir, tmp_path):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         initializer_range=0.2,
+        **(
+            {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}
+            if sliding
+            else {}
+        ),
     )
     torch.manual_seed(1)
     model = Qwen2ForCausalLM(config)
@@ -248,3 +254,46 @@ def test_a_shared_prompt_prefix_computed_once_gives_the_same_tokens(
     plain = gen.generate(requests)
     assert calls[0][0] == len(requests)
     assert [c.token_ids for c in shared] == [c.token_ids for c in plain]
+
+
+def test_sliding_window_layers_take_the_plain_prefill_with_a_shared_prefix(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """A model with sliding-window layers cannot take a copied prefix: prompts with a long
+    common start are prefilled whole, left-padded, in one cache, and greedy outputs equal each
+    prompt generated alone by transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from autotraj.models import decoding
+
+    path = _qwen2_dir(tiny_model_dir, tmp_path, sliding=True)
+    gen = load_generator(GeneratorConfig(model=str(path), dtype="float32", batch_size=8))
+    system = "You are a careful solver. Show the steps, then answer. " * 2
+    tails = ["What is 2+3?", "Name a prime above 10.", "Say hi"]
+    requests = [
+        GenerationRequest(
+            prompt_text="",
+            prompt_ids=tuple(gen.tokenizer.encode(system + t)),
+            max_new_tokens=12,
+            temperature=0.0,
+        )
+        for t in tails
+    ]
+    assert decoding.shared_prefix([r.prompt_ids for r in requests]) >= decoding._MIN_SHARED
+    built, calls = [], []
+    real_cache, real_forward = decoding.buffered_cache, decoding._forward
+    monkeypatch.setattr(
+        decoding, "buffered_cache", lambda c, n: built.append(n) or real_cache(c, n)
+    )
+    monkeypatch.setattr(
+        decoding, "_forward", lambda m, ids, *a: calls.append(ids.shape) or real_forward(m, ids, *a)
+    )
+    out = gen.generate(requests)
+    assert calls[0] == (len(requests), max(len(r.prompt_ids) for r in requests))  # whole prompts
+    assert len(built) == 2  # the shared layout's cache, refused, then the plain one
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    for request, completion in zip(requests, out, strict=True):
+        ids = torch.tensor([request.prompt_ids])
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :]
+        n = len(completion.token_ids)
+        assert list(completion.token_ids) == ref.tolist()[:n], request.prompt_ids[-5:]

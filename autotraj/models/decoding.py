@@ -225,13 +225,13 @@ def _prefill(
     shared = shared_prefix([r.prompt_ids for r in requests])
     if len(requests) < 2 or shared < _MIN_SHARED:
         shared = 0
-    cache = None
-    if shared:
-        cache = buffered_cache(model.config, 0)
-        if not all(isinstance(layer, BufferedLayer) for layer in cache.layers):
-            shared, cache = 0, None  # sliding-window layers: the plain layout only
+    width = max(len(r.prompt_ids) for r in requests) - shared
+    cache = buffered_cache(model.config, shared + width + _FIRST_ROOM)
+    if shared and not all(isinstance(layer, BufferedLayer) for layer in cache.layers):
+        # sliding-window layers cannot take a copied prefix: the plain layout, one cache
+        width, shared = width + shared, 0
+        cache = buffered_cache(model.config, width + _FIRST_ROOM)
     rests = [r.prompt_ids[shared:] for r in requests]
-    width = max(len(rest) for rest in rests)
     pads = [width - len(rest) for rest in rests]
     input_ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
     mask = torch.ones((len(requests), shared + width), dtype=torch.long)
@@ -240,11 +240,7 @@ def _prefill(
         mask[j, shared : shared + pad] = 0
     input_ids, mask = input_ids.to(device), mask.to(device)
     positions = (mask.cumsum(dim=-1) - 1).masked_fill(mask == 0, 0)
-    if cache is None:
-        cache = buffered_cache(model.config, width + _FIRST_ROOM)
-    else:
-        for layer in cache.layers:
-            layer.capacity = shared + width + _FIRST_ROOM
+    if shared:
         prefix = torch.tensor([requests[0].prompt_ids[:shared]], dtype=torch.long, device=device)
         _forward(model, prefix, mask[:1, :shared], positions[:1, :shared], cache)
         for layer in cache.layers:
