@@ -131,11 +131,17 @@ class PolicyUpdate:
         batch, width = ids.shape
         logp = torch.zeros((batch, width), device=ids.device)
         entropy = torch.zeros((batch, width), device=ids.device) if with_entropy else None
-        for prompt, rows in groups:
-            index = torch.tensor(rows, device=ids.device)
-            end = int(attention[index].sum(dim=1).max())
-            with self.accelerator.autocast():
-                head = model(input_ids=ids[rows[0] : rows[0] + 1, :prompt], use_cache=True)
+        # one autocast region for every call: each weight is cast to the autocast dtype once
+        # (autocast caches the casts of leaf weights inside its region), so the backward
+        # converts one gradient per weight back, not one per call
+        parts = []
+        with self.accelerator.autocast():
+            for prompt, rows in groups:
+                index = torch.tensor(rows, device=ids.device)
+                end = int(attention[index].sum(dim=1).max())
+                head = model(
+                    input_ids=ids[rows[0] : rows[0] + 1, :prompt], use_cache=True, logits_to_keep=1
+                )
                 cache = head.past_key_values
                 cache.batch_repeat_interleave(len(rows))
                 tail = model(
@@ -144,13 +150,15 @@ class PolicyUpdate:
                     past_key_values=cache,
                     use_cache=True,
                 ).logits
-            logits = torch.cat([head.logits[:, -1:].expand(len(rows), -1, -1), tail], dim=1)
+                logits = torch.cat([head.logits.expand(len(rows), -1, -1), tail], dim=1)
+                parts.append((index, prompt - 1, end, logits))
+        for index, start, end, logits in parts:
             part, part_entropy = token_logprobs(
-                logits, ids[index, prompt - 1 : end], with_entropy=with_entropy
+                logits, ids[index, start:end], with_entropy=with_entropy
             )
-            logp[index, prompt - 1 : end] = part.float()
+            logp[index, start:end] = part.float()
             if entropy is not None and part_entropy is not None:
-                entropy[index, prompt - 1 : end] = part_entropy.float()
+                entropy[index, start:end] = part_entropy.float()
         return logp, entropy
 
     def _micro_batches(self, n: int, collective: bool) -> list[range]:
