@@ -906,3 +906,29 @@ def test_a_run_reports_the_rows_forwarded_after_a_shared_prompt(tmp_path, tiny_m
     assert rows[False]["rl/update/shared_prompt_rows"] == 0.0
     assert rows[True]["rl/loss"] == pytest.approx(rows[False]["rl/loss"], rel=1e-4, abs=1e-6)
     assert rows[True]["rl/entropy"] == pytest.approx(rows[False]["rl/entropy"], rel=1e-4)
+
+
+def test_a_group_with_nothing_after_its_prompt_scores_nothing(tiny_model_dir, tokenizer):
+    """Rows that hold only their shared prompt forward nothing and get zero log-probs, beside a
+    group that has replies."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from autotraj.render import RenderedTrajectory
+    from autotraj.train.grpo_update import PolicyUpdate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    update = PolicyUpdate.__new__(PolicyUpdate)
+    update.accelerator, update.tokenizer = Accelerator(cpu=True), tokenizer
+    update._share_prompts, update._rows = True, Counter()
+    bare = RenderedTrajectory(tuple(range(5, 12)), (False,) * 7, 7)
+    batch = [
+        bare,
+        _rendered(tuple(range(20, 26)), (30, 31)),
+        bare,
+        _rendered(tuple(range(20, 26)), (32,)),
+    ]
+    logp, entropy, mask, _ = update._forward_logprobs(model, batch, with_entropy=True)
+    assert not logp[[0, 2]].any() and not entropy[[0, 2]].any()
+    assert logp[1, 6:8].ne(0).all() and logp[3, 6].ne(0)
+    assert int(mask.sum()) == 3

@@ -139,6 +139,8 @@ class PolicyUpdate:
             for prompt, rows in groups:
                 index = torch.tensor(rows, device=ids.device)
                 end = int(attention[index].sum(dim=1).max())
+                if end <= prompt:  # nothing after the prompt: nothing to score
+                    continue
                 head = model(
                     input_ids=ids[rows[0] : rows[0] + 1, :prompt], use_cache=True, logits_to_keep=1
                 )
