@@ -172,11 +172,12 @@ def check_format(text: str, answer: bool = True) -> FormatCheck:
     opens, closes = outside.count("<think>"), outside.count("</think>")
     if opens < 1 or opens != closes:
         reasons.append(f"think tags unbalanced or missing ({opens} open, {closes} close)")
-    block = answer_block(text) if answer else ""
-    if block is None:
-        reasons.append("no closed <answer> block")
-    elif answer and "\\boxed{" not in block:
-        reasons.append("no \\boxed{ inside <answer>")
+    if answer:
+        block = answer_block(text)
+        if block is None:
+            reasons.append("no closed <answer> block")
+        elif "\\boxed{" not in block:
+            reasons.append("no \\boxed{ inside <answer>")
     tags = [(m.group(1) == "/", m.group(2)) for m in _TAG.finditer(outside)]
     for i, (closing, name) in enumerate(tags):
         if closing or name not in TOOL_TAGS:
