@@ -41,7 +41,7 @@ from autotraj.records import (
     Trajectory,
 )
 from autotraj.render import Tokenizer, demonstration_messages, render_messages, render_prompt
-from autotraj.tags import ANSWER_STOP, STOP_STRINGS, find_tool_call, result_text
+from autotraj.tags import ANSWER_STOP, STOP_STRINGS, TOOL_STOPS, find_tool_call, result_text
 from autotraj.tools.tool import Tool, ToolInfraError
 
 log = logging.getLogger(__name__)
@@ -256,6 +256,8 @@ def _request(state: _State, cfg: RolloutConfig, turn: int, token_mode: bool) -> 
         top_p=cfg.top_p,
         stop=STOP_STRINGS,
         seed=_request_seed(cfg.seed, state.id, turn),
+        # after a tool call that will run, this context comes back with the result appended
+        resume_after=TOOL_STOPS if len(state.calls) < cfg.max_tool_calls else (),
     )
 
 

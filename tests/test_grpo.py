@@ -255,6 +255,11 @@ def char_reward(text, query, trajectory):
     return text.count("a") / 4
 
 
+def distinct_char_reward(text, query, trajectory):
+    """A test reward that almost surely differs between random completions of the tiny model."""
+    return len(set(text)) / 10
+
+
 def write_queries(path, n=3):
     rows = [
         {"id": f"q{i}", "question": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(n)
@@ -529,9 +534,22 @@ def test_sampler_trainer_mismatch_is_logged_and_tis_changes_the_update(tmp_path,
     (cap 1.0: every ratio above 1 is cut) changes the update from the same rollouts."""
     from transformers import AutoModelForCausalLM
 
+    # the test reward alone, not gated by the format (which the random tiny model rarely
+    # meets): the update must not vanish with all-zero advantages
+    reward = {
+        "formula": "none",
+        "rm_weight": 0.0,
+        "components": [{"name": "test_grpo:distinct_char_reward", "weight": 1.0}],
+    }
+
     def run(name, **overrides):
         cfg = tiny_config(
-            tmp_path / name, tiny_model_dir, steps=1, tools={"python": {"workers": 1}}, **overrides
+            tmp_path / name,
+            tiny_model_dir,
+            steps=1,
+            tools={"python": {"workers": 1}},
+            reward=reward,
+            **overrides,
         )
         run_rl(cfg)
         out = tmp_path / name / "run" / "rl"
@@ -544,6 +562,8 @@ def test_sampler_trainer_mismatch_is_logged_and_tis_changes_the_update(tmp_path,
     bf16 = {"sampler_logprobs": True}
     copy, plain = run("bf16", generator={"batch_size": 4, "dtype": "bfloat16"}, sampling=bf16)
     assert copy["rl/mismatch/abs_logprob_diff"] > 1e-3
+    assert copy["rl/advantage/zero_fraction"] < 1.0  # the premise: something to update
+    assert copy["rl/mismatch/ratio_max"] > 1.0  # and ratios for the cap to cut
     _, tis = run(
         "tis",
         generator={"batch_size": 4, "dtype": "bfloat16"},

@@ -9,7 +9,13 @@ one-token step with the model's own weights:
 - the operations of transformers' Llama code otherwise, in the same order and dtypes (RMSNorm in
   float32, rotary embeddings, grouped-query attention packed as transformers does for one query
   token: the query heads of a key/value head attend together, the cache is read once);
-- keys and values written into the `BufferedLayer` cache (kv_cache.py), the mask built once.
+- keys and values written into the `BufferedLayer` cache (kv_cache.py), the mask built once;
+- a prefix every row shares (a system prompt, worked examples) may be held once instead of in
+  every row (`prefix`): each row's query heads then attend to it in one product for all rows,
+  and to the row's own columns separately, and the two softmaxes are merged by their
+  log-sum-exps (torch's CPU flash-attention kernel returns them). At 64 rows, 460 shared and
+  250 own columns, a layer's attention took 2.5 ms instead of 5.3 ms (2-core AMD EPYC). The
+  merge rounds differently from one softmax (bf16 outputs, ~2e-3).
 
 It is used for the decode steps of models whose architecture it knows (`FastStep.supports`:
 LlamaForCausalLM, Qwen2ForCausalLM with full attention, default RoPE, SiLU MLP) in bfloat16 on
@@ -75,7 +81,7 @@ class FastStep:
                     down=packed_weight(mlp.down_proj),
                 )
             )
-        self.key = _weights_key(model)
+        self.key = weights_key(model)
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -98,9 +104,30 @@ class FastStep:
             and not model.training
         )
 
+    def _split_attention(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        prefix: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """Attention of `q` (rows x kv_heads x groups x head_dim) over the shared `prefix` and
+        each row's own `keys` / `values`, as one softmax over both."""
+        rows, kv_heads, groups, dim = q.shape
+        scale = self.head_dim**-0.5
+        together = q.transpose(0, 1).reshape(1, kv_heads, rows * groups, dim)
+        shared, shared_lse = _flash(together, prefix[0], prefix[1], None, scale)
+        shared = shared.reshape(kv_heads, rows, groups, dim).transpose(0, 1)
+        shared_lse = shared_lse.reshape(kv_heads, rows, groups).transpose(0, 1)
+        own, own_lse = _flash(q, keys, values, mask, scale)
+        top = torch.maximum(shared_lse, own_lse)
+        a, b = (shared_lse - top).exp()[..., None], (own_lse - top).exp()[..., None]
+        return ((shared.float() * a + own.float() * b) / (a + b)).to(q.dtype)
+
     def current(self, model: Any) -> bool:
         """False once any weight of `model` changed since this step was built."""
-        return self.key == _weights_key(model)
+        return self.key == weights_key(model)
 
     def __call__(
         self,
@@ -108,9 +135,12 @@ class FastStep:
         positions: torch.Tensor,
         attention_mask: torch.Tensor,
         layers: list[Any],
+        prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """float32 logits (rows x vocab) after feeding `tokens` (rows,) at `positions` (rows,);
-        `attention_mask` (rows x columns, the new token's column included) masks the cache."""
+        `attention_mask` (rows x columns, the new token's column included) masks the cache.
+        `prefix`: per layer, keys and values (1 x kv_heads x length x head_dim) that precede
+        every row's cached columns (held once; see the module docstring)."""
         rows = tokens.shape[0]
         h = F.embedding(tokens[:, None], self.embed)  # (rows, 1, hidden)
         freqs = positions[:, None, None].float() * self.inv_freq  # (rows, 1, dim / 2)
@@ -118,9 +148,11 @@ class FastStep:
         cos = (emb.cos() * self.rope_scale).to(h.dtype)[:, None]  # (rows, 1, 1, dim)
         sin = (emb.sin() * self.rope_scale).to(h.dtype)[:, None]
         mask = attention_mask.bool()[:, None, None, :]
+        if prefix is not None:  # the flash kernel takes an additive mask of the query's dtype
+            mask = torch.zeros(mask.shape, dtype=h.dtype).masked_fill(~mask, float("-inf"))
         groups = self.heads // self.kv_heads
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        for layer, cache in zip(self.layers, layers, strict=True):
+        for number, (layer, cache) in enumerate(zip(self.layers, layers, strict=True)):
             x = _rms_norm(h, layer.norm1, self.eps)
             qkv = packed_linear(x, layer.qkv, layer.qkv_bias)
             qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
@@ -131,9 +163,12 @@ class FastStep:
             keys, values = cache.update(k, v)
             if groups > 1:  # the query heads of one key/value head attend together
                 q = q.reshape(rows, self.kv_heads, groups, self.head_dim)
-            out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, scale=self.head_dim**-0.5
-            )
+            if prefix is None:
+                out = F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=mask, scale=self.head_dim**-0.5
+                )
+            else:
+                out = self._split_attention(q, keys, values, mask, prefix[number])
             out = out.reshape(rows, self.heads, 1, self.head_dim).transpose(1, 2)
             h = h + packed_linear(out.reshape(rows, 1, q_size), layer.o, None)
             x = _rms_norm(h, layer.norm2, self.eps)
@@ -141,6 +176,18 @@ class FastStep:
             h = h + packed_linear(F.silu(gate) * up, layer.down, None)
         h = _rms_norm(h, self.final_norm, self.eps)
         return packed_linear(h, self.lm_head, None)[:, -1].float()
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float):
+    """torch's CPU flash attention: the output and the log-sum-exp of each query's scores."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=mask, scale=scale
+    )[:2]
+    return out, lse
+
+
+def split_attention_available() -> bool:
+    return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -155,5 +202,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _weights_key(model: Any) -> tuple:
+def weights_key(model: Any) -> tuple:
+    """Changes whenever any weight of `model` is replaced or updated in place."""
     return tuple((p.data_ptr(), p._version) for p in model.parameters())

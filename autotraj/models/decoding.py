@@ -45,8 +45,9 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from autotraj.models.decode_step import FastStep
+from autotraj.models.decode_step import FastStep, split_attention_available
 from autotraj.models.generator import GenerationRequest
+from autotraj.models.kept_prefixes import Kept, KeptPrefixes
 from autotraj.models.kv_cache import BufferedLayer, buffered_cache, compact_cache, fill_holes
 
 
@@ -103,6 +104,9 @@ class _Batch:
     temperature: torch.Tensor  # (live,) float32, 0 = greedy
     top_p: torch.Tensor  # (live,) float32
     cache: DynamicCache
+    # per layer, the keys and values of a prefix every row shares, held once (1 x kv_heads x
+    # length x head_dim) and not in `cache` (the fast step's split attention), or None
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def keep(self, keep: list[int]) -> list[int]:
         """Keep only the live rows at batch positions `keep` (ascending). The rows above the
@@ -139,10 +143,15 @@ def decode_batch(
     eos_ids: Collection[int],
     pad_id: int,
     fast: FastStep | None = None,
+    kept: KeptPrefixes | None = None,
 ) -> list[tuple[int, ...]]:
     """Raw new ids per request, each ending with its finishing token or at its budget.
-    `fast`: the model's decode_step.FastStep, used for the decode steps (None: transformers)."""
-    return [ids for ids, _ in _decode(model, tokenizer, requests, eos_ids, pad_id, False, fast)]
+    `fast`: the model's decode_step.FastStep, used for the decode steps (None: transformers).
+    `kept`: the store of finished rows' caches that prompts may continue (kept_prefixes.py);
+    rows that end on one of their `resume_after` strings are added to it."""
+    return [
+        ids for ids, _ in _decode(model, tokenizer, requests, eos_ids, pad_id, False, fast, kept)
+    ]
 
 
 def decode_batch_logprobs(
@@ -152,9 +161,10 @@ def decode_batch_logprobs(
     eos_ids: Collection[int],
     pad_id: int,
     fast: FastStep | None = None,
+    kept: KeptPrefixes | None = None,
 ) -> list[tuple[tuple[int, ...], tuple[float, ...]]]:
     """`decode_batch`'s ids per request with each id's log-prob under the unscaled logits."""
-    return _decode(model, tokenizer, requests, eos_ids, pad_id, True, fast)
+    return _decode(model, tokenizer, requests, eos_ids, pad_id, True, fast, kept)
 
 
 def _decode(
@@ -165,6 +175,7 @@ def _decode(
     pad_id: int,
     with_logprobs: bool,
     fast: FastStep | None,
+    kept: KeptPrefixes | None,
 ) -> list[tuple[tuple[int, ...], tuple[float, ...]]]:
     if any(not r.prompt_ids for r in requests):
         raise ValueError("decode_batch needs prompt_ids on every request")
@@ -174,7 +185,8 @@ def _decode(
     if not live:
         return [((), ()) for _ in requests]
     generator = _generator(requests[0].seed, model.device)
-    batch, logits = _prefill(model, [requests[i] for i in live], live, pad_id)
+    split = fast is not None and split_attention_available()
+    batch, logits = _prefill(model, [requests[i] for i in live], live, pad_id, kept, split)
     windows = [max((len(s) for s in r.stop), default=0) + 2 for r in requests]
     eos = set(eos_ids)
     while True:
@@ -183,11 +195,15 @@ def _decode(
             picked = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
             for row, value in zip(batch.rows, picked.tolist(), strict=True):
                 logprobs[row].append(value)
-        keep = []
+        keep, resumed = [], []
         for j, (row, token) in enumerate(zip(batch.rows, tokens.tolist(), strict=True)):
             out[row].append(token)
             if not _finished(out[row], requests[row], eos, tokenizer, windows[row]):
                 keep.append(j)
+            elif kept is not None and _resumes(out[row], requests[row], tokenizer, windows[row]):
+                resumed.append(j)
+        if resumed:
+            _keep_rows(batch, resumed, requests, out, kept)
         if not keep:
             return [(tuple(ids), tuple(lp)) for ids, lp in zip(out, logprobs, strict=True)]
         if len(keep) < len(batch.rows):
@@ -203,6 +219,60 @@ def _finished(
     return bool(request.stop) and has_stop(decode(tokenizer, ids[-window:]), request.stop)
 
 
+def _resumes(ids: list[int], request: GenerationRequest, tokenizer: Any, window: int) -> bool:
+    """True when a finished row ended on one of the strings after which it will be resumed."""
+    return bool(request.resume_after) and has_stop(
+        decode(tokenizer, ids[-window:]), request.resume_after
+    )
+
+
+def _keep_rows(
+    batch: _Batch,
+    positions: list[int],
+    requests: Sequence[GenerationRequest],
+    out: list[list[int]],
+    kept: KeptPrefixes,
+) -> None:
+    """Copy the cache of the live rows at batch `positions` into `kept`, keyed by the ids it
+    holds: the row's prompt and its new ids but the last (sampled, not yet fed)."""
+    layers = batch.cache.layers
+    if not all(isinstance(layer, BufferedLayer) for layer in layers):
+        return  # a sliding-window layer's columns are not the mask's
+    prefix = batch.prefix or [None] * len(layers)
+    held = 0 if batch.prefix is None else batch.prefix[0][0].shape[2]
+    for j in positions:
+        row = batch.rows[j]
+        columns = batch.attention_mask[j].nonzero().squeeze(1)
+        ids = tuple(requests[row].prompt_ids) + tuple(out[row][:-1])
+        if held + len(columns) != len(ids) or (
+            layers[0].get_seq_length() != batch.attention_mask.shape[1]
+        ):
+            raise RuntimeError(
+                f"decoder state out of step: row {row} holds {held + len(columns)} cached "
+                f"tokens for {len(ids)} ids"
+            )
+        kept.keep(
+            Kept(ids, [_row_kv(x, j, columns, p) for x, p in zip(layers, prefix, strict=True)])
+        )
+
+
+def _row_kv(
+    layer: BufferedLayer,
+    row: int,
+    columns: torch.Tensor,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row's keys and values (kv_heads x length x head_dim): the held prefix, if any, then the
+    row's unmasked cache columns."""
+    keys, values = (
+        layer.keys[row].index_select(1, columns),
+        layer.values[row].index_select(1, columns),
+    )
+    if prefix is None:
+        return keys, values
+    return torch.cat([prefix[0][0], keys], dim=1), torch.cat([prefix[1][0], values], dim=1)
+
+
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     if seed is None:
         return None
@@ -212,39 +282,72 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator | None
 
 
 def _prefill(
-    model: Any, requests: Sequence[GenerationRequest], rows: list[int], pad_id: int
+    model: Any,
+    requests: Sequence[GenerationRequest],
+    rows: list[int],
+    pad_id: int,
+    kept: KeptPrefixes | None = None,
+    split: bool = False,
 ) -> tuple[_Batch, torch.Tensor]:
     """Run the prompts once; the batch state and the last position's logits.
 
-    When every prompt starts with the same `shared_prefix` tokens (at least _MIN_SHARED; a
-    system prompt, worked examples, a rollout group's question), that prefix is computed once
-    for a batch of one and its cache copied to every row; the rest of each prompt follows it,
-    left-padded to the longest rest (the padding sits between prefix and rest, masked out).
-    Otherwise the whole prompts are left-padded and run together."""
+    Three layouts, each row's columns being [start | padding | rest of its prompt], the rests
+    left-padded to the longest:
+    - kept: when `kept` holds the cache of an earlier call's row that a prompt continues (a tool
+      loop's next turn), that cache is the row's start and only the rest is forwarded; rows
+      without one start empty;
+    - shared: otherwise, when every prompt starts with the same `shared_prefix` tokens (at least
+      _MIN_SHARED; a system prompt, worked examples, a rollout group's question), that prefix is
+      computed once for a batch of one and its cache copied to every row;
+    - plain: otherwise the whole prompts, left-padded, run together.
+    More than _PREFILL_ROWS rows are forwarded in chunks of similar rest lengths, each padded
+    only to its own longest rest (`_chunked_prefill`; at 64 GSM8K chat prompts, 42% of one
+    padded batch's tokens were padding); their caches are then written into the batch's.
+    Padding is masked out; positions count real tokens only. Sliding-window models take the
+    plain layout (their layers cannot take a copied start). With `split` (the fast step decodes
+    the batch), a prefix every row's start begins with (the shared one, or in the kept layout
+    the longest common start of prompts that all continue kept rows) is afterwards held once
+    (`_Batch.prefix`) and cut from every row's cache."""
     device = model.device
-    shared = shared_prefix([r.prompt_ids for r in requests])
-    if len(requests) < 2 or shared < _MIN_SHARED:
-        shared = 0
-    width = max(len(r.prompt_ids) for r in requests) - shared
-    cache = buffered_cache(model.config, shared + width + _FIRST_ROOM)
-    if shared and not all(isinstance(layer, BufferedLayer) for layer in cache.layers):
-        # sliding-window layers cannot take a copied prefix: the plain layout, one cache
-        width, shared = width + shared, 0
+    hits = [kept.longest(r.prompt_ids) for r in requests] if kept else [None] * len(requests)
+    shared = 0
+    if any(h is not None for h in hits):
+        starts = [0 if h is None else len(h.ids) for h in hits]
+    else:
+        hits = [None] * len(requests)
+        shared = shared_prefix([r.prompt_ids for r in requests])
+        shared = shared if len(requests) > 1 and shared >= _MIN_SHARED else 0
+        starts = [shared] * len(requests)
+    cached = max(starts)
+    width = max(len(r.prompt_ids) - s for r, s in zip(requests, starts, strict=True))
+    cache = buffered_cache(model.config, cached + width + _FIRST_ROOM)
+    if cached and not all(isinstance(layer, BufferedLayer) for layer in cache.layers):
+        # sliding-window layers cannot take a copied start: the plain layout, one cache
+        hits, shared, starts = [None] * len(requests), 0, [0] * len(requests)
+        width, cached = max(len(r.prompt_ids) for r in requests), 0
         cache = buffered_cache(model.config, width + _FIRST_ROOM)
-    rests = [r.prompt_ids[shared:] for r in requests]
-    pads = [width - len(rest) for rest in rests]
+    rests = [r.prompt_ids[s:] for r, s in zip(requests, starts, strict=True)]
     input_ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
-    mask = torch.ones((len(requests), shared + width), dtype=torch.long)
-    for j, (rest, pad) in enumerate(zip(rests, pads, strict=True)):
+    mask = torch.ones((len(requests), cached + width), dtype=torch.long)
+    for j, (rest, start) in enumerate(zip(rests, starts, strict=True)):
+        pad = width - len(rest)
         input_ids[j, pad:] = torch.tensor(rest, dtype=torch.long)
-        mask[j, shared : shared + pad] = 0
+        mask[j, start:cached] = 0
+        mask[j, cached : cached + pad] = 0
     input_ids, mask = input_ids.to(device), mask.to(device)
     positions = (mask.cumsum(dim=-1) - 1).masked_fill(mask == 0, 0)
+    starts_kv: _Starts | None = None
     if shared:
-        prefix = torch.tensor([requests[0].prompt_ids[:shared]], dtype=torch.long, device=device)
-        _forward(model, prefix, mask[:1, :shared], positions[:1, :shared], cache)
-        for layer in cache.layers:
-            layer.batch_repeat_interleave(len(requests))
+        prefix = buffered_cache(model.config, shared)
+        ids = torch.tensor([requests[0].prompt_ids[:shared]], dtype=torch.long, device=device)
+        _forward(model, ids, mask[:1, :shared], positions[:1, :shared], prefix)
+        starts_kv = _Starts(prefix=prefix)
+    elif cached:
+        starts_kv = _Starts(hits=hits)
+        for hit in hits:
+            if hit is not None:
+                kept.consume(hit)
+                kept.hits += len(hit.ids)
     greedy = [r.temperature <= 0 for r in requests]
     temperature = [
         0.0 if g else float(r.temperature) for g, r in zip(greedy, requests, strict=True)
@@ -252,14 +355,128 @@ def _prefill(
     top_p = [1.0 if g else float(r.top_p) for g, r in zip(greedy, requests, strict=True)]
     batch = _Batch(
         rows=list(rows),
-        pads=[0] * len(requests) if shared else pads,  # leading padding columns
+        pads=(mask.cumsum(dim=-1) == 0).sum(dim=-1).tolist(),  # leading padding columns
         attention_mask=mask,
         positions=positions[:, -1],
         temperature=_floats(temperature, device),
         top_p=_floats(top_p, device),
         cache=cache,
     )
-    return batch, _forward(model, input_ids, mask, positions[:, shared:], batch.cache)
+    lengths = [len(rest) for rest in rests]
+    if len(requests) <= _PREFILL_ROWS or not _all_buffered(cache):
+        if starts_kv is not None:
+            starts_kv.load(cache, list(range(len(requests))), cached)
+        logits = _forward(model, input_ids, mask, positions[:, cached:], cache)
+    else:
+        logits = _chunked_prefill(model, lengths, starts_kv, input_ids, mask, positions, cache)
+    if split and _all_buffered(cache):
+        if shared:
+            _hold_prefix_once(batch, [(x.keys, x.values) for x in starts_kv.prefix.layers])
+        elif cached and all(h is not None for h in hits):
+            common = shared_prefix([r.prompt_ids for r in requests])
+            if common >= _MIN_SHARED and common <= min(starts):
+                # the first row's copy for all (the same numbers where the earlier call held or
+                # copied one prefix; within rounding where its rows computed it each)
+                first = hits[0].layers
+                held = [
+                    (k[None, :, :common].contiguous(), v[None, :, :common].contiguous())
+                    for k, v in first
+                ]
+                _hold_prefix_once(batch, held)
+    return batch, logits
+
+
+def _hold_prefix_once(batch: _Batch, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Keep a prefix that every row's cache begins with once (`batch.prefix`: per layer, keys
+    and values of 1 x kv_heads x length x head_dim) and cut its columns from every row's cache
+    and mask (no copy)."""
+    length = prefix[0][0].shape[2]
+    batch.prefix = prefix
+    for layer in batch.cache.layers:
+        layer.trim_front(length)
+    batch.attention_mask = batch.attention_mask[:, length:]
+    batch.pads = (batch.attention_mask.cumsum(dim=-1) == 0).sum(dim=-1).tolist()
+
+
+def _all_buffered(cache: DynamicCache) -> bool:
+    return all(isinstance(layer, BufferedLayer) for layer in cache.layers)
+
+
+def _chunked_prefill(
+    model: Any,
+    lengths: list[int],
+    starts: _Starts | None,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    cache: DynamicCache,
+) -> torch.Tensor:
+    """The prefill in chunks of _PREFILL_ROWS rows of similar rest lengths (`lengths`), each cut
+    to its longest rest: a chunk's cache holds its rows' starts and rests, and is then written
+    into the empty `cache` (zeros in the padding columns: masked, never NaN). The last
+    position's logits of every row."""
+    rows, width = input_ids.shape
+    cached = mask.shape[1] - width
+    order = sorted(range(rows), key=lambda j: lengths[j])
+    logits, parts = None, []
+    for first in range(0, rows, _PREFILL_ROWS):
+        chunk = order[first : first + _PREFILL_ROWS]
+        index = torch.tensor(chunk, dtype=torch.long, device=input_ids.device)
+        cut = width - max(lengths[j] for j in chunk)
+        part = buffered_cache(model.config, cached + width - cut)
+        if starts is not None:
+            starts.load(part, chunk, cached)
+        columns = torch.cat([mask[index, :cached], mask[index, cached + cut :]], dim=1)
+        out = _forward(
+            model, input_ids[index, cut:], columns, positions[index, cached + cut :], part
+        )
+        if logits is None:
+            logits = out.new_empty((rows, out.shape[1]))
+        logits[index] = out
+        parts.append((index, cut, part))
+    for number, layer in enumerate(cache.layers):
+        like = parts[0][2].layers[number].keys
+        shape = (rows, like.shape[1], cached + width, like.shape[3])
+        keys, values = like.new_zeros(shape), like.new_zeros(shape)
+        for index, cut, part in parts:
+            written = part.layers[number]
+            keys[index, :, :cached] = written.keys[:, :, :cached]
+            keys[index, :, cached + cut :] = written.keys[:, :, cached:]
+            values[index, :, :cached] = written.values[:, :, :cached]
+            values[index, :, cached + cut :] = written.values[:, :, cached:]
+        layer.update(keys, values)
+    return logits
+
+
+@dataclass
+class _Starts:
+    """What the first `cached` columns of the rows hold before their rests are forwarded: a
+    shared prefix computed once (a batch of one), or each row's kept cache (None: empty)."""
+
+    prefix: DynamicCache | None = None
+    hits: Sequence[Kept | None] = ()
+
+    def load(self, cache: DynamicCache, rows: list[int], columns: int) -> None:
+        """Write the starts of `rows` (in that order) into the first `columns` columns of the empty
+        `cache`, each from column 0 (zeros after it and where a row has none: masked, never
+        NaN)."""
+        if self.prefix is not None:
+            for layer, prefix in zip(cache.layers, self.prefix.layers, strict=True):
+                count = (len(rows), -1, -1, -1)
+                layer.update(prefix.keys.expand(count), prefix.values.expand(count))
+            return
+        hits = [self.hits[j] for j in rows]
+        found = next(h for h in self.hits if h is not None)
+        for number, layer in enumerate(cache.layers):
+            like = found.layers[number][0]
+            shape = (len(rows), like.shape[0], columns, like.shape[2])
+            keys, values = like.new_zeros(shape), like.new_zeros(shape)
+            for j, hit in enumerate(hits):
+                if hit is not None:
+                    k, v = hit.layers[number]
+                    keys[j, :, : k.shape[1]] = k
+                    values[j, :, : v.shape[1]] = v
+            layer.update(keys, values)
 
 
 def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
@@ -282,6 +499,8 @@ def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
 _MIN_SHARED = 32
 # New-token room of a fresh cache; it doubles when a row needs more (kv_cache.py).
 _FIRST_ROOM = 128
+# The prefill runs more rows than this in chunks of similar rest lengths (_chunked_prefill).
+_PREFILL_ROWS = 16
 
 
 def _step(model: Any, batch: _Batch, tokens: torch.Tensor, fast: FastStep | None) -> torch.Tensor:
@@ -290,7 +509,9 @@ def _step(model: Any, batch: _Batch, tokens: torch.Tensor, fast: FastStep | None
     batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
     batch.positions = batch.positions + 1
     if fast is not None and all(isinstance(x, BufferedLayer) for x in batch.cache.layers):
-        return fast(tokens, batch.positions, batch.attention_mask, batch.cache.layers)
+        return fast(tokens, batch.positions, batch.attention_mask, batch.cache.layers, batch.prefix)
+    if batch.prefix is not None:
+        raise RuntimeError("a batch holding its shared prefix once needs the fast step")
     return _forward(
         model, tokens[:, None], batch.attention_mask, batch.positions[:, None], batch.cache
     )

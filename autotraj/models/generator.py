@@ -32,6 +32,11 @@ class GenerationRequest:
     top_p: float = 0.9
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # Stop strings after which the caller will send this context again, extended (a tool call:
+    # the rollout appends the result and continues). A backend may keep its state for such a
+    # row (the transformers backend keeps its KV cache, models/kept_prefixes.py); a hint only,
+    # it never changes what is generated.
+    resume_after: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,9 @@ class GeneratorConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 16  # sequences per forward pass (transformers) or requests in flight (openai)
+    # transformers: MB of KV cache kept for rows a tool loop will continue (their next turn
+    # prefills only the tool's result; models/kept_prefixes.py); 0 turns it off.
+    kept_prefix_mb: int = 2048
     # openai backend
     base_url: str = "http://127.0.0.1:8000/v1"
     api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable holding the key

@@ -23,6 +23,11 @@ Log-probs: with `logprobs=True` each Completion carries the log-prob of each of 
 model's unscaled distribution (decoding.decode_batch_logprobs; RL's sampler/trainer mismatch
 metrics); else `Completion.logprobs` is None.
 
+Tool loops: a row that ends on one of its request's `resume_after` strings (a tool call the
+rollout will run) keeps its KV cache in `kept` (models/kept_prefixes.py, at most
+`kept_prefix_mb`); when the next call's prompt continues it, only the new tokens (the tool's
+result) are prefilled. The store is emptied whenever the model's weights change.
+
 Not here: chat templates (render.py), the decoding loop itself (decoding.py).
 """
 
@@ -36,9 +41,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from autotraj.models.cpu_linear import packed_linears
-from autotraj.models.decode_step import FastStep
+from autotraj.models.decode_step import FastStep, weights_key
 from autotraj.models.decoding import decode, decode_batch, decode_batch_logprobs, has_stop
 from autotraj.models.generator import Completion, GenerationRequest, StopReason
+from autotraj.models.kept_prefixes import KeptPrefixes
 
 if TYPE_CHECKING:
     from autotraj.models.loading import GeneratorConfig
@@ -83,18 +89,28 @@ class TransformersGenerator:
     backend = "transformers"
 
     def __init__(
-        self, model: Any, tokenizer: Any, name: str, batch_size: int = 16, logprobs: bool = False
+        self,
+        model: Any,
+        tokenizer: Any,
+        name: str,
+        batch_size: int = 16,
+        logprobs: bool = False,
+        kept_prefix_mb: int = 2048,
     ):
         if tokenizer.eos_token_id is None:
             raise ValueError(f"{name}: the tokenizer has no eos (end-of-turn) token")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if kept_prefix_mb < 0:
+            raise ValueError(f"kept_prefix_mb must be >= 0, got {kept_prefix_mb}")
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.batch_size = batch_size
         self.logprobs = logprobs
         self._fast: FastStep | None = None
+        # finished rows' KV caches for the calls that continue them (0 MB: none kept)
+        self.kept = KeptPrefixes(kept_prefix_mb * 2**20) if kept_prefix_mb > 0 else None
 
     @classmethod
     def from_config(cls, cfg: GeneratorConfig) -> TransformersGenerator:
@@ -108,7 +124,13 @@ class TransformersGenerator:
         tokenizer = load_tokenizer(cfg)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         log.info("loaded %s on %s (%s)", cfg.model, device, model.dtype)
-        return cls(model, tokenizer, name=cfg.model, batch_size=cfg.batch_size)
+        return cls(
+            model,
+            tokenizer,
+            name=cfg.model,
+            batch_size=cfg.batch_size,
+            kept_prefix_mb=cfg.kept_prefix_mb,
+        )
 
     @property
     def eos_token_id(self) -> int:
@@ -171,13 +193,13 @@ class TransformersGenerator:
         try:
             with torch.inference_mode(), packed_linears(self.model):
                 fast = self._fast_step()
+                if self.kept is not None:
+                    self.kept.check(weights_key(self.model))
+                args = (self.model, self.tokenizer, requests, eos_ids, pad_id, fast, self.kept)
                 if self.logprobs:
-                    raw = decode_batch_logprobs(
-                        self.model, self.tokenizer, requests, eos_ids, pad_id, fast
-                    )
+                    raw = decode_batch_logprobs(*args)
                 else:
-                    ids = decode_batch(self.model, self.tokenizer, requests, eos_ids, pad_id, fast)
-                    raw = [(new, None) for new in ids]
+                    raw = [(new, None) for new in decode_batch(*args)]
         finally:
             self.model.train(was_training)
         completions = []

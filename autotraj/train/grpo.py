@@ -304,6 +304,7 @@ class GrpoRun:
             name=self.model_ref,
             batch_size=self.cfg.generator.batch_size,
             logprobs=self.cfg.sampling.sampler_logprobs,
+            kept_prefix_mb=self.cfg.generator.kept_prefix_mb,
         )
 
     def restore(self) -> int:

@@ -51,6 +51,10 @@ class RlGeneratorConfig:
     # from the policy before every step's rollouts (2.4x faster generation on CPU than the fp32
     # policy, docs/rl.md). Log-probs for the loss always come from the policy.
     dtype: Literal["policy", "bfloat16"] = "policy"
+    # transformers only: MB of KV cache kept for rollouts that will continue after a tool call
+    # (their next turn prefills only the tool's result; models/kept_prefixes.py); 0: off. It is
+    # emptied whenever the policy's weights change.
+    kept_prefix_mb: int = 2048
     # vllm only: the share of the GPU the engine may take while awake (bf16 weights + KV cache;
     # 0.5 of 80 GB leaves ~24 GB of KV cache beside a 7B policy; refused up front when the
     # weights leave less than 1 GiB), its longest sequence (prompt, demonstrations and
