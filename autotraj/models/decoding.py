@@ -144,14 +144,15 @@ def decode_batch(
     pad_id: int,
     fast: FastStep | None = None,
     kept: KeptPrefixes | None = None,
+    held_prefix: bool = False,
 ) -> list[tuple[int, ...]]:
     """Raw new ids per request, each ending with its finishing token or at its budget.
     `fast`: the model's decode_step.FastStep, used for the decode steps (None: transformers).
     `kept`: the store of finished rows' caches that prompts may continue (kept_prefixes.py);
-    rows that end on one of their `resume_after` strings are added to it."""
-    return [
-        ids for ids, _ in _decode(model, tokenizer, requests, eos_ids, pad_id, False, fast, kept)
-    ]
+    rows that end on one of their `resume_after` strings are added to it.
+    `held_prefix`: let the fast step hold a prefix all rows share once (opt-in, see _prefill)."""
+    out = _decode(model, tokenizer, requests, eos_ids, pad_id, False, fast, kept, held_prefix)
+    return [ids for ids, _ in out]
 
 
 def decode_batch_logprobs(
@@ -162,9 +163,10 @@ def decode_batch_logprobs(
     pad_id: int,
     fast: FastStep | None = None,
     kept: KeptPrefixes | None = None,
+    held_prefix: bool = False,
 ) -> list[tuple[tuple[int, ...], tuple[float, ...]]]:
     """`decode_batch`'s ids per request with each id's log-prob under the unscaled logits."""
-    return _decode(model, tokenizer, requests, eos_ids, pad_id, True, fast, kept)
+    return _decode(model, tokenizer, requests, eos_ids, pad_id, True, fast, kept, held_prefix)
 
 
 def _decode(
@@ -176,6 +178,7 @@ def _decode(
     with_logprobs: bool,
     fast: FastStep | None,
     kept: KeptPrefixes | None,
+    held_prefix: bool = False,
 ) -> list[tuple[tuple[int, ...], tuple[float, ...]]]:
     if any(not r.prompt_ids for r in requests):
         raise ValueError("decode_batch needs prompt_ids on every request")
@@ -185,7 +188,7 @@ def _decode(
     if not live:
         return [((), ()) for _ in requests]
     generator = _generator(requests[0].seed, model.device)
-    split = fast is not None and split_attention_available()
+    split = held_prefix and fast is not None and split_attention_available()
     batch, logits = _prefill(model, [requests[i] for i in live], live, pad_id, kept, split)
     windows = [max((len(s) for s in r.stop), default=0) + 2 for r in requests]
     eos = set(eos_ids)

@@ -49,6 +49,11 @@ class GeneratorConfig:
     # transformers: MB of KV cache kept for rows a tool loop will continue (their next turn
     # prefills only the tool's result; models/kept_prefixes.py); 0 turns it off.
     kept_prefix_mb: int = 2048
+    # transformers on CPU, opt-in: decode with a prefix every row shares (system prompt, worked
+    # examples) held once, its attention merged with each row's own (faster in tool loops; its
+    # rounding depends on where the shared prefix ends, so runs that batch prompts differently
+    # can sample other tokens: docs/models.md).
+    held_prefix: bool = False
     # openai backend
     base_url: str = "http://127.0.0.1:8000/v1"
     api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable holding the key

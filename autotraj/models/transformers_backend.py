@@ -96,6 +96,7 @@ class TransformersGenerator:
         batch_size: int = 16,
         logprobs: bool = False,
         kept_prefix_mb: int = 2048,
+        held_prefix: bool = False,
     ):
         if tokenizer.eos_token_id is None:
             raise ValueError(f"{name}: the tokenizer has no eos (end-of-turn) token")
@@ -111,6 +112,7 @@ class TransformersGenerator:
         self._fast: FastStep | None = None
         # finished rows' KV caches for the calls that continue them (0 MB: none kept)
         self.kept = KeptPrefixes(kept_prefix_mb * 2**20) if kept_prefix_mb > 0 else None
+        self.held_prefix = held_prefix  # opt-in: the fast step's split attention (decoding.py)
 
     @classmethod
     def from_config(cls, cfg: GeneratorConfig) -> TransformersGenerator:
@@ -130,6 +132,7 @@ class TransformersGenerator:
             name=cfg.model,
             batch_size=cfg.batch_size,
             kept_prefix_mb=cfg.kept_prefix_mb,
+            held_prefix=cfg.held_prefix,
         )
 
     @property
@@ -195,7 +198,16 @@ class TransformersGenerator:
                 fast = self._fast_step()
                 if self.kept is not None:
                     self.kept.check(weights_key(self.model))
-                args = (self.model, self.tokenizer, requests, eos_ids, pad_id, fast, self.kept)
+                args = (
+                    self.model,
+                    self.tokenizer,
+                    requests,
+                    eos_ids,
+                    pad_id,
+                    fast,
+                    self.kept,
+                    self.held_prefix,
+                )
                 if self.logprobs:
                     raw = decode_batch_logprobs(*args)
                 else:
