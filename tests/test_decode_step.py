@@ -52,6 +52,64 @@ def test_buffered_layer_matches_dynamic_layer_through_a_decode():
     assert torch.equal(ours.keys, ref.keys)
 
 
+@pytest.mark.parametrize("grow", [0, 3])
+def test_the_whole_buffer_holds_the_written_columns_and_finite_numbers_elsewhere(grow):
+    """The fast step reads `whole()` masked outside [start, end): those columns must be
+    finite (a NaN there would survive the mask), the buffer one contiguous block, and a fixed
+    `grow` must add that many columns instead of doubling."""
+    layer = BufferedLayer(capacity=6, grow=grow)
+    layer.update(*_kv(5, 4, 0))
+    rooms = []
+    for step in range(9):
+        layer.update(*_kv(layer.keys.shape[0], 1, step + 1))
+        rooms.append(layer.whole()[0].shape[2])
+        if step == 3:
+            layer.trim_front(2)
+            layer.compact(fill_holes([1, 3, 4], 5))
+    # room 6, then +3 columns at a time, or doubling
+    assert rooms == (
+        [6, 6, 9, 9, 9, 12, 12, 12, 12] if grow else [6, 6, 12, 12, 12, 12, 12, 12, 24]
+    )
+    keys, values, start, end = layer.whole()
+    assert keys.is_contiguous() and values.is_contiguous()
+    assert torch.equal(keys[:, :, start:end], layer.keys)
+    assert torch.equal(values[:, :, start:end], layer.values)
+    assert torch.isfinite(keys).all() and torch.isfinite(values).all()
+
+
+@needs_packing
+def test_fast_attention_over_a_masked_whole_buffer_is_attention_over_the_written_columns():
+    """`_attention` with `_whole_mask` over a buffer whose unwritten columns hold garbage
+    (finite) gives what sdpa gives over the written columns alone, within bf16 rounding; with
+    a held prefix, what attention over the prefix and the columns together gives."""
+    g = torch.Generator().manual_seed(3)
+    rows, kv_heads, groups, dim, room, start, end = 5, 2, 3, 16, 40, 7, 29
+    keys = torch.randn(rows, kv_heads, room, dim, generator=g).to(torch.bfloat16)
+    values = torch.randn(rows, kv_heads, room, dim, generator=g).to(torch.bfloat16)
+    q = torch.randn(rows, kv_heads, groups, dim, generator=g).to(torch.bfloat16)
+    written = torch.ones(rows, end - start, dtype=torch.long)
+    for row in range(rows):
+        written[row, : 2 * row] = 0  # left padding
+    mask = decode_step._whole_mask(written, start, end, room)
+    got = decode_step._attention(q, keys, values, mask, dim**-0.5)
+    k, v = keys[:, :, start:end], values[:, :, start:end]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=written.bool()[:, None, None, :], scale=dim**-0.5
+    )
+    assert torch.allclose(got.float(), want.float(), atol=2e-2)
+    prefix = tuple(torch.randn(1, kv_heads, 11, dim, generator=g).to(torch.bfloat16) for _ in "kv")
+    got = decode_step._attention(q, keys, values, mask, dim**-0.5, prefix)
+    both = [
+        torch.cat([p.expand(rows, -1, -1, -1), x], dim=2)
+        for p, x in zip(prefix, (k, v), strict=True)
+    ]
+    seen = torch.cat([torch.ones(rows, 11, dtype=torch.bool), written.bool()], dim=1)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, *both, attn_mask=seen[:, None, None, :], scale=dim**-0.5
+    )
+    assert torch.allclose(got.float(), want.float(), atol=2e-2)
+
+
 @pytest.mark.parametrize(
     "keep,rows", [([0, 2, 3, 5], 6), ([4], 5), ([0, 1, 2], 3), ([1, 3, 5, 6, 7], 8)]
 )
@@ -142,6 +200,7 @@ def _requests(tokenizer, temperature=0.0):
 
 
 def _both_paths(gen, requests, monkeypatch):
+    gen.model.set_attn_implementation("eager")
     fast = gen.generate(requests)
     assert gen._fast is not None
     with monkeypatch.context() as m:
@@ -281,7 +340,7 @@ def test_sliding_window_layers_take_the_plain_prefill_with_a_shared_prefix(
     built, calls = [], []
     real_cache, real_forward = decoding.buffered_cache, decoding._forward
     monkeypatch.setattr(
-        decoding, "buffered_cache", lambda c, n: built.append(n) or real_cache(c, n)
+        decoding, "buffered_cache", lambda c, n, *a: built.append(n) or real_cache(c, n, *a)
     )
     monkeypatch.setattr(
         decoding, "_forward", lambda m, ids, *a: calls.append(ids.shape) or real_forward(m, ids, *a)

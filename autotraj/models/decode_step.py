@@ -7,21 +7,23 @@ one-token step with the model's own weights:
 - q/k/v fused into one matmul and gate/up into another, every weight prepacked for oneDNN
   (cpu_linear.pack; bit-identical to `F.linear` in our checks);
 - the operations of transformers' Llama code otherwise, in the same order and dtypes (RMSNorm in
-  float32, rotary embeddings, grouped-query attention packed as transformers does for one query
-  token: the query heads of a key/value head attend together, the cache is read once);
-- keys and values written into the `BufferedLayer` cache (kv_cache.py), the mask built once;
+  float32, rotary embeddings), with attention by transformers' eager formula (`_attention`): the
+  query heads of a key/value head attend together, so the cache is read once per key/value head;
+- keys and values written into the `BufferedLayer` cache (kv_cache.py), whose whole buffer the
+  attention products read in place (masked outside the written columns). torch's fused attention
+  kernel (sdpa), which the transformers forward uses, took 1.55 ms per layer at 64 rows and
+  ~300 columns; the two batched products over the whole buffer ~0.5 ms (2-core AMD EPYC);
 - a prefix every row shares (a system prompt, worked examples) may be held once instead of in
   every row (`prefix`): each row's query heads then attend to it in one product for all rows,
-  and to the row's own columns separately, and the two softmaxes are merged by their
-  log-sum-exps (torch's CPU flash-attention kernel returns them). At 64 rows, 460 shared and
-  250 own columns, a layer's attention took 2.5 ms instead of 5.3 ms (2-core AMD EPYC). The
-  merge rounds differently from one softmax (bf16 outputs, ~2e-3).
+  and to the row's own columns separately, under one softmax over both.
 
 It is used for the decode steps of models whose architecture it knows (`FastStep.supports`:
 LlamaForCausalLM, Qwen2ForCausalLM with full attention, default RoPE, SiLU MLP) in bfloat16 on
-CPU; the prompt's prefill, other models and other devices run the transformers forward. The
-greedy outputs of the embedded model are token-identical to the transformers path
-(tests/test_decode_step.py).
+CPU; the prompt's prefill, other models and other devices run the transformers forward. Its
+tokens and log-probs are bit-identical to the transformers forward with
+`attn_implementation="eager"` (tests/test_decode_step.py, greedy and sampled, tiny Llama and
+Qwen2 models and the embedded model on GSM8K prompts); against the default sdpa attention they
+differ by rounding (bf16 scores), so a near-tie may pick another token.
 """
 
 from __future__ import annotations
@@ -104,27 +106,6 @@ class FastStep:
             and not model.training
         )
 
-    def _split_attention(
-        self,
-        q: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        mask: torch.Tensor,
-        prefix: tuple[torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
-        """Attention of `q` (rows x kv_heads x groups x head_dim) over the shared `prefix` and
-        each row's own `keys` / `values`, as one softmax over both."""
-        rows, kv_heads, groups, dim = q.shape
-        scale = self.head_dim**-0.5
-        together = q.transpose(0, 1).reshape(1, kv_heads, rows * groups, dim)
-        shared, shared_lse = _flash(together, prefix[0], prefix[1], None, scale)
-        shared = shared.reshape(kv_heads, rows, groups, dim).transpose(0, 1)
-        shared_lse = shared_lse.reshape(kv_heads, rows, groups).transpose(0, 1)
-        own, own_lse = _flash(q, keys, values, mask, scale)
-        top = torch.maximum(shared_lse, own_lse)
-        a, b = (shared_lse - top).exp()[..., None], (own_lse - top).exp()[..., None]
-        return ((shared.float() * a + own.float() * b) / (a + b)).to(q.dtype)
-
     def current(self, model: Any) -> bool:
         """False once any weight of `model` changed since this step was built."""
         return self.key == weights_key(model)
@@ -138,7 +119,8 @@ class FastStep:
         prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """float32 logits (rows x vocab) after feeding `tokens` (rows,) at `positions` (rows,);
-        `attention_mask` (rows x columns, the new token's column included) masks the cache.
+        `attention_mask` (rows x columns, the new token's column included) masks the cache's
+        written columns; `layers`: the cache's `BufferedLayer`s (kv_cache.py).
         `prefix`: per layer, keys and values (1 x kv_heads x length x head_dim) that precede
         every row's cached columns (held once; see the module docstring)."""
         rows = tokens.shape[0]
@@ -147,9 +129,7 @@ class FastStep:
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.rope_scale).to(h.dtype)[:, None]  # (rows, 1, 1, dim)
         sin = (emb.sin() * self.rope_scale).to(h.dtype)[:, None]
-        mask = attention_mask.bool()[:, None, None, :]
-        if prefix is not None:  # the flash kernel takes an additive mask of the query's dtype
-            mask = torch.zeros(mask.shape, dtype=h.dtype).masked_fill(~mask, float("-inf"))
+        mask, geometry = None, None
         groups = self.heads // self.kv_heads
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for number, (layer, cache) in enumerate(zip(self.layers, layers, strict=True)):
@@ -160,15 +140,15 @@ class FastStep:
             qk = qk * cos + _rotate_half(qk) * sin  # rotary on q and k at once
             q, k = qk.split([self.heads, self.kv_heads], dim=1)
             v = v.view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            keys, values = cache.update(k, v)
-            if groups > 1:  # the query heads of one key/value head attend together
-                q = q.reshape(rows, self.kv_heads, groups, self.head_dim)
-            if prefix is None:
-                out = F.scaled_dot_product_attention(
-                    q, keys, values, attn_mask=mask, scale=self.head_dim**-0.5
-                )
-            else:
-                out = self._split_attention(q, keys, values, mask, prefix[number])
+            cache.update(k, v)
+            keys, values, start, end = cache.whole()
+            if (start, end, keys.shape[2]) != geometry:  # the same for every layer
+                geometry = (start, end, keys.shape[2])
+                mask = _whole_mask(attention_mask, *geometry)
+            # the query heads of one key/value head attend together
+            q = q.reshape(rows, self.kv_heads, groups, self.head_dim)
+            held = None if prefix is None else prefix[number]
+            out = _attention(q, keys, values, mask, self.head_dim**-0.5, held)
             out = out.reshape(rows, self.heads, 1, self.head_dim).transpose(1, 2)
             h = h + packed_linear(out.reshape(rows, 1, q_size), layer.o, None)
             x = _rms_norm(h, layer.norm2, self.eps)
@@ -178,16 +158,53 @@ class FastStep:
         return packed_linear(h, self.lm_head, None)[:, -1].float()
 
 
-def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float):
-    """torch's CPU flash attention: the output and the log-sum-exp of each query's scores."""
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, False, attn_mask=mask, scale=scale
-    )[:2]
-    return out, lse
+def _whole_mask(attention_mask: torch.Tensor, start: int, end: int, room: int) -> torch.Tensor:
+    """The additive float32 mask (rows x 1 x 1 x room) of a whole cache buffer whose written
+    columns [start, end) `attention_mask` covers: -inf outside them and where it is 0."""
+    mask = torch.full((attention_mask.shape[0], room), float("-inf"))
+    mask[:, start:end].masked_fill_(attention_mask != 0, 0.0)
+    return mask[:, None, None, :]
 
 
-def split_attention_available() -> bool:
-    return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+def _attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    held: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """One query token's attention by transformers' eager formula (`eager_attention_forward`):
+    scores in bf16, scaled in bf16, masked and softmaxed in float32, the probabilities cast back
+    for the product with the values. Bit-identical to a model run with
+    `attn_implementation="eager"` in our checks (tests/test_decode_step.py); not to torch's
+    fused kernel (sdpa), which accumulates the scores in float32 and which the prefill uses.
+
+    q: rows x kv_heads x groups x head_dim (the query heads of each key/value head together);
+    keys / values: rows x kv_heads x columns x head_dim, best contiguous (`torch.bmm` copies any
+    other batch of matrices first; kv_cache.py); mask: float32, additive, rows x 1 x 1 x columns; `held`: keys and values
+    (1 x kv_heads x length x head_dim) every row attends to before its own columns, one softmax
+    over both. Returns rows x kv_heads x groups x head_dim."""
+    rows, kv_heads, groups, dim = q.shape
+    columns = keys.shape[2]
+    flat = q.reshape(rows * kv_heads, groups, dim)
+    scores = torch.bmm(flat, keys.transpose(2, 3).reshape(rows * kv_heads, dim, columns))
+    scores = (scores * scale).view(rows, kv_heads, groups, columns).float() + mask
+    if held is None:
+        probs = scores.softmax(dim=-1).to(q.dtype).view(rows * kv_heads, groups, columns)
+        own = torch.bmm(probs, values.reshape(rows * kv_heads, columns, dim))
+        return own.view(rows, kv_heads, groups, dim)
+    # the held prefix: one product for all rows' query heads of each key/value head
+    length = held[0].shape[2]
+    together = q.transpose(0, 1).reshape(kv_heads, rows * groups, dim)
+    shared = torch.bmm(together, held[0][0].transpose(1, 2))  # kv_heads x rows*groups x length
+    shared = (shared * scale).view(kv_heads, rows, groups, length).transpose(0, 1).float()
+    probs = torch.cat([shared, scores], dim=-1).softmax(dim=-1).to(q.dtype)
+    first = probs[..., :length].transpose(0, 1).reshape(kv_heads, rows * groups, length)
+    out = torch.bmm(first, held[1][0]).view(kv_heads, rows, groups, dim).transpose(0, 1)
+    rest = probs[..., length:].reshape(rows * kv_heads, groups, columns)
+    own = torch.bmm(rest, values.reshape(rows * kv_heads, columns, dim))
+    return out + own.view(rows, kv_heads, groups, dim)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

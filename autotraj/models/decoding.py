@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from autotraj.models.decode_step import FastStep, split_attention_available
+from autotraj.models.decode_step import FastStep
 from autotraj.models.generator import GenerationRequest
 from autotraj.models.kept_prefixes import Kept, KeptPrefixes
 from autotraj.models.kv_cache import BufferedLayer, buffered_cache, compact_cache, fill_holes
@@ -188,8 +188,9 @@ def _decode(
     if not live:
         return [((), ()) for _ in requests]
     generator = _generator(requests[0].seed, model.device)
-    split = held_prefix and fast is not None and split_attention_available()
-    batch, logits = _prefill(model, [requests[i] for i in live], live, pad_id, kept, split)
+    split = held_prefix and fast is not None
+    grow = _GROW if fast is not None else 0
+    batch, logits = _prefill(model, [requests[i] for i in live], live, pad_id, kept, split, grow)
     windows = [max((len(s) for s in r.stop), default=0) + 2 for r in requests]
     eos = set(eos_ids)
     while True:
@@ -291,6 +292,7 @@ def _prefill(
     pad_id: int,
     kept: KeptPrefixes | None = None,
     split: bool = False,
+    grow: int = 0,
 ) -> tuple[_Batch, torch.Tensor]:
     """Run the prompts once; the batch state and the last position's logits.
 
@@ -310,7 +312,8 @@ def _prefill(
     plain layout (their layers cannot take a copied start). With `split` (the fast step decodes
     the batch), a prefix every row's start begins with (the shared one, or in the kept layout
     the longest common start of prompts that all continue kept rows) is afterwards held once
-    (`_Batch.prefix`) and cut from every row's cache."""
+    (`_Batch.prefix`) and cut from every row's cache. `grow`: how the batch's cache grows when full
+    (kv_cache.BufferedLayer; the fast step reads its whole buffer)."""
     device = model.device
     hits = [kept.longest(r.prompt_ids) for r in requests] if kept else [None] * len(requests)
     shared = 0
@@ -323,12 +326,13 @@ def _prefill(
         starts = [shared] * len(requests)
     cached = max(starts)
     width = max(len(r.prompt_ids) - s for r, s in zip(requests, starts, strict=True))
-    cache = buffered_cache(model.config, cached + width + _FIRST_ROOM)
+    room = grow or _FIRST_ROOM
+    cache = buffered_cache(model.config, cached + width + room, grow)
     if cached and not all(isinstance(layer, BufferedLayer) for layer in cache.layers):
         # sliding-window layers cannot take a copied start: the plain layout, one cache
         hits, shared, starts = [None] * len(requests), 0, [0] * len(requests)
         width, cached = max(len(r.prompt_ids) for r in requests), 0
-        cache = buffered_cache(model.config, width + _FIRST_ROOM)
+        cache = buffered_cache(model.config, width + room, grow)
     rests = [r.prompt_ids[s:] for r, s in zip(requests, starts, strict=True)]
     input_ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
     mask = torch.ones((len(requests), cached + width), dtype=torch.long)
@@ -358,7 +362,7 @@ def _prefill(
     top_p = [1.0 if g else float(r.top_p) for g, r in zip(greedy, requests, strict=True)]
     batch = _Batch(
         rows=list(rows),
-        pads=(mask.cumsum(dim=-1) == 0).sum(dim=-1).tolist(),  # leading padding columns
+        pads=_leading_pads(mask),
         attention_mask=mask,
         positions=positions[:, -1],
         temperature=_floats(temperature, device),
@@ -398,7 +402,12 @@ def _hold_prefix_once(batch: _Batch, prefix: list[tuple[torch.Tensor, torch.Tens
     for layer in batch.cache.layers:
         layer.trim_front(length)
     batch.attention_mask = batch.attention_mask[:, length:]
-    batch.pads = (batch.attention_mask.cumsum(dim=-1) == 0).sum(dim=-1).tolist()
+    batch.pads = _leading_pads(batch.attention_mask)
+
+
+def _leading_pads(mask: torch.Tensor) -> list[int]:
+    """Each row's count of padding columns before its first real one."""
+    return (mask.cumsum(dim=-1) == 0).sum(dim=-1).tolist()
 
 
 def _all_buffered(cache: DynamicCache) -> bool:
@@ -500,8 +509,11 @@ def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
 
 # A shared prefix shorter than this is computed with each row (not worth a separate pass).
 _MIN_SHARED = 32
-# New-token room of a fresh cache; it doubles when a row needs more (kv_cache.py).
+# New-token room of a fresh cache; it doubles when a row needs more (kv_cache.py). Where the fast
+# step decodes (it reads the whole buffer, room included) the room is _GROW columns and grows by
+# as many: one copy of the cache every _GROW steps, ~_GROW / 2 unwritten columns read per step.
 _FIRST_ROOM = 128
+_GROW = 32
 # The prefill runs more rows than this in chunks of similar rest lengths (_chunked_prefill).
 _PREFILL_ROWS = 16
 

@@ -10,6 +10,13 @@ grows geometrically (amortised O(1) copies per token), and `trim_front` drops le
 (padding every row has) without a copy. Removing finished rows (`batch_select_indices`) copies
 only the written part.
 
+The decode step reads the whole buffer (`whole`): its attention products over every row and head
+at once (`torch.bmm`) take a batch of matrices in place only when the batch is one contiguous
+block, and copy any narrower view first (the written columns of a buffer with room are such a
+view). The columns outside the written ones are masked there, so buffers start zeroed (masked
+columns must hold finite numbers) and may grow by a fixed `grow` instead of doubling, to keep the
+unwritten room that every step reads small.
+
 `buffered_cache(config, capacity)` builds a `DynamicCache` whose plain layers are buffered
 (sliding-window or other special layers are kept as transformers builds them).
 """
@@ -27,9 +34,10 @@ class BufferedLayer(DynamicLayer):
     """A `DynamicLayer` backed by a buffer with room for `capacity` positions (it grows beyond
     that when needed); `keys` / `values` are views of the written columns."""
 
-    def __init__(self, capacity: int = 0):
+    def __init__(self, capacity: int = 0, grow: int = 0):
         super().__init__()
         self.capacity = capacity
+        self.grow = grow  # columns added when full (0: double)
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._start = 0  # first live column of the buffer
@@ -52,9 +60,9 @@ class BufferedLayer(DynamicLayer):
     def _reallocate(self, need: int, like: torch.Tensor) -> None:
         """Move the live columns to a new buffer with room for at least `need` columns."""
         old = 0 if self._k is None else self._k.shape[-2]
-        size = max(need, self.capacity, 2 * old)
+        size = max(need, self.capacity, old + self.grow if self.grow else 2 * old)
         shape = (like.shape[0], like.shape[1], size, like.shape[3])
-        keys, values = like.new_empty(shape), like.new_empty(shape)
+        keys, values = like.new_zeros(shape), like.new_zeros(shape)
         live = self._end - self._start
         if self._k is not None and live:
             keys[:, :, :live].copy_(self._k[:, :, self._start : self._end])
@@ -64,6 +72,11 @@ class BufferedLayer(DynamicLayer):
     def _refresh(self) -> None:
         self.keys = self._k[:, :, self._start : self._end]
         self.values = self._v[:, :, self._start : self._end]
+
+    def whole(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """The whole key and value buffers (batch x heads x room x head_dim, contiguous), the
+        first written column and one past the last; the other columns hold finite numbers."""
+        return self._k, self._v, self._start, self._end
 
     def get_seq_length(self) -> int:
         return self._end - self._start if self.is_initialized else 0
@@ -115,7 +128,7 @@ class BufferedLayer(DynamicLayer):
         """Replace the contents with `keys` / `values` in a new buffer of `room` columns."""
         length = keys.shape[-2]
         shape = (keys.shape[0], keys.shape[1], max(room, length), keys.shape[3])
-        self._k, self._v = keys.new_empty(shape), values.new_empty(shape)
+        self._k, self._v = keys.new_zeros(shape), values.new_zeros(shape)
         self._k[:, :, :length].copy_(keys)
         self._v[:, :, :length].copy_(values)
         self._start, self._end = 0, length
@@ -127,11 +140,12 @@ class BufferedLayer(DynamicLayer):
         super().reset()
 
 
-def buffered_cache(config: Any, capacity: int) -> DynamicCache:
-    """A `DynamicCache` for `config` whose plain layers are `BufferedLayer(capacity)`."""
+def buffered_cache(config: Any, capacity: int, grow: int = 0) -> DynamicCache:
+    """A `DynamicCache` for `config` whose plain layers are `BufferedLayer(capacity, grow)`."""
     cache = DynamicCache(config=config)
     cache.layers = [
-        BufferedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers
+        BufferedLayer(capacity, grow) if type(layer) is DynamicLayer else layer
+        for layer in cache.layers
     ]
     return cache
 
