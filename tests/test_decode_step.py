@@ -110,6 +110,29 @@ def test_fast_attention_over_a_masked_whole_buffer_is_attention_over_the_written
     assert torch.allclose(got.float(), want.float(), atol=2e-2)
 
 
+@pytest.mark.parametrize("dim", [16, 24])  # a power-of-two scale (one fused add) and another
+def test_fast_attention_is_transformers_eager_attention_bit_for_bit(dim):
+    from types import SimpleNamespace
+
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    g = torch.Generator().manual_seed(5)
+    rows, kv_heads, groups, columns = 4, 2, 3, 21
+    keys = torch.randn(rows, kv_heads, columns, dim, generator=g).to(torch.bfloat16)
+    values = torch.randn(rows, kv_heads, columns, dim, generator=g).to(torch.bfloat16)
+    q = torch.randn(rows, kv_heads, groups, dim, generator=g).to(torch.bfloat16)
+    written = torch.ones(rows, columns, dtype=torch.long)
+    written[1, :5] = 0
+    mask = decode_step._whole_mask(written, 0, columns, columns)
+    got = decode_step._attention(q, keys, values, mask, dim**-0.5)
+    module = SimpleNamespace(num_key_value_groups=groups, training=False)
+    query = q.reshape(rows, kv_heads * groups, 1, dim)
+    want, _ = eager_attention_forward(
+        module, query, keys, values, mask[:, :, :1].to(torch.bfloat16), scaling=dim**-0.5
+    )
+    assert torch.equal(got.reshape(rows, kv_heads * groups, dim), want[:, 0])
+
+
 @pytest.mark.parametrize(
     "keep,rows", [([0, 2, 3, 5], 6), ([4], 5), ([0, 1, 2], 3), ([1, 3, 5, 6, 7], 8)]
 )

@@ -28,6 +28,7 @@ differ by rounding (bf16 scores), so a near-tie may pick another token.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,9 +119,10 @@ class FastStep:
         layers: list[Any],
         prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """float32 logits (rows x vocab) after feeding `tokens` (rows,) at `positions` (rows,);
-        `attention_mask` (rows x columns, the new token's column included) masks the cache's
-        written columns; `layers`: the cache's `BufferedLayer`s (kv_cache.py).
+        """float32 logits (rows x vocab) after feeding
+        `tokens` (rows,) at `positions` (rows,); `attention_mask` (rows x columns, the new
+        token's column included) masks the cache's written columns; `layers`: the cache's
+        `BufferedLayer`s (kv_cache.py).
         `prefix`: per layer, keys and values (1 x kv_heads x length x head_dim) that precede
         every row's cached columns (held once; see the module docstring)."""
         rows = tokens.shape[0]
@@ -189,7 +191,11 @@ def _attention(
     columns = keys.shape[2]
     flat = q.reshape(rows * kv_heads, groups, dim)
     scores = torch.bmm(flat, keys.transpose(2, 3).reshape(rows * kv_heads, dim, columns))
-    scores = (scores * scale).view(rows, kv_heads, groups, columns).float() + mask
+    scores = scores.view(rows, kv_heads, groups, columns)
+    if math.frexp(scale)[0] == 0.5:  # a power of two scales bf16 exactly: one fused operation
+        scores = torch.add(mask, scores, alpha=scale)
+    else:
+        scores = (scores * scale).float() + mask
     if held is None:
         probs = scores.softmax(dim=-1).to(q.dtype).view(rows * kv_heads, groups, columns)
         own = torch.bmm(probs, values.reshape(rows * kv_heads, columns, dim))
