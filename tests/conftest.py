@@ -96,6 +96,14 @@ def tiny_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
+@pytest.fixture
+def cpu_bf16(monkeypatch):
+    """bf16 requests kept as bf16 on this CPU, also where it has no bf16 kernels (where bf16
+    falls back to float32: models/cpu_bf16.py): for the tests of what bf16 itself does, on the
+    tiny model (slow kernels are no matter there). Subprocesses inherit it."""
+    monkeypatch.setenv("AUTOTRAJ_CPU_BF16", "1")
+
+
 # A whole pipeline on the tiny model, every section set (tests/test_ablate.py, test_audit.py):
 # the reference solver as teacher and repairer, the real sandbox and the built-in BM25 index.
 PROMPT = "Think in <think></think>, run Python in <code></code>, search in <search></search>."

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from autotraj.models import decode_step
+from autotraj.models import decode_step, decoding
 from autotraj.models.cpu_linear import packed_linears, packing_available
 from autotraj.models.decode_step import FastStep
 from autotraj.models.generator import GenerationRequest
@@ -272,6 +272,107 @@ def test_fast_step_declines_what_it_does_not_reproduce(tiny_model_dir):
     assert not FastStep.supports(bf16.model)
 
 
+def _prefill_against_rows_alone(gen, prompts, starts):
+    """`FastStep.prefill` of `prompts` whose first `starts[j]` tokens are already cached (taken
+    from each prompt's own reference cache), against the transformers forward with eager
+    attention of each prompt alone: (row, logits equal, keys and values equal) per row."""
+    from transformers import DynamicCache
+
+    from autotraj.models.kv_cache import buffered_cache
+
+    model = gen.model
+    model.set_attn_implementation("eager")
+    alone = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            cache = DynamicCache(config=model.config)
+            out = model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True)
+            alone.append((out.logits[0, -1].float(), cache))
+        cached = max(starts)
+        cache = buffered_cache(model.config, 512)
+        if cached:
+            for number, layer in enumerate(cache.layers):
+                like = alone[0][1].layers[number].keys
+                shape = (len(prompts), like.shape[1], cached, like.shape[3])
+                keys, values = like.new_zeros(shape), like.new_zeros(shape)
+                for j, start in enumerate(starts):
+                    keys[j, :, :start] = alone[j][1].layers[number].keys[0, :, :start]
+                    values[j, :, :start] = alone[j][1].layers[number].values[0, :, :start]
+                layer.update(keys, values)
+        rests = [p[s:] for p, s in zip(prompts, starts, strict=True)]
+        logits = FastStep(model).prefill(rests, starts, cache.layers)
+    width = max(len(r) for r in rests)
+    results = []
+    for j, (rest, start) in enumerate(zip(rests, starts, strict=True)):
+        ours = [
+            (
+                x.keys[j, :, cached + width - len(rest) :],
+                x.values[j, :, cached + width - len(rest) :],
+            )
+            for x in cache.layers
+        ]
+        ref = [(x.keys[0, :, start:], x.values[0, :, start:]) for x in alone[j][1].layers]
+        same_kv = all(
+            torch.equal(a, c) and torch.equal(b, d)
+            for (a, b), (c, d) in zip(ours, ref, strict=True)
+        )
+        results.append((j, torch.equal(logits[j], alone[j][0]), same_kv))
+    return results
+
+
+@needs_packing
+@pytest.mark.parametrize("mlp_tokens", [4096, 7])
+def test_unpadded_prefill_is_each_row_alone_bit_for_bit(bf16_generator, monkeypatch, mlp_tokens):
+    """Rows of different lengths in one sequence, some after cached starts (a kept cache, a
+    shared prefix): each row's last logits and the keys/values written for it are what the
+    transformers forward (eager attention) gives for that prompt alone; with the MLP in blocks
+    of 7 tokens too."""
+    monkeypatch.setattr(decode_step, "_MLP_TOKENS", mlp_tokens)
+    g = torch.Generator().manual_seed(3)
+    vocab = bf16_generator.model.config.vocab_size
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (23, 4, 41, 17)]
+    for starts in ([0, 0, 0, 0], [5, 3, 0, 16]):
+        results = _prefill_against_rows_alone(bf16_generator, prompts, starts)
+        assert results == [(j, True, True) for j in range(len(prompts))], starts
+
+
+def test_unpadded_prefill_refuses_an_empty_rest(bf16_generator):
+    from autotraj.models.kv_cache import buffered_cache
+
+    cache = buffered_cache(bf16_generator.model.config, 16)
+    with pytest.raises(ValueError, match="at least one token"):
+        FastStep(bf16_generator.model).prefill([[5, 6], []], [0, 0], cache.layers)
+
+
+@pytest.mark.slow
+def test_embedded_model_unpadded_prefill_is_each_prompt_alone_on_gsm8k(monkeypatch):
+    """The same check on the embedded model and 8 GSM8K chat prompts, with and without the chat
+    template's shared start cached."""
+    from pathlib import Path
+
+    from autotraj.models.decoding import shared_prefix
+    from autotraj.querysets import load_queries
+
+    data = Path(__file__).resolve().parents[2] / "shared/data/benchmarks/gsm8k_test.jsonl"
+    gen = load_generator(GeneratorConfig(dtype="bfloat16", device="cpu"))
+    prompts = [
+        gen.tokenizer.encode(
+            gen.tokenizer.apply_chat_template(
+                [{"role": "user", "content": q.question}],
+                tokenize=False,
+                add_generation_prompt=True,
+            ),
+            add_special_tokens=False,
+        )
+        for q in load_queries(str(data), limit=8)
+    ]
+    shared = shared_prefix(prompts)
+    assert shared >= 8
+    for starts in ([0] * len(prompts), [shared] * len(prompts)):
+        results = _prefill_against_rows_alone(gen, prompts, starts)
+        assert results == [(j, True, True) for j in range(len(prompts))], starts
+
+
 @pytest.mark.slow
 def test_embedded_model_fast_path_is_token_identical_on_gsm8k_prompts(monkeypatch):
     from pathlib import Path
@@ -288,6 +389,11 @@ def test_embedded_model_fast_path_is_token_identical_on_gsm8k_prompts(monkeypatc
         ids = tuple(gen.tokenizer.encode(text, add_special_tokens=False))
         requests.append(GenerationRequest(prompt_text=text, prompt_ids=ids, max_new_tokens=96))
     requests = [dataclasses.replace(r, temperature=0.0) for r in requests]
+    # the decode steps on the same caches: both paths take the padded transformers prefill (the
+    # unpadded one is checked above; its caches' columns lie otherwise, and decode attention
+    # sums them in another order, so a near-tie may then go the other way)
+    prefill = decoding._prefill
+    monkeypatch.setattr(decoding, "_prefill", lambda *args: prefill(*args[:7]))
     fast, plain = _both_paths(gen, requests, monkeypatch)
     assert [c.token_ids for c in fast] == [c.token_ids for c in plain]
 

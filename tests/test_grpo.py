@@ -528,7 +528,9 @@ def test_dry_run_shows_the_objective_and_sampling_options(capsys):
         assert key in printed
 
 
-def test_sampler_trainer_mismatch_is_logged_and_tis_changes_the_update(tmp_path, tiny_model_dir):
+def test_sampler_trainer_mismatch_is_logged_and_tis_changes_the_update(
+    tmp_path, tiny_model_dir, cpu_bf16
+):
     """Rollouts from the fp32 policy itself: the sampler's log-probs equal the trainer's. From
     the bf16 rollout copy they differ, the metrics say so, and truncated importance sampling
     (cap 1.0: every ratio above 1 is cut) changes the update from the same rollouts."""
@@ -682,7 +684,9 @@ def test_lora_run_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, monkeypa
     assert [r["step"] for r in rows] == [1, 2]
 
 
-def test_frozen_models_load_in_the_configured_dtype(tmp_path, tiny_model_dir, monkeypatch):
+def test_frozen_models_load_in_the_configured_dtype(
+    tmp_path, tiny_model_dir, monkeypatch, cpu_bf16
+):
     """The KL reference and the reward model: bf16 when asked (auto does so on a GPU), so that
     two extra whole 7B models are not 30 GB each in fp32 on every process."""
     assert grpo.frozen_dtype("auto", torch.device("cuda", 3)) == torch.bfloat16

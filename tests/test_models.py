@@ -202,15 +202,6 @@ def test_generation_leaves_the_training_mode_as_it_was(generator):
         generator.model.eval()
 
 
-def test_auto_dtype_is_bfloat16_on_cpu(tiny_model_dir):
-    import torch
-
-    gen = load_generator(GeneratorConfig(model=str(tiny_model_dir)))
-    assert gen.model.dtype == torch.bfloat16 and gen.model.device.type == "cpu"
-    [done] = gen.generate([GenerationRequest(prompt_text="abc", max_new_tokens=3, temperature=0)])
-    assert done.text == decode(gen.tokenizer, done.token_ids)
-
-
 # ---------------------------------------------------------------- decoding loop (decoding.py)
 
 

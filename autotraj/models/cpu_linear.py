@@ -13,7 +13,8 @@ the module and rebuilt when the weight changes (an optimizer step or a weight pu
 tensor's version counter), so RL's policy copy is repacked once per update, not per call. They
 double the memory of the linear weights (270 MB for SmolLM2-135M).
 
-Anything else (GPU, float32, no oneDNN, a torch without these ops) runs unchanged.
+Anything else (GPU, float32, no oneDNN, a torch without these ops, a CPU without oneDNN's bf16
+kernels: cpu_bf16.py) runs unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from autotraj.models.cpu_bf16 import onednn_bf16
+
 _PACK_ROWS = 64  # the row count oneDNN picks its kernel for (see the module docstring)
 
 
@@ -35,6 +38,7 @@ def packing_available() -> bool:
         and ops is not None
         and hasattr(ops, "_reorder_linear_weight")
         and hasattr(ops, "_linear_pointwise")
+        and onednn_bf16()
     )
 
 

@@ -29,6 +29,7 @@ differ by rounding (bf16 scores), so a near-tie may pick another token.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from autotraj.models.cpu_linear import pack, packed_linear, packed_weight, packing_available
 
 _ARCHITECTURES = {"LlamaForCausalLM", "Qwen2ForCausalLM"}
+_MLP_TOKENS = 4096  # tokens per MLP block in a prefill
 
 
 @dataclass
@@ -127,21 +129,11 @@ class FastStep:
         every row's cached columns (held once; see the module docstring)."""
         rows = tokens.shape[0]
         h = F.embedding(tokens[:, None], self.embed)  # (rows, 1, hidden)
-        freqs = positions[:, None, None].float() * self.inv_freq  # (rows, 1, dim / 2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.rope_scale).to(h.dtype)[:, None]  # (rows, 1, 1, dim)
-        sin = (emb.sin() * self.rope_scale).to(h.dtype)[:, None]
+        cos, sin = self._rotary(positions, h.dtype)
         mask, geometry = None, None
         groups = self.heads // self.kv_heads
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for number, (layer, cache) in enumerate(zip(self.layers, layers, strict=True)):
-            x = _rms_norm(h, layer.norm1, self.eps)
-            qkv = packed_linear(x, layer.qkv, layer.qkv_bias)
-            qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
-            qk = qk.view(rows, 1, self.heads + self.kv_heads, self.head_dim).transpose(1, 2)
-            qk = qk * cos + _rotate_half(qk) * sin  # rotary on q and k at once
-            q, k = qk.split([self.heads, self.kv_heads], dim=1)
-            v = v.view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k, v = self._qkv(h, layer, cos, sin)
             cache.update(k, v)
             keys, values, start, end = cache.whole()
             if (start, end, keys.shape[2]) != geometry:  # the same for every layer
@@ -152,12 +144,115 @@ class FastStep:
             held = None if prefix is None else prefix[number]
             out = _attention(q, keys, values, mask, self.head_dim**-0.5, held)
             out = out.reshape(rows, self.heads, 1, self.head_dim).transpose(1, 2)
-            h = h + packed_linear(out.reshape(rows, 1, q_size), layer.o, None)
-            x = _rms_norm(h, layer.norm2, self.eps)
-            gate, up = packed_linear(x, layer.gate_up, None).split(self.inter, dim=-1)
-            h = h + packed_linear(F.silu(gate) * up, layer.down, None)
+            h = self._rest_of_layer(h, out.reshape(rows, 1, -1), layer)
         h = _rms_norm(h, self.final_norm, self.eps)
         return packed_linear(h, self.lm_head, None)[:, -1].float()
+
+    def prefill(
+        self, rests: Sequence[Sequence[int]], starts: Sequence[int], layers: list[Any]
+    ) -> torch.Tensor:
+        """float32 logits (rows x vocab) of each row's last token after feeding row j its
+        `rests[j]` (token ids) unpadded: every row's tokens go through the linear layers as one
+        sequence, and each row's queries attend to its own keys only (its start, then its rest,
+        causally). `starts[j]`: how many of the first columns of row j's cache (`layers`, the
+        cache's `BufferedLayer`s, every row as wide) already hold the row's start (a kept cache,
+        a shared prefix; its positions come first). The rests' keys and values are written after
+        those columns, left-padded to the longest rest with zeros (the caller masks them).
+
+        A padded prefill computes every row as wide as the longest and attends through a padding
+        mask: at 16 GSM8K chat prompts ~40% of its tokens were padding. Each row's logits and
+        keys/values here are what the transformers forward with eager attention gives for that
+        row alone (tests/test_decode_step.py), so they no longer depend on the batch's other
+        rows."""
+        lengths = [len(rest) for rest in rests]
+        if not lengths or min(lengths) < 1:
+            raise ValueError("prefill needs at least one token in every row's rest")
+        rows, width = len(rests), max(lengths)
+        cached = layers[0].get_seq_length()
+        tokens = torch.tensor([t for rest in rests for t in rest], dtype=torch.long)
+        positions = torch.cat(
+            [torch.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)]
+        )
+        row_of = torch.repeat_interleave(torch.arange(rows), torch.tensor(lengths))
+        column_of = torch.cat([torch.arange(width - n, width) for n in lengths])
+        ends = torch.tensor(lengths).cumsum(0)
+        h = F.embedding(tokens[:, None], self.embed)  # (tokens, 1, hidden)
+        cos, sin = self._rotary(positions, h.dtype)
+        groups = self.heads // self.kv_heads
+        masks = [_causal_mask(s, n, groups) for s, n in zip(starts, lengths, strict=True)]
+        scale = self.head_dim**-0.5
+        for layer, cache in zip(self.layers, layers, strict=True):
+            q, k, v = self._qkv(h, layer, cos, sin)  # (tokens, heads, 1, head_dim)
+            shape = (rows, self.kv_heads, width, self.head_dim)
+            padded_k, padded_v = k.new_zeros(shape), v.new_zeros(shape)
+            padded_k[row_of, :, column_of] = k[:, :, 0]
+            padded_v[row_of, :, column_of] = v[:, :, 0]
+            cache.update(padded_k, padded_v)
+            keys, values = cache.keys, cache.values
+            out = []
+            for j, (start, n) in enumerate(zip(starts, lengths, strict=True)):
+                first = int(ends[j]) - n
+                own_k = keys[j, :, cached + width - n :]
+                own_v = values[j, :, cached + width - n :]
+                if start:
+                    own_k = torch.cat([keys[j, :, :start], own_k], dim=1)
+                    own_v = torch.cat([values[j, :, :start], own_v], dim=1)
+                # the row's n query tokens of each key/value head's query heads together
+                rq = q[first : first + n, :, 0].reshape(n, self.kv_heads, groups, self.head_dim)
+                rq = rq.permute(1, 2, 0, 3).reshape(1, self.kv_heads, groups * n, self.head_dim)
+                o = _attention(rq, own_k[None], own_v[None], masks[j], scale)
+                o = o.view(self.kv_heads, groups, n, self.head_dim).permute(2, 0, 1, 3)
+                out.append(o.reshape(n, 1, -1))
+            h = self._rest_of_layer(h, torch.cat(out), layer)
+        h = _rms_norm(h[ends - 1], self.final_norm, self.eps)
+        return packed_linear(h, self.lm_head, None)[:, -1].float()
+
+    def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """cos and sin (n x 1 x 1 x head_dim) of the rotary embedding at `positions` (n,)."""
+        freqs = positions[:, None, None].float() * self.inv_freq  # (n, 1, dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scale).to(dtype)[:, None]
+        sin = (emb.sin() * self.rope_scale).to(dtype)[:, None]
+        return cos, sin
+
+    def _qkv(
+        self, h: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer's queries, rotated keys and values of hidden states `h` (n x 1 x hidden):
+        n x heads (kv_heads) x 1 x head_dim."""
+        n = h.shape[0]
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        x = _rms_norm(h, layer.norm1, self.eps)
+        qkv = packed_linear(x, layer.qkv, layer.qkv_bias)
+        qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
+        qk = qk.view(n, 1, self.heads + self.kv_heads, self.head_dim).transpose(1, 2)
+        qk = qk * cos + _rotate_half(qk) * sin  # rotary on q and k at once
+        q, k = qk.split([self.heads, self.kv_heads], dim=1)
+        return q, k, v.view(n, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+
+    def _rest_of_layer(
+        self, h: torch.Tensor, attended: torch.Tensor, layer: _Layer
+    ) -> torch.Tensor:
+        """The layer after attention: output projection, residual, MLP, residual; `attended`:
+        n x 1 x heads * head_dim. The MLP runs in blocks of _MLP_TOKENS tokens (a long prefill's
+        intermediate activations stay small; each token's result is the same)."""
+        h = h + packed_linear(attended, layer.o, None)
+        parts = []
+        for first in range(0, h.shape[0], _MLP_TOKENS):
+            part = h[first : first + _MLP_TOKENS]
+            x = _rms_norm(part, layer.norm2, self.eps)
+            gate, up = packed_linear(x, layer.gate_up, None).split(self.inter, dim=-1)
+            parts.append(part + packed_linear(F.silu(gate) * up, layer.down, None))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _causal_mask(start: int, length: int, groups: int) -> torch.Tensor:
+    """The additive float32 mask (1 x 1 x groups * length x start + length) of `length` query
+    tokens after `start` cached ones, each query head's tokens together (as `prefill` lays out
+    the queries): token i sees columns up to start + i."""
+    seen = torch.arange(start + length)[None, :] <= torch.arange(start, start + length)[:, None]
+    mask = torch.zeros(seen.shape).masked_fill_(~seen, float("-inf"))
+    return mask.repeat(groups, 1)[None, None]
 
 
 def _whole_mask(attention_mask: torch.Tensor, start: int, end: int, room: int) -> torch.Tensor:

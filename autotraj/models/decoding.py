@@ -145,13 +145,26 @@ def decode_batch(
     fast: FastStep | None = None,
     kept: KeptPrefixes | None = None,
     held_prefix: bool = False,
+    unpadded_prefill: bool = True,
 ) -> list[tuple[int, ...]]:
     """Raw new ids per request, each ending with its finishing token or at its budget.
     `fast`: the model's decode_step.FastStep, used for the decode steps (None: transformers).
     `kept`: the store of finished rows' caches that prompts may continue (kept_prefixes.py);
     rows that end on one of their `resume_after` strings are added to it.
-    `held_prefix`: let the fast step hold a prefix all rows share once (opt-in, see _prefill)."""
-    out = _decode(model, tokenizer, requests, eos_ids, pad_id, False, fast, kept, held_prefix)
+    `held_prefix`: let the fast step hold a prefix all rows share once (opt-in, see _prefill).
+    `unpadded_prefill`: with `fast`, prefill the prompts unpadded (FastStep.prefill)."""
+    out = _decode(
+        model,
+        tokenizer,
+        requests,
+        eos_ids,
+        pad_id,
+        False,
+        fast,
+        kept,
+        held_prefix,
+        unpadded_prefill,
+    )
     return [ids for ids, _ in out]
 
 
@@ -164,9 +177,12 @@ def decode_batch_logprobs(
     fast: FastStep | None = None,
     kept: KeptPrefixes | None = None,
     held_prefix: bool = False,
+    unpadded_prefill: bool = True,
 ) -> list[tuple[tuple[int, ...], tuple[float, ...]]]:
     """`decode_batch`'s ids per request with each id's log-prob under the unscaled logits."""
-    return _decode(model, tokenizer, requests, eos_ids, pad_id, True, fast, kept, held_prefix)
+    return _decode(
+        model, tokenizer, requests, eos_ids, pad_id, True, fast, kept, held_prefix, unpadded_prefill
+    )
 
 
 def _decode(
@@ -179,6 +195,7 @@ def _decode(
     fast: FastStep | None,
     kept: KeptPrefixes | None,
     held_prefix: bool = False,
+    unpadded_prefill: bool = True,
 ) -> list[tuple[tuple[int, ...], tuple[float, ...]]]:
     if any(not r.prompt_ids for r in requests):
         raise ValueError("decode_batch needs prompt_ids on every request")
@@ -190,7 +207,10 @@ def _decode(
     generator = _generator(requests[0].seed, model.device)
     split = held_prefix and fast is not None
     grow = _GROW if fast is not None else 0
-    batch, logits = _prefill(model, [requests[i] for i in live], live, pad_id, kept, split, grow)
+    packer = fast if unpadded_prefill else None
+    batch, logits = _prefill(
+        model, [requests[i] for i in live], live, pad_id, kept, split, grow, packer
+    )
     windows = [max((len(s) for s in r.stop), default=0) + 2 for r in requests]
     eos = set(eos_ids)
     while True:
@@ -293,6 +313,7 @@ def _prefill(
     kept: KeptPrefixes | None = None,
     split: bool = False,
     grow: int = 0,
+    fast: FastStep | None = None,
 ) -> tuple[_Batch, torch.Tensor]:
     """Run the prompts once; the batch state and the last position's logits.
 
@@ -313,7 +334,9 @@ def _prefill(
     the batch), a prefix every row's start begins with (the shared one, or in the kept layout
     the longest common start of prompts that all continue kept rows) is afterwards held once
     (`_Batch.prefix`) and cut from every row's cache. `grow`: how the batch's cache grows when full
-    (kv_cache.BufferedLayer; the fast step reads its whole buffer)."""
+    (kv_cache.BufferedLayer; the fast step reads its whole buffer). With `fast` (the model's
+    FastStep) and a buffered cache, the rests (and a shared prefix) are fed unpadded in one
+    sequence instead (`FastStep.prefill`: no padding computed, no chunks needed)."""
     device = model.device
     hits = [kept.longest(r.prompt_ids) for r in requests] if kept else [None] * len(requests)
     shared = 0
@@ -322,7 +345,8 @@ def _prefill(
     else:
         hits = [None] * len(requests)
         shared = shared_prefix([r.prompt_ids for r in requests])
-        shared = shared if len(requests) > 1 and shared >= _MIN_SHARED else 0
+        least = _MIN_SHARED if fast is None else _MIN_SHARED_PACKED
+        shared = shared if len(requests) > 1 and shared >= least else 0
         starts = [shared] * len(requests)
     cached = max(starts)
     width = max(len(r.prompt_ids) - s for r, s in zip(requests, starts, strict=True))
@@ -344,10 +368,14 @@ def _prefill(
     input_ids, mask = input_ids.to(device), mask.to(device)
     positions = (mask.cumsum(dim=-1) - 1).masked_fill(mask == 0, 0)
     starts_kv: _Starts | None = None
+    packed = fast is not None and _all_buffered(cache)
     if shared:
         prefix = buffered_cache(model.config, shared)
-        ids = torch.tensor([requests[0].prompt_ids[:shared]], dtype=torch.long, device=device)
-        _forward(model, ids, mask[:1, :shared], positions[:1, :shared], prefix)
+        if packed:
+            fast.prefill([requests[0].prompt_ids[:shared]], [0], prefix.layers)
+        else:
+            ids = torch.tensor([requests[0].prompt_ids[:shared]], dtype=torch.long, device=device)
+            _forward(model, ids, mask[:1, :shared], positions[:1, :shared], prefix)
         starts_kv = _Starts(prefix=prefix)
     elif cached:
         starts_kv = _Starts(hits=hits)
@@ -370,7 +398,11 @@ def _prefill(
         cache=cache,
     )
     lengths = [len(rest) for rest in rests]
-    if len(requests) <= _PREFILL_ROWS or not _all_buffered(cache):
+    if packed:
+        if starts_kv is not None:
+            starts_kv.load(cache, list(range(len(requests))), cached)
+        logits = fast.prefill(rests, starts, cache.layers)
+    elif len(requests) <= _PREFILL_ROWS or not _all_buffered(cache):
         if starts_kv is not None:
             starts_kv.load(cache, list(range(len(requests))), cached)
         logits = _forward(model, input_ids, mask, positions[:, cached:], cache)
@@ -507,8 +539,12 @@ def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
     return n
 
 
-# A shared prefix shorter than this is computed with each row (not worth a separate pass).
+# A shared prefix shorter than this is computed with each row (not worth a separate pass). In
+# the unpadded prefill (FastStep.prefill) a separate pass costs no padding and gives the same bits
+# as computing the prefix in every row, so a shorter one is worth it there (a chat template's
+# default system prompt: 24 tokens for SmolLM2).
 _MIN_SHARED = 32
+_MIN_SHARED_PACKED = 8
 # New-token room of a fresh cache; it doubles when a row needs more (kv_cache.py). Where the fast
 # step decodes (it reads the whole buffer, room included) the room is _GROW columns and grows by
 # as many: one copy of the cache every _GROW steps, ~_GROW / 2 unwritten columns read per step.

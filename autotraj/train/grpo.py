@@ -52,6 +52,7 @@ from accelerate.utils import gather_object, set_seed
 from autotraj.config import ConfigError, to_dict
 from autotraj.io import check_same_config, truncate_steps, write_manifest
 from autotraj.metrics import MetricsLog
+from autotraj.models.cpu_bf16 import cpu_bf16
 from autotraj.models.loading import (
     GeneratorConfig,
     load_tokenizer,
@@ -135,8 +136,12 @@ class GrpoRun:
         check_rl_config(cfg)
         self.cfg = cfg
         self.out_dir = stage_dir(cfg)
+        precision = cfg.mixed_precision
+        on_cpu = process_state().device.type == "cpu"
+        if precision == "bf16" and not cpu_bf16(True, on_cpu, "rl.mixed_precision bf16"):
+            precision = "no"  # a CPU without bf16 kernels (models/cpu_bf16.py)
         self.accelerator = Accelerator(
-            mixed_precision=cfg.mixed_precision,
+            mixed_precision=precision,
             log_with=list(cfg.report_to) or None,
             project_dir=str(self.out_dir),
         )
@@ -305,6 +310,7 @@ class GrpoRun:
             batch_size=self.cfg.generator.batch_size,
             logprobs=self.cfg.sampling.sampler_logprobs,
             kept_prefix_mb=self.cfg.generator.kept_prefix_mb,
+            unpadded_prefill=self.cfg.generator.unpadded_prefill,
         )
 
     def restore(self) -> int:

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 
 from autotraj.config import ConfigError
+from autotraj.models.cpu_bf16 import cpu_dtype
 
 log = logging.getLogger(__name__)
 
@@ -105,18 +106,20 @@ def unsharded_load(accelerator: Any) -> Iterator[None]:
 
 
 class HfRolloutCopy:
-    """An unsharded bf16 transformers copy of the policy, refreshed by `sync` every step."""
+    """An unsharded bf16 transformers copy of the policy, refreshed by `sync` every step (in
+    float32 on a CPU without bf16 kernels: models/cpu_bf16.py)."""
 
-    def __init__(self, model: Any):
-        self.model = model.to(torch.bfloat16).requires_grad_(False).eval()
+    def __init__(self, model: Any, dtype: torch.dtype = torch.bfloat16):
+        self.model = model.to(dtype).requires_grad_(False).eval()
 
     @classmethod
     def load(cls, path: str, accelerator: Any) -> HfRolloutCopy:
         from transformers import AutoModelForCausalLM
 
+        dtype = cpu_dtype(torch.bfloat16, accelerator.device, "rl.generator.dtype bfloat16")
         with unsharded_load(accelerator):
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-        return cls(model.to(accelerator.device))
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return cls(model.to(accelerator.device), dtype)
 
     @torch.no_grad()
     def sync(self, params: Iterable[tuple[str, torch.Tensor]]) -> int:
@@ -271,9 +274,11 @@ class VllmRolloutEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         vllm = _import_vllm()
         distributed = accelerator.num_processes > 1
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # vLLM's platform
+        dtype = cpu_dtype(torch.bfloat16, device, "rl.generator backend vllm (bfloat16)")
         llm = vllm.LLM(
             model=path,
-            dtype="bfloat16",
+            dtype=str(dtype).removeprefix("torch."),
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
             enforce_eager=enforce_eager,
@@ -282,8 +287,8 @@ class VllmRolloutEngine:
             distributed_executor_backend="external_launcher" if distributed else None,
             worker_extension_cls=f"{__name__}.VllmWeightLoader",
         )
-        log.info("vLLM rollout engine on process %d", accelerator.process_index)
-        return cls(llm, sleep=sleep)
+        log.info("vLLM rollout engine on process %d (%s)", accelerator.process_index, dtype)
+        return cls(llm, sleep=sleep, dtype=dtype)
 
     def sync(self, params: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Push every `(name, tensor)` into the engine (chunked or whole, as the build allows),

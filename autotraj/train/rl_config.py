@@ -18,6 +18,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from autotraj.config import ConfigError
+from autotraj.models.cpu_bf16 import cpu_dtype
 from autotraj.models.loading import (
     EMBEDDED_MODEL,
 )
@@ -55,6 +56,9 @@ class RlGeneratorConfig:
     # (their next turn prefills only the tool's result; models/kept_prefixes.py); 0: off. It is
     # emptied whenever the policy's weights change.
     kept_prefix_mb: int = 2048
+    # transformers, bf16 on CPU: prefill the prompts unpadded, all rows in one sequence
+    # (models/decode_step.py, FastStep.prefill); false: the left-padded transformers prefill
+    unpadded_prefill: bool = True
     # vllm only: the share of the GPU the engine may take while awake (bf16 weights + KV cache;
     # 0.5 of 80 GB leaves ~24 GB of KV cache beside a 7B policy; refused up front when the
     # weights leave less than 1 GiB), its longest sequence (prompt, demonstrations and
@@ -149,7 +153,7 @@ def frozen_dtype(setting: str, device: torch.device) -> torch.dtype:
     """
     if setting == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, setting)
+    return cpu_dtype(getattr(torch, setting), device, f"rl.frozen_dtype {setting}")
 
 
 def resolve_rm(cfg: RlConfig) -> str | None:

@@ -40,6 +40,7 @@ from autotraj import run_dir as layout
 from autotraj.config import ConfigError, to_dict
 from autotraj.io import DataError, check_same_config, truncate_steps, write_manifest
 from autotraj.metrics import MetricsLog
+from autotraj.models.cpu_bf16 import cpu_bf16
 from autotraj.models.loading import EMBEDDED_MODEL, GeneratorConfig, load_tokenizer
 from autotraj.render import TokenizerMismatch
 from autotraj.train.batches import SftExample, sft_examples_from_file
@@ -280,7 +281,10 @@ def _checkpointing_argument() -> str:
 
 
 def trainer_arguments(cfg: Any, out_dir: Path, report_to: list[str]) -> dict[str, Any]:
-    """Arguments shared by the SFT and RM trainers (fields both configs have)."""
+    """Arguments shared by the SFT and RM trainers (fields both configs have). `bf16` is off
+    on a CPU without bf16 kernels (models/cpu_bf16.py)."""
+    on_cpu = use_cpu(cfg.use_cpu)
+    stage = "sft" if isinstance(cfg, SftConfig) else "rm"
     return {
         "output_dir": str(out_dir / "checkpoints"),
         "learning_rate": cfg.learning_rate,
@@ -293,7 +297,7 @@ def trainer_arguments(cfg: Any, out_dir: Path, report_to: list[str]) -> dict[str
         "warmup_steps": cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         "lr_scheduler_type": cfg.lr_scheduler,
         "max_length": cfg.max_length,
-        "bf16": cfg.bf16,
+        "bf16": cpu_bf16(cfg.bf16, on_cpu, f"{stage}.bf16"),
         _checkpointing_argument(): cfg.gradient_checkpointing,
         "seed": cfg.seed,
         "save_strategy": "steps",
@@ -301,7 +305,7 @@ def trainer_arguments(cfg: Any, out_dir: Path, report_to: list[str]) -> dict[str
         "save_total_limit": cfg.save_total_limit,
         "logging_steps": cfg.logging_steps,
         "report_to": report_to,
-        "use_cpu": use_cpu(cfg.use_cpu),
+        "use_cpu": on_cpu,
     }
 
 
