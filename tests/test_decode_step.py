@@ -1,7 +1,8 @@
 """The CPU decoder's speed-ups keep its results: buffered KV cache, packed linears, fast step.
 
 Each speed-up is checked against the path it replaces, on real tensors and tiny real models
-(Llama and Qwen2 with q/k/v biases), in bfloat16 on CPU where the fast paths apply.
+(Llama and Qwen2 with q/k/v biases), on CPU in bfloat16 (where oneDNN packs bf16 weights) and in
+float32.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from autotraj.models.generator import GenerationRequest
 from autotraj.models.kv_cache import BufferedLayer, fill_holes
 from autotraj.models.loading import GeneratorConfig, load_generator
 
-needs_packing = pytest.mark.skipif(not packing_available(), reason="torch without oneDNN ops")
+needs_packing = pytest.mark.skipif(
+    not packing_available(), reason="no oneDNN bf16 packing (this torch or CPU)"
+)
 
 
 def _kv(rows: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,11 +200,20 @@ def _qwen2_dir(tiny_model_dir, tmp_path, sliding: bool = False):
     return tmp_path
 
 
-@pytest.fixture(params=["llama", "qwen2"])
-def bf16_generator(request, tiny_model_dir, tmp_path):
-    path = tiny_model_dir if request.param == "llama" else _qwen2_dir(tiny_model_dir, tmp_path)
-    gen = load_generator(GeneratorConfig(model=str(path), dtype="bfloat16", device="cpu"))
-    assert FastStep.supports(gen.model)
+@pytest.fixture(
+    params=[
+        pytest.param((arch, dtype), marks=[needs_packing] if dtype == "bfloat16" else [])
+        for arch in ("llama", "qwen2")
+        for dtype in ("bfloat16", "float32")
+    ],
+    ids=lambda p: "-".join(p),
+)
+def fast_generator(request, tiny_model_dir, tmp_path, cpu_bf16):
+    """A tiny model's generator in a dtype the fast step runs (bf16 kept as bf16: `cpu_bf16`)."""
+    arch, dtype = request.param
+    path = tiny_model_dir if arch == "llama" else _qwen2_dir(tiny_model_dir, tmp_path)
+    gen = load_generator(GeneratorConfig(model=str(path), dtype=dtype, device="cpu"))
+    assert FastStep.supports(gen.model) and gen.model.dtype == getattr(torch, dtype)
     return gen
 
 
@@ -233,14 +245,13 @@ def _both_paths(gen, requests, monkeypatch):
     return fast, plain
 
 
-@needs_packing
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_fast_step_generates_what_the_transformers_forward_does(
-    bf16_generator, monkeypatch, temperature
+    fast_generator, monkeypatch, temperature
 ):
     """Token-identical, greedy and seeded sampling, with log-probs, over rows of different
     prompt lengths that end at different steps."""
-    gen = bf16_generator
+    gen = fast_generator
     gen.logprobs = True
     fast, plain = _both_paths(gen, _requests(gen.tokenizer, temperature), monkeypatch)
     assert [c.token_ids for c in fast] == [c.token_ids for c in plain]
@@ -249,10 +260,9 @@ def test_fast_step_generates_what_the_transformers_forward_does(
     assert len({len(c.token_ids) for c in fast}) > 1  # rows did leave at different steps
 
 
-@needs_packing
-def test_fast_step_follows_a_weight_update(bf16_generator, monkeypatch):
+def test_fast_step_follows_a_weight_update(fast_generator, monkeypatch):
     """RL pushes new weights into the generator's model: the next rollout must come from them."""
-    gen = bf16_generator
+    gen = fast_generator
     requests = _requests(gen.tokenizer)
     before = gen.generate(requests)
     with torch.no_grad():
@@ -263,13 +273,14 @@ def test_fast_step_follows_a_weight_update(bf16_generator, monkeypatch):
 
 
 def test_fast_step_declines_what_it_does_not_reproduce(tiny_model_dir):
-    gen = load_generator(GeneratorConfig(model=str(tiny_model_dir), dtype="float32"))
-    assert not FastStep.supports(gen.model)  # float32: the transformers forward runs
-    bf16 = load_generator(GeneratorConfig(model=str(tiny_model_dir), dtype="bfloat16"))
-    bf16.model.config.rope_parameters = {**bf16.model.config.rope_parameters, "rope_type": "yarn"}
-    assert not FastStep.supports(bf16.model)
-    bf16.model.train()
-    assert not FastStep.supports(bf16.model)
+    gen = load_generator(GeneratorConfig(model=str(tiny_model_dir), dtype="float16"))
+    assert not FastStep.supports(gen.model)  # float16: the transformers forward runs
+    fp32 = load_generator(GeneratorConfig(model=str(tiny_model_dir), dtype="float32"))
+    assert FastStep.supports(fp32.model)
+    fp32.model.config.rope_parameters = {**fp32.model.config.rope_parameters, "rope_type": "yarn"}
+    assert not FastStep.supports(fp32.model)
+    fp32.model.train()
+    assert not FastStep.supports(fp32.model)
 
 
 def _prefill_against_rows_alone(gen, prompts, starts):
@@ -320,28 +331,27 @@ def _prefill_against_rows_alone(gen, prompts, starts):
     return results
 
 
-@needs_packing
 @pytest.mark.parametrize("mlp_tokens", [4096, 7])
-def test_unpadded_prefill_is_each_row_alone_bit_for_bit(bf16_generator, monkeypatch, mlp_tokens):
+def test_unpadded_prefill_is_each_row_alone_bit_for_bit(fast_generator, monkeypatch, mlp_tokens):
     """Rows of different lengths in one sequence, some after cached starts (a kept cache, a
     shared prefix): each row's last logits and the keys/values written for it are what the
     transformers forward (eager attention) gives for that prompt alone; with the MLP in blocks
     of 7 tokens too."""
     monkeypatch.setattr(decode_step, "_MLP_TOKENS", mlp_tokens)
     g = torch.Generator().manual_seed(3)
-    vocab = bf16_generator.model.config.vocab_size
+    vocab = fast_generator.model.config.vocab_size
     prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (23, 4, 41, 17)]
     for starts in ([0, 0, 0, 0], [5, 3, 0, 16]):
-        results = _prefill_against_rows_alone(bf16_generator, prompts, starts)
+        results = _prefill_against_rows_alone(fast_generator, prompts, starts)
         assert results == [(j, True, True) for j in range(len(prompts))], starts
 
 
-def test_unpadded_prefill_refuses_an_empty_rest(bf16_generator):
+def test_unpadded_prefill_refuses_an_empty_rest(fast_generator):
     from autotraj.models.kv_cache import buffered_cache
 
-    cache = buffered_cache(bf16_generator.model.config, 16)
+    cache = buffered_cache(fast_generator.model.config, 16)
     with pytest.raises(ValueError, match="at least one token"):
-        FastStep(bf16_generator.model).prefill([[5, 6], []], [0, 0], cache.layers)
+        FastStep(fast_generator.model).prefill([[5, 6], []], [0, 0], cache.layers)
 
 
 @pytest.mark.slow
@@ -575,15 +585,14 @@ def test_a_shared_prefix_with_chunked_rests_gives_the_same_tokens(tiny_model_dir
     assert [c.token_ids for c in chunked] == [c.token_ids for c in whole]
 
 
-@needs_packing
-def test_a_prefix_held_once_decodes_like_a_prefix_in_every_row(bf16_generator):
+def test_a_prefix_held_once_decodes_like_a_prefix_in_every_row(fast_generator):
     """The fast step's split attention (a shared prefix held once, its softmax merged with each
     row's own by log-sum-exp) against the same prefix copied into every row, fed the same
     tokens for a few steps: the prefix is held once and cut from the rows' caches, and the
     log-probs differ by bf16 rounding only."""
     from autotraj.models import decoding
 
-    gen = bf16_generator
+    gen = fast_generator
     system = gen.tokenizer.encode("You are a careful solver. Show the steps, then answer. " * 2)
     requests = [
         dataclasses.replace(r, prompt_ids=tuple(system) + r.prompt_ids)

@@ -4,8 +4,8 @@ At the small row counts of decoding, a transformers forward spends much of its t
 arithmetic: ~35 small operations and several Python module calls per layer, a 4-D mask built per
 step, three separate q/k/v and two gate/up matmuls. `FastStep` runs the same computation for a
 one-token step with the model's own weights:
-- q/k/v fused into one matmul and gate/up into another, every weight prepacked for oneDNN
-  (cpu_linear.pack; bit-identical to `F.linear` in our checks);
+- q/k/v fused into one matmul and gate/up into another, in bf16 every weight prepacked for oneDNN
+  (cpu_linear.pack; bit-identical to `F.linear` in our checks), in float32 by `F.linear`;
 - the operations of transformers' Llama code otherwise, in the same order and dtypes (RMSNorm in
   float32, rotary embeddings), with attention by transformers' eager formula (`_attention`): the
   query heads of a key/value head attend together, so the cache is read once per key/value head;
@@ -18,8 +18,10 @@ one-token step with the model's own weights:
   and to the row's own columns separately, under one softmax over both.
 
 It is used for the decode steps of models whose architecture it knows (`FastStep.supports`:
-LlamaForCausalLM, Qwen2ForCausalLM with full attention, default RoPE, SiLU MLP) in bfloat16 on
-CPU; the prompt's prefill, other models and other devices run the transformers forward. Its
+LlamaForCausalLM, Qwen2ForCausalLM with full attention, default RoPE, SiLU MLP) on CPU, in
+bfloat16 where oneDNN has bf16 kernels for the CPU, and in float32 (on every CPU: the dtype that
+bf16 requests get on a CPU without bf16 kernels, cpu_bf16.py); other models and other devices
+run the transformers forward. Its
 tokens and log-probs are bit-identical to the transformers forward with
 `attn_implementation="eager"` (tests/test_decode_step.py, greedy and sampled, tiny Llama and
 Qwen2 models and the embedded model on GSM8K prompts); against the default sdpa attention they
@@ -69,7 +71,10 @@ class FastStep:
         self.rope_scale = float(rotary.attention_scaling)
         self.embed = inner.embed_tokens.weight
         self.final_norm = inner.norm.weight
-        self.lm_head = packed_weight(model.lm_head)  # shared with cpu_linear.packed_linears
+        # bf16: weights prepacked for oneDNN (cpu_linear); float32: the weights as they are
+        self.packed = model.dtype == torch.bfloat16
+        weight, fuse = (packed_weight, pack) if self.packed else (_plain_weight, _same)
+        self.lm_head = weight(model.lm_head)  # shared with cpu_linear.packed_linears
         self.layers = []
         for block in inner.layers:
             attn, mlp = block.self_attn, block.mlp
@@ -79,20 +84,23 @@ class FastStep:
                 _Layer(
                     norm1=block.input_layernorm.weight,
                     norm2=block.post_attention_layernorm.weight,
-                    qkv=pack(qkv),
+                    qkv=fuse(qkv),
                     qkv_bias=None if biases[0] is None else torch.cat(biases),
-                    o=packed_weight(attn.o_proj),
-                    gate_up=pack(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-                    down=packed_weight(mlp.down_proj),
+                    o=weight(attn.o_proj),
+                    gate_up=fuse(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                    down=weight(mlp.down_proj),
                 )
             )
         self.key = weights_key(model)
 
     @staticmethod
     def supports(model: Any) -> bool:
-        """True for the architectures and settings this step reproduces, in bf16 on CPU."""
+        """True for the architectures and settings this step reproduces, on CPU in bf16 (where
+        oneDNN packs bf16 weights: cpu_linear) or float32."""
         config = getattr(model, "config", None)
-        if config is None or not packing_available():
+        if config is None or getattr(model, "dtype", None) not in (torch.bfloat16, torch.float32):
+            return False
+        if model.dtype == torch.bfloat16 and not packing_available():
             return False
         architectures = set(getattr(config, "architectures", None) or ())
         rope = getattr(config, "rope_parameters", None) or {}
@@ -101,13 +109,17 @@ class FastStep:
             bool(architectures & _ARCHITECTURES)
             and type(model).__name__ in _ARCHITECTURES
             and model.device.type == "cpu"
-            and model.dtype == torch.bfloat16
             and getattr(config, "hidden_act", None) == "silu"
             and not getattr(config, "mlp_bias", False)
             and rope.get("rope_type", "default") == "default"
             and layer_types == {"full_attention"}
             and not model.training
         )
+
+    def _linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        return packed_linear(x, weight, bias) if self.packed else F.linear(x, weight, bias)
 
     def current(self, model: Any) -> bool:
         """False once any weight of `model` changed since this step was built."""
@@ -146,7 +158,7 @@ class FastStep:
             out = out.reshape(rows, self.heads, 1, self.head_dim).transpose(1, 2)
             h = self._rest_of_layer(h, out.reshape(rows, 1, -1), layer)
         h = _rms_norm(h, self.final_norm, self.eps)
-        return packed_linear(h, self.lm_head, None)[:, -1].float()
+        return self._linear(h, self.lm_head, None)[:, -1].float()
 
     def prefill(
         self, rests: Sequence[Sequence[int]], starts: Sequence[int], layers: list[Any]
@@ -205,7 +217,7 @@ class FastStep:
                 out.append(o.reshape(n, 1, -1))
             h = self._rest_of_layer(h, torch.cat(out), layer)
         h = _rms_norm(h[ends - 1], self.final_norm, self.eps)
-        return packed_linear(h, self.lm_head, None)[:, -1].float()
+        return self._linear(h, self.lm_head, None)[:, -1].float()
 
     def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """cos and sin (n x 1 x 1 x head_dim) of the rotary embedding at `positions` (n,)."""
@@ -223,7 +235,7 @@ class FastStep:
         n = h.shape[0]
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         x = _rms_norm(h, layer.norm1, self.eps)
-        qkv = packed_linear(x, layer.qkv, layer.qkv_bias)
+        qkv = self._linear(x, layer.qkv, layer.qkv_bias)
         qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
         qk = qk.view(n, 1, self.heads + self.kv_heads, self.head_dim).transpose(1, 2)
         qk = qk * cos + _rotate_half(qk) * sin  # rotary on q and k at once
@@ -236,14 +248,22 @@ class FastStep:
         """The layer after attention: output projection, residual, MLP, residual; `attended`:
         n x 1 x heads * head_dim. The MLP runs in blocks of _MLP_TOKENS tokens (a long prefill's
         intermediate activations stay small; each token's result is the same)."""
-        h = h + packed_linear(attended, layer.o, None)
+        h = h + self._linear(attended, layer.o, None)
         parts = []
         for first in range(0, h.shape[0], _MLP_TOKENS):
             part = h[first : first + _MLP_TOKENS]
             x = _rms_norm(part, layer.norm2, self.eps)
-            gate, up = packed_linear(x, layer.gate_up, None).split(self.inter, dim=-1)
-            parts.append(part + packed_linear(F.silu(gate) * up, layer.down, None))
+            gate, up = self._linear(x, layer.gate_up, None).split(self.inter, dim=-1)
+            parts.append(part + self._linear(F.silu(gate) * up, layer.down, None))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _plain_weight(module: Any) -> torch.Tensor:
+    return module.weight
+
+
+def _same(weight: torch.Tensor) -> torch.Tensor:
+    return weight
 
 
 def _causal_mask(start: int, length: int, groups: int) -> torch.Tensor:
