@@ -9,15 +9,13 @@ import platform
 
 import pytest
 import torch
-from test_grpo import tiny_config
 
 from autotraj.models import cpu_bf16
 from autotraj.models.cpu_linear import pack, packed_linear, packing_available
 from autotraj.models.generator import GenerationRequest
 from autotraj.models.loading import GeneratorConfig, load_generator
-from autotraj.train import grpo
 from autotraj.train.policy_weights import HfRolloutCopy
-from autotraj.train.rl_config import frozen_dtype
+from autotraj.train.rl_config import autocast_setting, frozen_dtype
 from autotraj.train.sft import SftConfig, trainer_arguments
 
 
@@ -52,8 +50,9 @@ def test_training_and_rl_bf16_follow_the_cpu(tmp_path, tiny_model_dir, monkeypat
     assert frozen_dtype("bfloat16", torch.device("cuda", 0)) == torch.bfloat16  # a GPU: as asked
     copy = HfRolloutCopy.load(str(tiny_model_dir), _Accelerator())
     assert next(copy.model.parameters()).dtype == (torch.bfloat16 if on else torch.float32)
-    run = grpo.GrpoRun(tiny_config(tmp_path, tiny_model_dir, mixed_precision="bf16"))
-    assert run.accelerator.mixed_precision == ("bf16" if on else "no")
+    assert autocast_setting("bf16", on_cpu=True) == ("bf16" if on else "no")
+    assert autocast_setting("bf16", on_cpu=False) == "bf16"  # a GPU: as asked
+    assert autocast_setting("fp16", on_cpu=True) == "fp16"
 
 
 def test_the_override_must_be_0_or_1(monkeypatch):

@@ -256,7 +256,11 @@ def test_fast_step_generates_what_the_transformers_forward_does(
     fast, plain = _both_paths(gen, _requests(gen.tokenizer, temperature), monkeypatch)
     assert [c.token_ids for c in fast] == [c.token_ids for c in plain]
     assert [c.stop_reason for c in fast] == [c.stop_reason for c in plain]
-    assert [c.logprobs for c in fast] == [c.logprobs for c in plain]
+    if gen.model.dtype == torch.bfloat16:  # bit for bit
+        assert [c.logprobs for c in fast] == [c.logprobs for c in plain]
+    else:  # float32: F.linear's fused q/k/v and gate/up products round apart in the last bits
+        for a, b in zip(fast, plain, strict=True):
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-4
     assert len({len(c.token_ids) for c in fast}) > 1  # rows did leave at different steps
 
 
@@ -313,6 +317,7 @@ def _prefill_against_rows_alone(gen, prompts, starts):
         rests = [p[s:] for p, s in zip(prompts, starts, strict=True)]
         logits = FastStep(model).prefill(rests, starts, cache.layers)
     width = max(len(r) for r in rests)
+    exact = model.dtype == torch.bfloat16
     results = []
     for j, (rest, start) in enumerate(zip(rests, starts, strict=True)):
         ours = [
@@ -324,11 +329,19 @@ def _prefill_against_rows_alone(gen, prompts, starts):
         ]
         ref = [(x.keys[0, :, start:], x.values[0, :, start:]) for x in alone[j][1].layers]
         same_kv = all(
-            torch.equal(a, c) and torch.equal(b, d)
+            _same(a, c, exact) and _same(b, d, exact)
             for (a, b), (c, d) in zip(ours, ref, strict=True)
         )
-        results.append((j, torch.equal(logits[j], alone[j][0]), same_kv))
+        results.append((j, _same(logits[j], alone[j][0], exact), same_kv))
     return results
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, exact: bool) -> bool:
+    """`exact` (a bf16 model): bit for bit; else (float32) up to the last bits (F.linear's
+    fused products round apart)."""
+    if exact:
+        return torch.equal(a, b)
+    return torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("mlp_tokens", [4096, 7])
@@ -419,12 +432,20 @@ def test_greedy_pick_is_the_first_maximum_like_argmax():
     assert torch.equal(sample_next(big, torch.zeros(64), torch.ones(64)), big.argmax(dim=-1))
 
 
+def _forward_prefill_only(monkeypatch):
+    """The transformers forward for every step (no fast step: its unpadded prefill would run
+    instead of the padded, chunked and shared-prefix paths tested here, which other models,
+    float16 and GPUs take)."""
+    monkeypatch.setattr(decode_step.FastStep, "supports", staticmethod(lambda model: False))
+
+
 def test_a_shared_prompt_prefix_computed_once_gives_the_same_tokens(tiny_model_dir, monkeypatch):
     """Prompts with a long common start (a system prompt, worked examples): the prefix is run
     once and copied to every row; greedy outputs (float32) equal the plain left-padded
     prefill's."""
     from autotraj.models import decoding
 
+    _forward_prefill_only(monkeypatch)
     gen = load_generator(GeneratorConfig(model=str(tiny_model_dir), dtype="float32", batch_size=8))
     system = "You are a careful solver. Show the steps, then answer. " * 2
     tails = ["What is 2+3?", "Name a prime above 10.", "Say hi", "Count to five, slowly please"]
@@ -516,6 +537,7 @@ def test_a_chunked_prefill_gives_what_one_padded_batch_gives(tiny_model_dir, mon
     a row's position in the batch is kept (requests given out of length order)."""
     from autotraj.models import decoding
 
+    _forward_prefill_only(monkeypatch)
     gen = load_generator(GeneratorConfig(model=str(tiny_model_dir), dtype="float32"))
     requests = _chunk_requests(gen.tokenizer)
     calls = []
@@ -561,6 +583,7 @@ def test_a_shared_prefix_with_chunked_rests_gives_the_same_tokens(tiny_model_dir
     chunk's rows start from it; greedy outputs (float32) equal whole prompts in one batch."""
     from autotraj.models import decoding
 
+    _forward_prefill_only(monkeypatch)
     gen = load_generator(GeneratorConfig(model=str(tiny_model_dir), dtype="float32"))
     system = "You are a careful solver. Show the steps, then answer. " * 2
     requests = [

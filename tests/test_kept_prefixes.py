@@ -84,7 +84,12 @@ def test_a_continued_row_prefills_only_its_new_tokens_and_generates_the_same(
 ):
     """Two turns of a tool loop: rows stop on their call, a result is appended, generation goes
     on. With the store, the second prefill forwards only each row's last written token and the
-    result; greedy outputs (float32) equal those of a generator that recomputes every context."""
+    result; greedy outputs (float32) equal those of a generator that recomputes every context.
+    Through the transformers forward, whose calls are counted here (the tests below take the
+    fast step where the dtype allows)."""
+    from autotraj.models import decode_step
+
+    monkeypatch.setattr(decode_step.FastStep, "supports", staticmethod(lambda model: False))
     dtype = "float32"
     gen = load_generator(GeneratorConfig(model=str(tiny_model_dir), dtype=dtype, batch_size=8))
     ref = load_generator(

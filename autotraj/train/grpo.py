@@ -52,7 +52,6 @@ from accelerate.utils import gather_object, set_seed
 from autotraj.config import ConfigError, to_dict
 from autotraj.io import check_same_config, truncate_steps, write_manifest
 from autotraj.metrics import MetricsLog
-from autotraj.models.cpu_bf16 import cpu_bf16
 from autotraj.models.loading import (
     GeneratorConfig,
     load_tokenizer,
@@ -79,6 +78,7 @@ from autotraj.train.rl_config import (  # noqa: F401 (re-exported: the stage's p
     RlConfig,
     RlGeneratorConfig,
     TrajectoryScorer,
+    autocast_setting,
     check_rl_config,
     frozen_dtype,
     load_rl_queries,
@@ -136,12 +136,9 @@ class GrpoRun:
         check_rl_config(cfg)
         self.cfg = cfg
         self.out_dir = stage_dir(cfg)
-        precision = cfg.mixed_precision
         on_cpu = process_state().device.type == "cpu"
-        if precision == "bf16" and not cpu_bf16(True, on_cpu, "rl.mixed_precision bf16"):
-            precision = "no"  # a CPU without bf16 kernels (models/cpu_bf16.py)
         self.accelerator = Accelerator(
-            mixed_precision=precision,
+            mixed_precision=autocast_setting(cfg.mixed_precision, on_cpu),
             log_with=list(cfg.report_to) or None,
             project_dir=str(self.out_dir),
         )

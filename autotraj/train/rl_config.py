@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from autotraj.config import ConfigError
-from autotraj.models.cpu_bf16 import cpu_dtype
+from autotraj.models.cpu_bf16 import cpu_bf16, cpu_dtype
 from autotraj.models.loading import (
     EMBEDDED_MODEL,
 )
@@ -143,6 +143,14 @@ def resolve_model(cfg: RlConfig) -> str:
         return cfg.model
     sft = Path(cfg.run_dir) / "sft" / "model"
     return str(sft) if sft.is_dir() else EMBEDDED_MODEL
+
+
+def autocast_setting(setting: str, on_cpu: bool) -> str:
+    """`RlConfig.mixed_precision` for accelerate: bf16 autocast is off ("no") on a CPU without
+    bf16 kernels (models/cpu_bf16.py)."""
+    if setting == "bf16" and not cpu_bf16(True, on_cpu, "rl.mixed_precision bf16"):
+        return "no"
+    return setting
 
 
 def frozen_dtype(setting: str, device: torch.device) -> torch.dtype:
