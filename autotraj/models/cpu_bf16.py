@@ -67,10 +67,10 @@ def cpu_dtype(dtype: torch.dtype, device: str | torch.device, what: str) -> torc
     named in the warning)."""
     import torch
 
-    if dtype != torch.bfloat16 or torch.device(device).type != "cpu" or bf16_native():
-        return dtype
-    _warn_once(what)
-    return torch.float32
+    on_cpu = torch.device(device).type == "cpu"
+    if dtype == torch.bfloat16 and not cpu_bf16(True, on_cpu, what):
+        return torch.float32
+    return dtype
 
 
 def cpu_bf16(enabled: bool, on_cpu: bool, what: str) -> bool:

@@ -152,10 +152,10 @@ def _engine_dtype(dtype: str) -> str:
     0.32 in bf16 wrote garbage after a few tokens on an AVX2-only EPYC, 2026-12-05)."""
     import torch
 
-    from autotraj.models.cpu_bf16 import bf16_native, cpu_dtype
+    from autotraj.models.cpu_bf16 import bf16_native, cpu_bf16
 
     if torch.cuda.is_available() or dtype not in ("auto", "bfloat16"):
         return dtype
     if dtype == "auto":
         return dtype if bf16_native() else "float32"
-    return str(cpu_dtype(torch.bfloat16, "cpu", "generator dtype bfloat16 (vllm)")).split(".")[1]
+    return "bfloat16" if cpu_bf16(True, True, "generator dtype bfloat16 (vllm)") else "float32"
