@@ -28,11 +28,14 @@ import sys
 PORTABLE_FEATURES = frozenset(
     {"SSE3", "SSSE3", "AVX", "AVX2", "F16C", "FMA", "BMI2", "LLAMAFILE", "OPENMP", "REPACK"}
 )
-# The CMake options setup.sh builds with (one home: setup.sh reads them from here).
+# The CMake options setup.sh builds with (one home: setup.sh reads them from here). The last one
+# leaves out llama-cpp-python's multimodal library (libmtmd, with its bundled image and audio
+# decoders): autotraj never loads it (llama_cpp imports it only inside its vision chat
+# handlers), and it is a sizeable part of the build on 2 cores.
 CMAKE_ARGS = (
     "-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF "
     "-DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF "
-    "-DGGML_AMX_BF16=OFF"
+    "-DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF"
 )
 _GENERATE = """
 import sys, llama_cpp

@@ -294,6 +294,7 @@ COMMAND_OF = {  # configs/<name> -> the `autotraj` command that reads it (cli.ST
     "ablation_llm.yaml": "ablate",
     "cpu.yaml": "run",
     "cpu_gsm8k.yaml": "run",
+    "cpu_quick.yaml": "run",
     "cpu_llm_repair.yaml": "run",
     "cpu_synthesize.yaml": "synthesize",
     "gpu_smoke.yaml": "run",
@@ -311,6 +312,23 @@ def test_shipped_config_loads(name):
     assert name in COMMAND_OF, f"configs/{name}: name the command that reads it in COMMAND_OF"
     config_cls, _ = STAGES[COMMAND_OF[name]][1]()
     assert isinstance(load_config(config_cls, path), config_cls)
+
+
+def test_the_quick_demo_is_the_demo_with_fewer_steps():
+    """CI's demo on CPUs without bf16 kernels (configs/cpu_quick.yaml) differs from the README's
+    only in training steps and evaluation size: same stages, model, prompt, data engine."""
+    from autotraj.pipeline import PipelineConfig
+
+    full = load_config(PipelineConfig, CONFIGS / "cpu.yaml")
+    quick = load_config(PipelineConfig, CONFIGS / "cpu_quick.yaml")
+    assert quick.stages == full.stages and quick.eval_models == full.eval_models
+    for section in ("synthesize", "score", "repair", "build"):
+        assert getattr(quick, section) == getattr(full, section), section
+    assert (quick.sft.model, quick.sft.learning_rate) == (full.sft.model, full.sft.learning_rate)
+    assert quick.sft.max_steps and quick.rm.max_steps and 0 < quick.rl.steps < full.rl.steps
+    assert quick.rl.rollout == full.rl.rollout and quick.rl.lr == full.rl.lr
+    assert quick.eval.generator.model == full.eval.generator.model
+    assert quick.eval.rollout.system_prompt == full.eval.rollout.system_prompt
 
 
 # --- a stage command reads its section of a pipeline config --------------------------------------
