@@ -54,7 +54,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from autotraj.models.cpu_bf16 import bf16_native  # noqa: E402
+from autotraj.models.cpu_bf16 import cpu_dtype  # noqa: E402
 from autotraj.models.generator import GenerationRequest  # noqa: E402
 from autotraj.models.loading import GeneratorConfig, load_generator  # noqa: E402
 from autotraj.querysets import load_queries  # noqa: E402
@@ -226,9 +226,9 @@ def main() -> None:
     timed_runs = len(settings) * len(batches) * args.repeats
     questions = load_queries(args.data, limit=(timed_runs + 1) * max(batches))
     fresh = iter(range(max(batches), len(questions), max(batches)))
-    # The engines ask for bf16; where the CPU has no bf16 kernels both run in float32, and the
-    # peak that their throughput is a share of is float32's.
-    dtype = torch.bfloat16 if bf16_native() else torch.float32
+    # The engines ask for bf16 and get the same fallback (float32 where the CPU has no bf16
+    # kernels); their throughput is a share of the peak in the dtype they run.
+    dtype = cpu_dtype(torch.bfloat16, "cpu", "bench_engines matmul peak")
     peak = matmul_peak_gflops(dtype)
     print(f"{dtype} matmul peak: {peak:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
     # vLLM decides its own batch (continuous batching over every request of a call); ours is

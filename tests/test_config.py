@@ -316,7 +316,8 @@ def test_shipped_config_loads(name):
 
 def test_the_quick_demo_is_the_demo_with_fewer_steps():
     """CI's demo on CPUs without bf16 kernels (configs/cpu_quick.yaml) differs from the README's
-    only in training steps and evaluation size: same stages, model, prompt, data engine."""
+    in training steps and batches, the RM's learning rate and the evaluation's size only: same
+    stages, model, prompt, data engine, SFT and RL learning rates."""
     from autotraj.pipeline import PipelineConfig
 
     full = load_config(PipelineConfig, CONFIGS / "cpu.yaml")
