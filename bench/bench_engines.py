@@ -10,7 +10,9 @@ runs alternating between them:
 - `ours-nokept` (opt-in, `--engines ours,ours-nokept,vllm`): ours without the kept KV caches
   of tool loops (`kept_prefix_mb: 0`, models/kept_prefixes.py), an A/B of that store;
 - `ours-held` (opt-in): ours with `held_prefix: true` (a shared prefix held once in decoding);
-- `ours-padded` (opt-in): ours with `unpadded_prefill: false` (the left-padded prefill).
+- `ours-padded` (opt-in): ours with `unpadded_prefill: false` (the left-padded prefill);
+- `ours-sgemm` (opt-in, float32 only): ours with its float32 linears on `F.linear` (MKL's sgemm)
+  instead of oneDNN's packed kernel (models/cpu_linear.py), an A/B of the packing.
 
 Settings:
 - `plain`: N GSM8K test questions as chat prompts (the model's chat template, no system prompt),
@@ -54,6 +56,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from autotraj.models import cpu_linear, decode_step  # noqa: E402
 from autotraj.models.cpu_bf16 import cpu_dtype  # noqa: E402
 from autotraj.models.generator import GenerationRequest  # noqa: E402
 from autotraj.models.loading import GeneratorConfig, load_generator  # noqa: E402
@@ -123,7 +126,12 @@ def run_tools(generator, tools, questions, max_new_tokens: int):
 
 
 def load_engine(name: str, batch: int):
-    if name in ("ours", "ours-nokept", "ours-held", "ours-padded"):
+    if name == "ours-sgemm":  # float32 linears unpacked; bf16 would leave the fast step
+        if cpu_dtype(torch.bfloat16, "cpu", "bench") != torch.float32:
+            raise ValueError("ours-sgemm compares float32 kernels: run it where bf16 falls back")
+        unpacked = lambda dtype=torch.bfloat16: False  # noqa: E731
+        cpu_linear.packing_available = decode_step.packing_available = unpacked
+    if name in ("ours", "ours-nokept", "ours-held", "ours-padded", "ours-sgemm"):
         kept = {"kept_prefix_mb": 0} if name == "ours-nokept" else {}
         kept.update({"held_prefix": True} if name == "ours-held" else {})
         kept.update({"unpadded_prefill": False} if name == "ours-padded" else {})
@@ -276,7 +284,7 @@ def main() -> None:
                 pairs = zip(cells[a]["outputs"], cells[b]["outputs"], strict=True)
                 return sum(x == y for x, y in pairs)
 
-            for name in ("ours", "ours-nokept", "ours-held", "ours-padded"):
+            for name in ("ours", "ours-nokept", "ours-held", "ours-padded", "ours-sgemm"):
                 if name in cells and "vllm" in cells:
                     ratio = rows[name]["tokens_per_s"] / rows["vllm"]["tokens_per_s"]
                     rows[name].update(

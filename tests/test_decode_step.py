@@ -23,6 +23,9 @@ from autotraj.models.loading import GeneratorConfig, load_generator
 needs_packing = pytest.mark.skipif(
     not packing_available(), reason="no oneDNN bf16 packing (this torch or CPU)"
 )
+needs_fp32_packing = pytest.mark.skipif(
+    not packing_available(torch.float32), reason="no oneDNN float32 packing (this torch or CPU)"
+)
 
 
 def _kv(rows: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,26 +148,46 @@ def test_fill_holes_moves_only_rows_above_the_new_size(keep, rows):
     assert all(order[j] == j for j in range(len(order)) if j in keep)  # kept slots stay
 
 
-@needs_packing
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        pytest.param(torch.bfloat16, marks=needs_packing),
+        pytest.param(torch.float32, marks=needs_fp32_packing),
+    ],
+)
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
-def test_packed_linears_are_bit_identical_and_follow_weight_updates(rows):
+def test_packed_linears_match_f_linear_and_follow_weight_updates(rows, dtype):
+    """bf16: bit for bit; float32: oneDNN sums in another order than MKL (last bits)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.Linear(96, 32, bias=False))
-    model = model.to(torch.bfloat16)
-    x = torch.randn(rows, 48, dtype=torch.bfloat16)
+    model = model.to(dtype)
+    x = torch.randn(rows, 48, dtype=dtype)
+
+    def same(a, b):
+        return torch.equal(a, b) if dtype == torch.bfloat16 else torch.allclose(a, b, atol=1e-5)
+
     with torch.inference_mode():
         plain = model(x)
         with packed_linears(model) as n:
             packed = model(x)
-    assert n == 2 and torch.equal(packed, plain)
+    assert n == 2 and same(packed, plain)
     with torch.no_grad():  # an optimizer step or weight push changes the weights in place
         model[0].weight.mul_(-1)
     with torch.inference_mode():
         plain = model(x)
         with packed_linears(model):
             packed = model(x)
-    assert torch.equal(packed, plain)  # repacked, not the stale weights
+    assert same(packed, plain)  # repacked, not the stale weights
     assert "forward" not in vars(model[0])  # the context leaves the modules as they were
+
+
+@needs_fp32_packing
+def test_the_float32_fast_step_computes_on_packed_weights(tiny_model_dir):
+    """On x86 the float32 decoder takes oneDNN's packed kernel (2-4x MKL's sgemm at decoding's
+    row counts for wide weights: cpu_linear.py), not `F.linear`."""
+    gen = load_generator(GeneratorConfig(model=str(tiny_model_dir), dtype="float32"))
+    step = FastStep(gen.model)
+    assert step.packed and step.lm_head.is_mkldnn
 
 
 def _qwen2_dir(tiny_model_dir, tmp_path, sliding: bool = False):
