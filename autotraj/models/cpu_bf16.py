@@ -57,9 +57,14 @@ def bf16_native() -> bool:
         return forced == "1"
     if forced:
         raise ValueError(f"{_ENV} must be 0 or 1, not {forced!r}")
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not on_x86():
         return True
     return onednn_bf16()
+
+
+def on_x86() -> bool:
+    """True on an x86-64 machine (where the probes and measurements here were made)."""
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 def cpu_dtype(dtype: torch.dtype, device: str | torch.device, what: str) -> torch.dtype:

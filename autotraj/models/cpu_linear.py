@@ -28,14 +28,13 @@ oneDNN's bf16 kernels: cpu_bf16.py, float32 off x86) runs unchanged.
 from __future__ import annotations
 
 import contextlib
-import platform
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from autotraj.models.cpu_bf16 import onednn_bf16
+from autotraj.models.cpu_bf16 import on_x86, onednn_bf16
 
 _PACK_ROWS = 64  # the row count oneDNN picks its kernel for (see the module docstring)
 
@@ -47,7 +46,7 @@ def packing_available(dtype: torch.dtype = torch.bfloat16) -> bool:
     if dtype == torch.bfloat16:
         supported = onednn_bf16()
     elif dtype == torch.float32:
-        supported = platform.machine().lower() in ("x86_64", "amd64")
+        supported = on_x86()
     else:
         return False
     return (
