@@ -10,10 +10,11 @@ one-token step with the model's own weights:
 - the operations of transformers' Llama code otherwise, in the same order and dtypes (RMSNorm in
   float32, rotary embeddings), with attention by transformers' eager formula (`_attention`): the
   query heads of a key/value head attend together, so the cache is read once per key/value head;
-- keys and values written into the `BufferedLayer` cache (kv_cache.py), whose whole buffer the
-  attention products read in place (masked outside the written columns). torch's fused attention
-  kernel (sdpa), which the transformers forward uses, took 1.55 ms per layer at 64 rows and
-  ~300 columns; the two batched products over the whole buffer ~0.5 ms (2-core AMD EPYC);
+- keys and values written into the `BufferedLayer` cache (kv_cache.py), whose written columns
+  the attention products read in place (views; the columns the eager forward reads, no room and
+  no columns trimmed off the front). torch's fused attention kernel (sdpa), which the
+  transformers forward uses, took 1.55 ms per layer at 64 rows and ~300 columns; the two batched
+  products ~0.5 ms (2-core AMD EPYC);
 - a prefix every row shares (a system prompt, worked examples) may be held once instead of in
   every row (`prefix`): each row's query heads then attend to it in one product for all rows,
   and to the row's own columns separately, under one softmax over both.
@@ -143,15 +144,16 @@ class FastStep:
         rows = tokens.shape[0]
         h = F.embedding(tokens[:, None], self.embed)  # (rows, 1, hidden)
         cos, sin = self._rotary(positions, h.dtype)
-        mask, geometry = None, None
+        mask = _padding_mask(attention_mask)  # the same for every layer
         groups = self.heads // self.kv_heads
         for number, (layer, cache) in enumerate(zip(self.layers, layers, strict=True)):
             q, k, v = self._qkv(h, layer, cos, sin)
-            cache.update(k, v)
-            keys, values, start, end = cache.whole()
-            if (start, end, keys.shape[2]) != geometry:  # the same for every layer
-                geometry = (start, end, keys.shape[2])
-                mask = _whole_mask(attention_mask, *geometry)
+            keys, values = cache.update(k, v)  # views of the written columns
+            if keys.shape[2] != attention_mask.shape[1]:
+                raise RuntimeError(
+                    f"decoder state out of step: layer {number} holds {keys.shape[2]} cached "
+                    f"columns, the attention mask {attention_mask.shape[1]}"
+                )
             # the query heads of one key/value head attend together
             q = q.reshape(rows, self.kv_heads, groups, self.head_dim)
             held = None if prefix is None else prefix[number]
@@ -276,11 +278,10 @@ def _causal_mask(start: int, length: int, groups: int) -> torch.Tensor:
     return mask.repeat(groups, 1)[None, None]
 
 
-def _whole_mask(attention_mask: torch.Tensor, start: int, end: int, room: int) -> torch.Tensor:
-    """The additive float32 mask (rows x 1 x 1 x room) of a whole cache buffer whose written
-    columns [start, end) `attention_mask` covers: -inf outside them and where it is 0."""
-    mask = torch.full((attention_mask.shape[0], room), float("-inf"))
-    mask[:, start:end].masked_fill_(attention_mask != 0, 0.0)
+def _padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The additive float32 mask (rows x 1 x 1 x columns) of the cache's written columns that
+    `attention_mask` (rows x columns) covers: -inf where it is 0."""
+    mask = torch.zeros(attention_mask.shape).masked_fill_(attention_mask == 0, float("-inf"))
     return mask[:, None, None, :]
 
 
@@ -299,9 +300,9 @@ def _attention(
     fused kernel (sdpa), which accumulates the scores in float32 and which the prefill uses.
 
     q: rows x kv_heads x groups x head_dim (the query heads of each key/value head together);
-    keys / values: rows x kv_heads x columns x head_dim, best contiguous (`torch.bmm` copies any
-    other batch of matrices first; kv_cache.py); mask: float32, additive, rows x 1 x 1 x
-    columns; `held`: keys and values (1 x kv_heads x length x head_dim) every row attends to
+    keys / values: rows x kv_heads x columns x head_dim, contiguous or the written columns of a
+    cache buffer (`torch.bmm` takes such a strided batch in place; kv_cache.py); mask: float32,
+    additive, rows x 1 x 1 x columns; `held`: keys and values (1 x kv_heads x length x head_dim) every row attends to
     before its own columns, one softmax over both. Returns rows x kv_heads x groups x head_dim."""
     rows, kv_heads, groups, dim = q.shape
     columns = keys.shape[2]

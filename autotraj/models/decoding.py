@@ -334,7 +334,7 @@ def _prefill(
     the batch), a prefix every row's start begins with (the shared one, or in the kept layout
     the longest common start of prompts that all continue kept rows) is afterwards held once
     (`_Batch.prefix`) and cut from every row's cache. `grow`: how the batch's cache grows when full
-    (kv_cache.BufferedLayer; the fast step reads its whole buffer). With `fast` (the model's
+    (kv_cache.BufferedLayer). With `fast` (the model's
     FastStep) and a buffered cache, the rests (and a shared prefix) are fed unpadded in one
     sequence instead (`FastStep.prefill`: no padding computed, no chunks needed)."""
     device = model.device
@@ -546,10 +546,12 @@ def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
 _MIN_SHARED = 32
 _MIN_SHARED_PACKED = 8
 # New-token room of a fresh cache; it doubles when a row needs more (kv_cache.py). Where the fast
-# step decodes (it reads the whole buffer, room included) the room is _GROW columns and grows by
-# as many: one copy of the cache every _GROW steps, ~_GROW / 2 unwritten columns read per step.
+# step decodes, the room is _GROW columns and grows by as many: one copy of the cache every _GROW
+# steps, and no more than _GROW columns a row held as room (doubling holds up to the cache's size
+# again; at 64 rows of ~400 columns, 1.2 GB in float32 for SmolLM2-135M). Until 2026-12-06 the
+# step read the room at every step too (kv_cache.py), and _GROW was 32 to keep it small.
 _FIRST_ROOM = 128
-_GROW = 32
+_GROW = 128
 # The prefill runs more rows than this in chunks of similar rest lengths (_chunked_prefill).
 _PREFILL_ROWS = 16
 

@@ -10,12 +10,12 @@ grows geometrically (amortised O(1) copies per token), and `trim_front` drops le
 (padding every row has) without a copy. Removing finished rows (`batch_select_indices`) copies
 only the written part.
 
-The decode step reads the whole buffer (`whole`): its attention products over every row and head
-at once (`torch.bmm`) take a batch of matrices in place only when the batch is one contiguous
-block, and copy any narrower view first (the written columns of a buffer with room are such a
-view). The columns outside the written ones are masked there, so buffers start zeroed (masked
-columns must hold finite numbers) and may grow by a fixed `grow` instead of doubling, to keep the
-unwritten room that every step reads small.
+The fast decode step (decode_step.py) reads the written columns through these views: its batched
+attention products (`torch.bmm`) take the strided batch of a buffer's columns in place, in
+float32 and bf16 (torch 2.13: no copy, the time follows the columns read). Until 2026-12-06 the
+step read the whole buffer, masked outside the written columns (a view was believed to be
+copied first), so every step also read the room and any columns trimmed off the front. A buffer
+may grow by a fixed `grow` instead of doubling, which holds less memory as room at large batches.
 
 `buffered_cache(config, capacity)` builds a `DynamicCache` whose plain layers are buffered
 (sliding-window or other special layers are kept as transformers builds them).
@@ -73,10 +73,10 @@ class BufferedLayer(DynamicLayer):
         self.keys = self._k[:, :, self._start : self._end]
         self.values = self._v[:, :, self._start : self._end]
 
-    def whole(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        """The whole key and value buffers (batch x heads x room x head_dim, contiguous), the
-        first written column and one past the last; the other columns hold finite numbers."""
-        return self._k, self._v, self._start, self._end
+    @property
+    def room(self) -> int:
+        """Columns of the buffer (written, trimmed and free); 0 before the first update."""
+        return 0 if self._k is None else self._k.shape[-2]
 
     def get_seq_length(self) -> int:
         return self._end - self._start if self.is_initialized else 0
