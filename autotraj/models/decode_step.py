@@ -302,8 +302,9 @@ def _attention(
     q: rows x kv_heads x groups x head_dim (the query heads of each key/value head together);
     keys / values: rows x kv_heads x columns x head_dim, contiguous or the written columns of a
     cache buffer (`torch.bmm` takes such a strided batch in place; kv_cache.py); mask: float32,
-    additive, rows x 1 x 1 x columns; `held`: keys and values (1 x kv_heads x length x head_dim) every row attends to
-    before its own columns, one softmax over both. Returns rows x kv_heads x groups x head_dim."""
+    additive, rows x 1 x 1 x columns; `held`: keys and values (1 x kv_heads x length x
+    head_dim) every row attends to before its own columns, one softmax over both. Returns
+    rows x kv_heads x groups x head_dim."""
     rows, kv_heads, groups, dim = q.shape
     columns = keys.shape[2]
     flat = q.reshape(rows * kv_heads, groups, dim)
