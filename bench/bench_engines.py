@@ -9,7 +9,8 @@ runs alternating between them:
   bf16 setting gets there, one warning each);
 - `ours-nokept` (opt-in, `--engines ours,ours-nokept,vllm`): ours without the kept KV caches
   of tool loops (`kept_prefix_mb: 0`, models/kept_prefixes.py), an A/B of that store;
-- `ours-held` (opt-in): ours with `held_prefix: true` (a shared prefix held once in decoding);
+- `ours-unheld` (opt-in): ours with `held_prefix: false` (a shared prefix kept in every row
+  instead of held once in decoding);
 - `ours-padded` (opt-in): ours with `unpadded_prefill: false` (the left-padded prefill);
 - `ours-sgemm` (opt-in, float32 only): ours with its float32 linears on `F.linear` (MKL's sgemm)
   instead of oneDNN's packed kernel (models/cpu_linear.py), an A/B of the packing.
@@ -131,9 +132,9 @@ def load_engine(name: str, batch: int):
             raise ValueError("ours-sgemm compares float32 kernels: run it where bf16 falls back")
         unpacked = lambda dtype=torch.bfloat16: False  # noqa: E731
         cpu_linear.packing_available = decode_step.packing_available = unpacked
-    if name in ("ours", "ours-nokept", "ours-held", "ours-padded", "ours-sgemm"):
+    if name in ("ours", "ours-nokept", "ours-unheld", "ours-padded", "ours-sgemm"):
         kept = {"kept_prefix_mb": 0} if name == "ours-nokept" else {}
-        kept.update({"held_prefix": True} if name == "ours-held" else {})
+        kept.update({"held_prefix": False} if name == "ours-unheld" else {})
         kept.update({"unpadded_prefill": False} if name == "ours-padded" else {})
         return load_generator(
             GeneratorConfig(batch_size=batch, dtype="bfloat16", device="cpu", **kept)
@@ -284,7 +285,7 @@ def main() -> None:
                 pairs = zip(cells[a]["outputs"], cells[b]["outputs"], strict=True)
                 return sum(x == y for x, y in pairs)
 
-            for name in ("ours", "ours-nokept", "ours-held", "ours-padded", "ours-sgemm"):
+            for name in ("ours", "ours-nokept", "ours-unheld", "ours-padded", "ours-sgemm"):
                 if name in cells and "vllm" in cells:
                     ratio = rows[name]["tokens_per_s"] / rows["vllm"]["tokens_per_s"]
                     rows[name].update(
@@ -292,6 +293,8 @@ def main() -> None:
                     )
             if "ours" in cells and "ours-nokept" in cells:
                 rows["ours"]["identical_to_nokept"] = same("ours", "ours-nokept")
+            if "ours" in cells and "ours-unheld" in cells:
+                rows["ours"]["identical_to_unheld"] = same("ours", "ours-unheld")
             for row in results[-len(cells) :]:
                 print(json.dumps(row), flush=True)
     for engine in loaded.values():

@@ -675,3 +675,66 @@ def test_a_prefix_held_once_decodes_like_a_prefix_in_every_row(fast_generator):
             b = decoding._step(gen.model, copied, tokens, fast).log_softmax(-1)
             assert 0 < (a - b).abs().max().item() < 0.1
             tokens = b.argmax(dim=-1)
+
+
+def _with_system(tokenizer, length: int, temperature: float = 0.0) -> list[GenerationRequest]:
+    """`_requests` behind a common start of exactly `length` tokens (their own starts differ)."""
+    system = tuple(tokenizer.encode("You are a careful solver. Show the steps. " * 8))[:length]
+    assert len(system) == length
+    return [
+        dataclasses.replace(r, prompt_ids=system + r.prompt_ids)
+        for r in _requests(tokenizer, temperature)
+    ]
+
+
+@pytest.mark.parametrize("extra", [-1, 0])
+def test_only_a_shared_prefix_of_min_held_tokens_is_held(fast_generator, extra):
+    """The split attention pays from _MIN_HELD shared tokens on (docs/models.md): a shorter
+    shared prefix stays in every row's cache, a long enough one is held once."""
+    gen = fast_generator
+    requests = _with_system(gen.tokenizer, decoding._MIN_HELD + extra)
+    assert decoding.shared_prefix([r.prompt_ids for r in requests]) == decoding._MIN_HELD + extra
+    with torch.inference_mode():
+        batch, _ = decoding._prefill(
+            gen.model, requests, list(range(len(requests))), 0, None, split=True
+        )
+    if extra < 0:
+        assert batch.prefix is None
+    else:
+        assert batch.prefix is not None and batch.prefix[0][0].shape[2] == decoding._MIN_HELD
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_generator_holds_a_long_shared_prefix_by_default(
+    fast_generator, monkeypatch, temperature
+):
+    """The default generator holds a long shared prefix once (`held_prefix` is on) and writes
+    what a generator that keeps it in every row writes: the same tokens and log-probs within
+    rounding in float32; in bf16, log-probs within bf16 rounding up to the first token where the
+    two differ (a near-tie may go either way)."""
+    gen = fast_generator
+    gen.logprobs = True
+    requests = _with_system(gen.tokenizer, 2 * decoding._MIN_HELD, temperature)
+    held = []
+    real = decoding._hold_prefix_once
+    monkeypatch.setattr(
+        decoding, "_hold_prefix_once", lambda batch, prefix: held.append(1) or real(batch, prefix)
+    )
+    assert gen.held_prefix
+    once = gen.generate(requests)
+    assert held == [1]
+    gen.held_prefix = False
+    every = gen.generate(requests)
+    assert held == [1]
+    assert max(len(c.token_ids) for c in once) > 3  # decode steps ran on the held prefix
+    for a, b in zip(once, every, strict=True):
+        if gen.model.dtype == torch.float32:
+            assert a.token_ids == b.token_ids
+        same = 0
+        while same < min(len(a.token_ids), len(b.token_ids)):
+            if a.token_ids[same] != b.token_ids[same]:
+                break
+            same += 1
+        tolerance = 1e-4 if gen.model.dtype == torch.float32 else 0.1
+        pairs = zip(a.logprobs[:same], b.logprobs[:same], strict=True)
+        assert all(abs(x - y) < tolerance for x, y in pairs)

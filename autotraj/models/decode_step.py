@@ -310,23 +310,47 @@ def _attention(
     flat = q.reshape(rows * kv_heads, groups, dim)
     scores = torch.bmm(flat, keys.transpose(2, 3).reshape(rows * kv_heads, dim, columns))
     scores = scores.view(rows, kv_heads, groups, columns)
-    if math.frexp(scale)[0] == 0.5:  # a power of two scales bf16 exactly: one fused operation
+    power_of_two = math.frexp(scale)[0] == 0.5  # scales bf16 exactly: one fused operation
+    if held is not None:
+        return _attention_held(q, scores, values, mask, scale, held, power_of_two)
+    if power_of_two:
         scores = torch.add(mask, scores, alpha=scale)
     else:
         scores = (scores * scale).float() + mask
-    if held is None:
-        probs = scores.softmax(dim=-1).to(q.dtype).view(rows * kv_heads, groups, columns)
-        own = torch.bmm(probs, values.reshape(rows * kv_heads, columns, dim))
-        return own.view(rows, kv_heads, groups, dim)
-    # the held prefix: one product for all rows' query heads of each key/value head
-    length = held[0].shape[2]
+    probs = scores.softmax(dim=-1).to(q.dtype).view(rows * kv_heads, groups, columns)
+    own = torch.bmm(probs, values.reshape(rows * kv_heads, columns, dim))
+    return own.view(rows, kv_heads, groups, dim)
+
+
+def _attention_held(
+    q: torch.Tensor,
+    scores: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    held: tuple[torch.Tensor, torch.Tensor],
+    power_of_two: bool,
+) -> torch.Tensor:
+    """`_attention` with a held prefix, given the row's own unscaled `scores` (rows x kv_heads x
+    groups x columns): the prefix's scores come from one product for all rows' query heads of
+    each key/value head, and both parts' scaled scores are written side by side into one float32
+    buffer (prefix first) for one softmax; the row's part of the probabilities is then read in
+    place (a strided view), only the prefix's part is copied. Equal to attention over the
+    prefix and the columns together within rounding (the two value products are summed)."""
+    rows, kv_heads, groups, dim = q.shape
+    columns, length = scores.shape[3], held[0].shape[2]
     together = q.transpose(0, 1).reshape(kv_heads, rows * groups, dim)
     shared = torch.bmm(together, held[0][0].transpose(1, 2))  # kv_heads x rows*groups x length
-    shared = (shared * scale).view(kv_heads, rows, groups, length).transpose(0, 1).float()
-    probs = torch.cat([shared, scores], dim=-1).softmax(dim=-1).to(q.dtype)
+    both = torch.empty(rows, kv_heads, groups, length + columns, device=q.device)
+    both[..., :length] = (shared * scale).view(kv_heads, rows, groups, length).transpose(0, 1)
+    if power_of_two:
+        torch.add(mask, scores, alpha=scale, out=both[..., length:])
+    else:
+        torch.add(mask, scores * scale, out=both[..., length:])
+    probs = both.softmax(dim=-1).to(q.dtype)
     first = probs[..., :length].transpose(0, 1).reshape(kv_heads, rows * groups, length)
     out = torch.bmm(first, held[1][0]).view(kv_heads, rows, groups, dim).transpose(0, 1)
-    rest = probs[..., length:].reshape(rows * kv_heads, groups, columns)
+    rest = probs.view(rows * kv_heads, groups, length + columns)[..., length:]
     own = torch.bmm(rest, values.reshape(rows * kv_heads, columns, dim))
     return out + own.view(rows, kv_heads, groups, dim)
 

@@ -144,14 +144,15 @@ def decode_batch(
     pad_id: int,
     fast: FastStep | None = None,
     kept: KeptPrefixes | None = None,
-    held_prefix: bool = False,
+    held_prefix: bool = True,
     unpadded_prefill: bool = True,
 ) -> list[tuple[int, ...]]:
     """Raw new ids per request, each ending with its finishing token or at its budget.
     `fast`: the model's decode_step.FastStep, used for the decode steps (None: transformers).
     `kept`: the store of finished rows' caches that prompts may continue (kept_prefixes.py);
     rows that end on one of their `resume_after` strings are added to it.
-    `held_prefix`: let the fast step hold a prefix all rows share once (opt-in, see _prefill).
+    `held_prefix`: let the fast step hold a prefix of at least _MIN_HELD tokens that all rows
+    share once (see _prefill).
     `unpadded_prefill`: with `fast`, prefill the prompts unpadded (FastStep.prefill)."""
     out = _decode(
         model,
@@ -176,7 +177,7 @@ def decode_batch_logprobs(
     pad_id: int,
     fast: FastStep | None = None,
     kept: KeptPrefixes | None = None,
-    held_prefix: bool = False,
+    held_prefix: bool = True,
     unpadded_prefill: bool = True,
 ) -> list[tuple[tuple[int, ...], tuple[float, ...]]]:
     """`decode_batch`'s ids per request with each id's log-prob under the unscaled logits."""
@@ -194,7 +195,7 @@ def _decode(
     with_logprobs: bool,
     fast: FastStep | None,
     kept: KeptPrefixes | None,
-    held_prefix: bool = False,
+    held_prefix: bool = True,
     unpadded_prefill: bool = True,
 ) -> list[tuple[tuple[int, ...], tuple[float, ...]]]:
     if any(not r.prompt_ids for r in requests):
@@ -331,9 +332,9 @@ def _prefill(
     padded batch's tokens were padding); their caches are then written into the batch's.
     Padding is masked out; positions count real tokens only. Sliding-window models take the
     plain layout (their layers cannot take a copied start). With `split` (the fast step decodes
-    the batch), a prefix every row's start begins with (the shared one, or in the kept layout
-    the longest common start of prompts that all continue kept rows) is afterwards held once
-    (`_Batch.prefix`) and cut from every row's cache. `grow`: how the batch's cache grows when full
+    the batch), a prefix of at least _MIN_HELD tokens every row's start begins with (the shared
+    one, or in the kept layout the longest common start of prompts that all continue kept rows)
+    is afterwards held once (`_Batch.prefix`) and cut from every row's cache. `grow`: how the batch's cache grows when full
     (kv_cache.BufferedLayer). With `fast` (the model's
     FastStep) and a buffered cache, the rests (and a shared prefix) are fed unpadded in one
     sequence instead (`FastStep.prefill`: no padding computed, no chunks needed)."""
@@ -409,11 +410,11 @@ def _prefill(
     else:
         logits = _chunked_prefill(model, lengths, starts_kv, input_ids, mask, positions, cache)
     if split and _all_buffered(cache):
-        if shared:
+        if shared >= _MIN_HELD:
             _hold_prefix_once(batch, [(x.keys, x.values) for x in starts_kv.prefix.layers])
         elif cached and all(h is not None for h in hits):
             common = shared_prefix([r.prompt_ids for r in requests])
-            if common >= _MIN_SHARED and common <= min(starts):
+            if common >= _MIN_HELD and common <= min(starts):
                 # the first row's copy for all (the same numbers where the earlier call held or
                 # copied one prefix; within rounding where its rows computed it each)
                 first = hits[0].layers
@@ -545,6 +546,12 @@ def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
 # default system prompt: 24 tokens for SmolLM2).
 _MIN_SHARED = 32
 _MIN_SHARED_PACKED = 8
+# The fast step holds a prefix every row shares once (`held_prefix`) from this length on. Its
+# split attention costs a few operations per layer that read the scores again; at 64 rows and ~300
+# own columns (float32, 2-core AMD EPYC) a layer's attention took 6.3 ms with a 24-column prefix
+# held against 6.1 ms with it in every row, and 6.5 against 6.9 ms at 64 columns, 7.5 against 9.2
+# at 256 (docs/models.md, seventh round).
+_MIN_HELD = 64
 # New-token room of a fresh cache; it doubles when a row needs more (kv_cache.py). Where the fast
 # step decodes, the room is _GROW columns and grows by as many: one copy of the cache every _GROW
 # steps, and no more than _GROW columns a row held as room (doubling holds up to the cache's size

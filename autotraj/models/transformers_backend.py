@@ -97,7 +97,7 @@ class TransformersGenerator:
         batch_size: int = 16,
         logprobs: bool = False,
         kept_prefix_mb: int = 2048,
-        held_prefix: bool = False,
+        held_prefix: bool = True,
         unpadded_prefill: bool = True,
     ):
         if tokenizer.eos_token_id is None:
@@ -114,7 +114,7 @@ class TransformersGenerator:
         self._fast: FastStep | None = None
         # finished rows' KV caches for the calls that continue them (0 MB: none kept)
         self.kept = KeptPrefixes(kept_prefix_mb * 2**20) if kept_prefix_mb > 0 else None
-        self.held_prefix = held_prefix  # opt-in: the fast step's split attention (decoding.py)
+        self.held_prefix = held_prefix  # the fast step's split attention (decoding.py)
         self.unpadded_prefill = unpadded_prefill  # FastStep.prefill (decoding._prefill)
 
     @classmethod

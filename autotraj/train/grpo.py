@@ -308,6 +308,7 @@ class GrpoRun:
             logprobs=self.cfg.sampling.sampler_logprobs,
             kept_prefix_mb=self.cfg.generator.kept_prefix_mb,
             unpadded_prefill=self.cfg.generator.unpadded_prefill,
+            held_prefix=self.cfg.generator.held_prefix,
         )
 
     def restore(self) -> int:

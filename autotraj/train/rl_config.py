@@ -59,6 +59,10 @@ class RlGeneratorConfig:
     # transformers, bf16 on CPU: prefill the prompts unpadded, all rows in one sequence
     # (models/decode_step.py, FastStep.prefill); false: the left-padded transformers prefill
     unpadded_prefill: bool = True
+    # transformers on CPU: a prefix of >= 64 tokens every rollout of a batch shares (the system
+    # prompt and worked examples, a group's question) is held once in decoding, not in every row
+    # (models/decode_step.py; its rounding depends on the batch's shared prefix); false: off
+    held_prefix: bool = True
     # vllm only: the share of the GPU the engine may take while awake (bf16 weights + KV cache;
     # 0.5 of 80 GB leaves ~24 GB of KV cache beside a 7B policy; refused up front when the
     # weights leave less than 1 GiB), its longest sequence (prompt, demonstrations and
