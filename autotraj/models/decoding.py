@@ -547,10 +547,10 @@ def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
 _MIN_SHARED = 32
 _MIN_SHARED_PACKED = 8
 # The fast step holds a prefix every row shares once (`held_prefix`) from this length on. Its
-# split attention costs a few operations per layer that read the scores again; at 64 rows and ~300
-# own columns (float32, 2-core AMD EPYC) a layer's attention took 6.3 ms with a 24-column prefix
-# held against 6.1 ms with it in every row, and 6.5 against 6.9 ms at 64 columns, 7.5 against 9.2
-# at 256 (docs/models.md, seventh round).
+# split attention costs a few operations per layer that read the scores again; at 64 rows and 300
+# own columns (float32, 2-core AMD EPYC, bench/bench_held_attention.py) a layer's attention took
+# 1.04-1.19x the time of the prefix in every row at 16-48 prefix tokens, 0.95x at 64, 0.80x at
+# 256 (docs/models.md, seventh round).
 _MIN_HELD = 64
 # New-token room of a fresh cache; it doubles when a row needs more (kv_cache.py). Where the fast
 # step decodes, the room is _GROW columns and grows by as many: one copy of the cache every _GROW

@@ -51,7 +51,7 @@ class GeneratorConfig:
     kept_prefix_mb: int = 2048
     # transformers on CPU, where the fast step decodes: a prefix of >= 64 tokens that every row
     # shares (a rollout's system prompt and worked examples) is held once, not in every row, its
-    # attention merged with each row's own (13% faster at 64 tool-loop rollouts; its rounding
+    # attention merged with each row's own (9% faster at 64 tool-loop rollouts; its rounding
     # depends on where the shared prefix ends, so runs that batch prompts differently can sample
     # other tokens at near-ties, as with the padded prefill: docs/models.md); false: every row
     # holds it.
