@@ -310,14 +310,10 @@ def _attention(
     flat = q.reshape(rows * kv_heads, groups, dim)
     scores = torch.bmm(flat, keys.transpose(2, 3).reshape(rows * kv_heads, dim, columns))
     scores = scores.view(rows, kv_heads, groups, columns)
-    power_of_two = math.frexp(scale)[0] == 0.5  # scales bf16 exactly: one fused operation
     if held is not None:
-        return _attention_held(q, scores, values, mask, scale, held, power_of_two)
-    if power_of_two:
-        scores = torch.add(mask, scores, alpha=scale)
-    else:
-        scores = (scores * scale).float() + mask
-    probs = scores.softmax(dim=-1).to(q.dtype).view(rows * kv_heads, groups, columns)
+        return _attention_held(q, scores, values, mask, scale, held)
+    probs = _masked(scores, mask, scale).softmax(dim=-1).to(q.dtype)
+    probs = probs.view(rows * kv_heads, groups, columns)
     own = torch.bmm(probs, values.reshape(rows * kv_heads, columns, dim))
     return own.view(rows, kv_heads, groups, dim)
 
@@ -329,7 +325,6 @@ def _attention_held(
     mask: torch.Tensor,
     scale: float,
     held: tuple[torch.Tensor, torch.Tensor],
-    power_of_two: bool,
 ) -> torch.Tensor:
     """`_attention` with a held prefix, given the row's own unscaled `scores` (rows x kv_heads x
     groups x columns): the prefix's scores come from one product for all rows' query heads of
@@ -343,16 +338,23 @@ def _attention_held(
     shared = torch.bmm(together, held[0][0].transpose(1, 2))  # kv_heads x rows*groups x length
     both = torch.empty(rows, kv_heads, groups, length + columns, device=q.device)
     both[..., :length] = (shared * scale).view(kv_heads, rows, groups, length).transpose(0, 1)
-    if power_of_two:
-        torch.add(mask, scores, alpha=scale, out=both[..., length:])
-    else:
-        torch.add(mask, scores * scale, out=both[..., length:])
+    _masked(scores, mask, scale, out=both[..., length:])
     probs = both.softmax(dim=-1).to(q.dtype)
     first = probs[..., :length].transpose(0, 1).reshape(kv_heads, rows * groups, length)
     out = torch.bmm(first, held[1][0]).view(kv_heads, rows, groups, dim).transpose(0, 1)
     rest = probs.view(rows * kv_heads, groups, length + columns)[..., length:]
     own = torch.bmm(rest, values.reshape(rows * kv_heads, columns, dim))
     return out + own.view(rows, kv_heads, groups, dim)
+
+
+def _masked(
+    scores: torch.Tensor, mask: torch.Tensor, scale: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Eager attention's scores before the softmax: scaled in their own dtype (bf16), then the
+    float32 `mask` added (float32; into `out` when given)."""
+    if math.frexp(scale)[0] == 0.5:  # a power of two scales bf16 exactly: one fused operation
+        return torch.add(mask, scores, alpha=scale, out=out)
+    return torch.add(mask, scores * scale, out=out)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

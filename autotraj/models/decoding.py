@@ -334,9 +334,9 @@ def _prefill(
     plain layout (their layers cannot take a copied start). With `split` (the fast step decodes
     the batch), a prefix of at least _MIN_HELD tokens every row's start begins with (the shared
     one, or in the kept layout the longest common start of prompts that all continue kept rows)
-    is afterwards held once (`_Batch.prefix`) and cut from every row's cache. `grow`: how the batch's cache grows when full
-    (kv_cache.BufferedLayer). With `fast` (the model's
-    FastStep) and a buffered cache, the rests (and a shared prefix) are fed unpadded in one
+    is afterwards held once (`_Batch.prefix`) and cut from every row's cache. `grow`: how the
+    batch's cache grows when full (kv_cache.BufferedLayer). With `fast` (the model's FastStep)
+    and a buffered cache, the rests (and a shared prefix) are fed unpadded in one
     sequence instead (`FastStep.prefill`: no padding computed, no chunks needed)."""
     device = model.device
     hits = [kept.longest(r.prompt_ids) for r in requests] if kept else [None] * len(requests)
