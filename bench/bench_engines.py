@@ -20,7 +20,13 @@ Settings:
   greedy, up to `--max-new-tokens` new tokens, natural stops (end of turn);
 - `tools`: the same questions through `rollout()` with the Python sandbox in the loop (greedy, two
   worked examples so that the embedded model writes the tag protocol): generation stops at each
-  closed tool tag, the tool runs, its result is appended and generation resumes.
+  closed tool tag, the tool runs, its result is appended and generation resumes;
+- `forced` (opt-in, `--settings forced`): `plain`'s prompts, but every row writes exactly
+  `--max-new-tokens` tokens (the end of turn is ignored: vLLM's `ignore_eos`, no eos ids in our
+  decoder). Both engines then do the same work whatever they write: where their outputs differ
+  (bf16 kernels round apart), `plain`'s tokens/s also measures whose rows ran longer (at 16 rows
+  a step costs about the same with more rows alive, so longer outputs raise tokens/s), this
+  measures the engines alone.
 
 For each engine, batch size and setting: generated tokens (what the model wrote, end-of-turn and
 tool results excluded), seconds, tokens/s, the ratio ours/vLLM, and tokens/s as a share of the
@@ -41,6 +47,7 @@ Results: docs/models.md ("Generation speed on CPU").
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import os
@@ -109,6 +116,42 @@ def run_plain(generator, requests):
     return seconds, sum(len(c.token_ids) for c in completions), [c.token_ids for c in completions]
 
 
+def run_forced(generator, requests):
+    """`run_plain` with the end of turn ignored: every row writes its whole budget, which is
+    checked (vLLM's raw outputs, our completions: no eos ids, so nothing is cut). The outputs
+    are cut at their first eos, to compare as in `plain`."""
+    budget = [r.max_new_tokens for r in requests]
+    eos = generator.eos_token_id
+    if getattr(generator, "backend", "") == "vllm":
+        import vllm
+
+        params, generate, written = vllm.SamplingParams, generator.llm.generate, []
+
+        def counted(*args, **kwargs):
+            outputs = generate(*args, **kwargs)
+            written.extend(len(o.outputs[0].token_ids) for o in outputs)
+            return outputs
+
+        vllm.SamplingParams = functools.partial(params, ignore_eos=True)
+        generator.llm.generate = counted
+        try:
+            seconds, _, outputs = run_plain(generator, requests)
+        finally:
+            vllm.SamplingParams = params
+            del generator.llm.generate
+    else:
+        generator.stop_token_ids = lambda: set()
+        try:
+            seconds, _, outputs = run_plain(generator, requests)
+        finally:
+            del generator.stop_token_ids
+        written = [len(ids) for ids in outputs]
+    if written != budget:
+        raise RuntimeError(f"forced: rows wrote {written} tokens, not their budgets {budget}")
+    cut = [ids[: ids.index(eos)] if eos in ids else ids for ids in outputs]
+    return seconds, sum(budget), cut
+
+
 def run_tools(generator, tools, questions, max_new_tokens: int):
     cfg = RolloutConfig(
         temperature=0.0,
@@ -148,9 +191,10 @@ def run_cell(gen, tools, setting: str, subset, max_new_tokens: int) -> dict:
     """One timed run of `gen` on `subset` in `setting`."""
     kept = getattr(gen, "kept", None)
     hits_before = kept.hits if kept is not None else 0
-    if setting == "plain":
+    if setting in ("plain", "forced"):
         requests = chat_requests(gen.tokenizer, subset, max_new_tokens)
-        seconds, tokens, outputs = run_plain(gen, requests)
+        run = run_plain if setting == "plain" else run_forced
+        seconds, tokens, outputs = run(gen, requests)
         calls = 0
     else:
         seconds, tokens, outputs, calls = run_tools(gen, tools, subset, max_new_tokens)
@@ -230,6 +274,8 @@ def main() -> None:
     engines = args.engines.split(",")
     batches = [int(b) for b in args.batches.split(",")]
     settings = args.settings.split(",")
+    if unknown := set(settings) - {"plain", "tools", "forced"}:
+        parser.error(f"--settings: unknown {sorted(unknown)} (plain, tools, forced)")
     # Every timed run gets questions no engine has seen (vLLM caches prompt prefixes: a
     # repeated prompt would skip its prefill), the warm-up its own.
     timed_runs = len(settings) * len(batches) * args.repeats

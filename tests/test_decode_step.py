@@ -154,6 +154,34 @@ def test_fast_attention_is_transformers_eager_attention_bit_for_bit(dim):
     assert torch.equal(got.reshape(rows, kv_heads * groups, dim), want[:, 0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_norm_and_rotary_are_transformers_llama_bit_for_bit(dtype):
+    """The fast step's RMSNorm (torch's rms_norm on the input as it is; the weight inside it in
+    float32) and rotary embedding (a roll times a sin with its first half negated) give the bits
+    of transformers' Llama RMSNorm and `apply_rotary_pos_emb`, at decode and prefill row counts
+    and several input scales."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, rotate_half
+
+    g = torch.Generator().manual_seed(5)
+    for rows, scale in ((1, 4.0), (16, 0.01), (64, 30.0), (300, 4.0)):
+        x = (torch.randn(rows, 1, 576, generator=g) * scale).to(dtype)
+        norm = LlamaRMSNorm(576, eps=1e-5).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(576, generator=g) + 1)
+        with torch.inference_mode():
+            assert torch.equal(decode_step._rms_norm(x, norm.weight, 1e-5), norm(x)), rows
+        qk = (torch.randn(rows, 7, 1, 64, generator=g) * 3).to(dtype)
+        angles = torch.randn(rows, 1, 1, 32, generator=g) * 50
+        emb = torch.cat((angles, angles), dim=-1)
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        reference = qk * cos + rotate_half(qk) * sin
+        ours = decode_step._rotate(qk, cos, decode_step._signed_sin(sin))
+        assert torch.equal(ours, reference), rows
+        # a wrong half negated is caught
+        wrong = torch.cat((sin[..., :32], -sin[..., 32:]), dim=-1)
+        assert not torch.equal(decode_step._rotate(qk, cos, wrong), reference)
+
+
 @pytest.mark.parametrize(
     "keep,rows", [([0, 2, 3, 5], 6), ([4], 5), ([0, 1, 2], 3), ([1, 3, 5, 6, 7], 8)]
 )

@@ -223,12 +223,13 @@ class FastStep:
         return self._linear(h, self.lm_head, None)[:, -1].float()
 
     def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """cos and sin (n x 1 x 1 x head_dim) of the rotary embedding at `positions` (n,)."""
+        """cos and signed sin (n x 1 x 1 x head_dim) of the rotary embedding at `positions` (n,):
+        the sin's first half negated, for `_rotate` (see there)."""
         freqs = positions[:, None, None].float() * self.inv_freq  # (n, 1, dim / 2)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.rope_scale).to(dtype)[:, None]
         sin = (emb.sin() * self.rope_scale).to(dtype)[:, None]
-        return cos, sin
+        return cos, _signed_sin(sin)
 
     def _qkv(
         self, h: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor
@@ -241,7 +242,7 @@ class FastStep:
         qkv = self._linear(x, layer.qkv, layer.qkv_bias)
         qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
         qk = qk.view(n, 1, self.heads + self.kv_heads, self.head_dim).transpose(1, 2)
-        qk = qk * cos + _rotate_half(qk) * sin  # rotary on q and k at once
+        qk = _rotate(qk, cos, sin)  # rotary on q and k at once
         q, k = qk.split([self.heads, self.kv_heads], dim=1)
         return q, k, v.view(n, 1, self.kv_heads, self.head_dim).transpose(1, 2)
 
@@ -358,15 +359,29 @@ def _masked(
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' Llama RMSNorm (float32, then cast, then the weight); torch's fused
-    rms_norm gives the same bits as its pow/mean/rsqrt (tests/test_decode_step.py)."""
-    h = F.rms_norm(x.to(torch.float32), (x.shape[-1],), None, eps)
-    return weight * h.to(x.dtype)
+    """transformers' Llama RMSNorm (in float32, cast back, then times the weight), bit for bit
+    (tests/test_decode_step.py) in fewer operations: torch's `F.rms_norm` computes a bf16 input
+    in float32 with the same pow/mean/rsqrt and casts back itself (no casts of ours: two
+    operations fewer), and in float32 it takes the weight too (one fewer; in bf16 it would
+    multiply before rounding, which the Llama norm does not)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * F.rms_norm(x, (x.shape[-1],), None, eps)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """`sin` with the first half of its last dimension negated (negation is exact)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """transformers' rotary embedding `x * cos + rotate_half(x) * sin`, where rotate_half(x) is
+    (-x2, x1) for x = (x1, x2): here (x2, x1) (one `roll`) times the sin with its first half
+    negated (`_signed_sin`, once per step). The same bits in every dtype (IEEE rounding is
+    symmetric in sign: -x2 * s1 == x2 * -s1) in one operation fewer than negating and
+    concatenating halves of x in every layer (tests/test_decode_step.py)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def weights_key(model: Any) -> tuple:
