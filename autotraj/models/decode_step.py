@@ -7,8 +7,9 @@ one-token step with the model's own weights:
 - q/k/v fused into one matmul and gate/up into another, every weight prepacked for oneDNN
   (cpu_linear.pack: bf16, bit-identical to `F.linear` in our checks; float32 on x86, ~2-4x
   faster than `F.linear` for the wide products at decoding's row counts), else by `F.linear`;
-- the operations of transformers' Llama code otherwise, in the same order and dtypes (RMSNorm in
-  float32, rotary embeddings), with attention by transformers' eager formula (`_attention`): the
+- the operations of transformers' Llama code otherwise, in the same dtypes and with the same
+  bits: RMSNorm by torch's `rms_norm` (float32 inside), rotary embeddings as one roll times a
+  sign-flipped sin (`_rotate`), attention by transformers' eager formula (`_attention`): the
   query heads of a key/value head attend together, so the cache is read once per key/value head;
 - keys and values written into the `BufferedLayer` cache (kv_cache.py), whose written columns
   the attention products read in place (views; the columns the eager forward reads, no room and
