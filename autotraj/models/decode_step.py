@@ -144,11 +144,11 @@ class FastStep:
         every row's cached columns (held once; see the module docstring)."""
         rows = tokens.shape[0]
         h = F.embedding(tokens[:, None], self.embed)  # (rows, 1, hidden)
-        cos, sin = self._rotary(positions, h.dtype)
+        cos, signed_sin = self._rotary(positions, h.dtype)
         mask = _padding_mask(attention_mask)  # the same for every layer
         groups = self.heads // self.kv_heads
         for number, (layer, cache) in enumerate(zip(self.layers, layers, strict=True)):
-            q, k, v = self._qkv(h, layer, cos, sin)
+            q, k, v = self._qkv(h, layer, cos, signed_sin)
             keys, values = cache.update(k, v)  # views of the written columns
             if keys.shape[2] != attention_mask.shape[1]:
                 raise RuntimeError(
@@ -193,12 +193,12 @@ class FastStep:
         column_of = torch.cat([torch.arange(width - n, width) for n in lengths])
         ends = torch.tensor(lengths).cumsum(0)
         h = F.embedding(tokens[:, None], self.embed)  # (tokens, 1, hidden)
-        cos, sin = self._rotary(positions, h.dtype)
+        cos, signed_sin = self._rotary(positions, h.dtype)
         groups = self.heads // self.kv_heads
         masks = [_causal_mask(s, n, groups) for s, n in zip(starts, lengths, strict=True)]
         scale = self.head_dim**-0.5
         for layer, cache in zip(self.layers, layers, strict=True):
-            q, k, v = self._qkv(h, layer, cos, sin)  # (tokens, heads, 1, head_dim)
+            q, k, v = self._qkv(h, layer, cos, signed_sin)  # (tokens, heads, 1, head_dim)
             shape = (rows, self.kv_heads, width, self.head_dim)
             padded_k, padded_v = k.new_zeros(shape), v.new_zeros(shape)
             padded_k[row_of, :, column_of] = k[:, :, 0]
@@ -233,7 +233,7 @@ class FastStep:
         return cos, _signed_sin(sin)
 
     def _qkv(
-        self, h: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor
+        self, h: torch.Tensor, layer: _Layer, cos: torch.Tensor, signed_sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The layer's queries, rotated keys and values of hidden states `h` (n x 1 x hidden):
         n x heads (kv_heads) x 1 x head_dim."""
@@ -243,7 +243,7 @@ class FastStep:
         qkv = self._linear(x, layer.qkv, layer.qkv_bias)
         qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
         qk = qk.view(n, 1, self.heads + self.kv_heads, self.head_dim).transpose(1, 2)
-        qk = _rotate(qk, cos, sin)  # rotary on q and k at once
+        qk = _rotate(qk, cos, signed_sin)  # rotary on q and k at once
         q, k = qk.split([self.heads, self.kv_heads], dim=1)
         return q, k, v.view(n, 1, self.kv_heads, self.head_dim).transpose(1, 2)
 
