@@ -169,7 +169,10 @@ def run_tools(generator, tools, questions, max_new_tokens: int):
     return seconds, tokens, outputs, calls
 
 
-def load_engine(name: str, batch: int):
+def load_engine(name: str, batch: int, model: str | None = None):
+    """Engine `name` with batch size `batch` on `model` (a local directory; None: the embedded
+    model)."""
+    where = {} if model is None else {"model": model}
     if name == "ours-sgemm":  # float32 linears unpacked; bf16 would leave the fast step
         if cpu_dtype(torch.bfloat16, "cpu", "bench") != torch.float32:
             raise ValueError("ours-sgemm compares float32 kernels: run it where bf16 falls back")
@@ -180,10 +183,12 @@ def load_engine(name: str, batch: int):
         kept.update({"held_prefix": False} if name == "ours-unheld" else {})
         kept.update({"unpadded_prefill": False} if name == "ours-padded" else {})
         return load_generator(
-            GeneratorConfig(batch_size=batch, dtype="bfloat16", device="cpu", **kept)
+            GeneratorConfig(batch_size=batch, dtype="bfloat16", device="cpu", **where, **kept)
         )
     return load_generator(
-        GeneratorConfig(backend="vllm", dtype="bfloat16", enforce_eager=True, max_model_len=4096)
+        GeneratorConfig(
+            backend="vllm", dtype="bfloat16", enforce_eager=True, max_model_len=4096, **where
+        )
     )
 
 
@@ -214,10 +219,10 @@ class Engine:
     the same process, 2-core AMD EPYC), and a real run loads one engine, not both. Only one
     engine works at a time: the others wait on their pipes."""
 
-    def __init__(self, name: str, batch: int, warmup: list):
+    def __init__(self, name: str, batch: int, warmup: list, model: str | None = None):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, name, batch), daemon=True)
+        self.process = ctx.Process(target=_serve, args=(child, name, batch, model), daemon=True)
         self.process.start()
         self.params = self._call(("warmup", warmup))
 
@@ -236,10 +241,10 @@ class Engine:
         self.process.join(timeout=60)
 
 
-def _serve(conn, name: str, batch: int) -> None:
+def _serve(conn, name: str, batch: int, model: str | None) -> None:
     tools = open_tools(ToolsConfig())
     try:
-        gen = load_engine(name, batch)
+        gen = load_engine(name, batch, model)
         while True:
             message = conn.recv()
             if message[0] == "stop":
@@ -269,6 +274,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per cell (median)")
     parser.add_argument("--data", default=str(DATA))
+    parser.add_argument(
+        "--model", default=None, help="a local model directory (default: the embedded model)"
+    )
     parser.add_argument("--out", default="runs/bench-engines")
     args = parser.parse_args()
     engines = args.engines.split(",")
@@ -288,7 +296,9 @@ def main() -> None:
     print(f"{dtype} matmul peak: {peak:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
     # vLLM decides its own batch (continuous batching over every request of a call); ours is
     # given the batch size. One vLLM engine serves every batch size.
-    loaded = {name: Engine(name, max(batches), questions[: max(batches)]) for name in engines}
+    loaded = {
+        name: Engine(name, max(batches), questions[: max(batches)], args.model) for name in engines
+    }
     params = next((e.params for n, e in loaded.items() if n.startswith("ours")), 0)
     results = []
     for setting in settings:
@@ -362,6 +372,7 @@ def main() -> None:
         "dtype": str(dtype).removeprefix("torch."),
         "matmul_peak_gflops": round(peak, 1),
         "parameters": params,
+        "model": args.model or "embedded",
         "max_new_tokens": args.max_new_tokens,
         "load_average": os.getloadavg(),
     }

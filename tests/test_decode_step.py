@@ -1,8 +1,10 @@
 """The CPU decoder's speed-ups keep its results: buffered KV cache, packed linears, fast step.
 
 Each speed-up is checked against the path it replaces, on real tensors and tiny real models
-(Llama and Qwen2 with q/k/v biases), on CPU in bfloat16 (where oneDNN packs bf16 weights) and in
-float32.
+(Llama and Qwen2 with q/k/v biases), on CPU in bfloat16 and in float32. bf16 is kept as bf16 for
+these tests on every CPU (`cpu_bf16`): where oneDNN has no bf16 kernels (AVX2-only x86) the fast
+step computes its linears with `F.linear` and is still checked bit for bit against the
+transformers forward; only the tests of the bf16 packing itself need oneDNN's bf16 kernels.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def test_a_fixed_grow_adds_that_many_columns_and_the_views_stay_the_written_colu
 
 @pytest.mark.parametrize(
     ("dtype", "atol"),
-    [pytest.param(torch.bfloat16, 2e-2, marks=needs_packing), (torch.float32, 1e-5)],
+    [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)],
 )
 def test_fast_attention_over_a_buffers_written_columns_is_attention_over_them(dtype, atol):
     """`_attention` over the written columns of a buffer with room (views; the other columns
@@ -182,6 +184,33 @@ def test_step_norm_and_rotary_are_transformers_llama_bit_for_bit(dtype):
         assert not torch.equal(decode_step._rotate(qk, cos, wrong), reference)
 
 
+def test_gather_columns_reorders_each_rows_written_columns_in_place():
+    """New column c of row j is old column order[j, c], in the buffer (room and trimmed columns
+    untouched), and the views stay the written columns."""
+    layer = BufferedLayer(capacity=12)
+    layer.update(*_kv(3, 7, 0))
+    layer.trim_front(2)
+    before_k, before_v = layer.keys.clone(), layer.values.clone()
+    g = torch.Generator().manual_seed(1)
+    order = torch.stack([torch.randperm(5, generator=g) for _ in range(3)])
+    layer.gather_columns(order)
+    for j in range(3):
+        assert torch.equal(layer.keys[j], before_k[j][:, order[j]])
+        assert torch.equal(layer.values[j], before_v[j][:, order[j]])
+    assert layer.get_seq_length() == 5 and layer.room == 12 and layer.keys._base is not None
+
+
+def test_row_ranges_start_at_each_ranges_first_real_column():
+    mask = torch.ones(40, 30, dtype=torch.long)
+    for row in range(40):
+        mask[row, : 20 - row // 2] = 0  # padding first, less of it further down
+    assert decode_step._row_ranges(mask) == [(0, 16, 13), (16, 32, 5), (32, 40, 1)]
+    assert decode_step._row_ranges(mask[:31]) is None  # below two ranges: one, from column 0
+    mask[39, :] = 1  # a row without padding in every range: nothing to skip
+    mask[15, :] = mask[31, :] = 1
+    assert decode_step._row_ranges(mask) is None
+
+
 @pytest.mark.parametrize(
     "keep,rows", [([0, 2, 3, 5], 6), ([4], 5), ([0, 1, 2], 3), ([1, 3, 5, 6, 7], 8)]
 )
@@ -267,11 +296,7 @@ def _qwen2_dir(tiny_model_dir, tmp_path, sliding: bool = False):
 
 
 @pytest.fixture(
-    params=[
-        pytest.param((arch, dtype), marks=[needs_packing] if dtype == "bfloat16" else [])
-        for arch in ("llama", "qwen2")
-        for dtype in ("bfloat16", "float32")
-    ],
+    params=[(arch, dtype) for arch in ("llama", "qwen2") for dtype in ("bfloat16", "float32")],
     ids=lambda p: "-".join(p),
 )
 def fast_generator(request, tiny_model_dir, tmp_path, cpu_bf16):
@@ -485,6 +510,67 @@ def test_embedded_model_fast_path_is_token_identical_on_gsm8k_prompts(monkeypatc
     monkeypatch.setattr(decoding, "_prefill", lambda *args: prefill(*args[:7]))
     fast, plain = _both_paths(gen, requests, monkeypatch)
     assert [c.token_ids for c in fast] == [c.token_ids for c in plain]
+
+
+def test_prefill_leaves_each_rows_padding_before_its_real_columns(tiny_model_dir, monkeypatch):
+    """After the prefill a row's columns are `[padding | start | rest]`, not `[start | padding |
+    rest]`: its real keys and values are those of the layout before, in the same order, and the
+    padding every row has is trimmed off the front."""
+    gen = load_generator(GeneratorConfig(model=str(tiny_model_dir), dtype="float32"))
+    system = gen.tokenizer.encode("You are a careful solver. ")
+    requests = [
+        GenerationRequest(prompt_text="", prompt_ids=tuple(system + gen.tokenizer.encode(t)))
+        for t in ["2+3?", "Name a prime above 10.", "Say hi", "Count to five, slowly please"]
+    ]
+    fast = FastStep(gen.model)
+
+    def prefill():
+        with torch.inference_mode():
+            return decoding._prefill(gen.model, requests, [0, 1, 2, 3], 0, fast=fast)[0]
+
+    batch = prefill()
+    with monkeypatch.context() as m:
+        m.setattr(decoding, "_padding_first", lambda batch: None)
+        middle = prefill()
+    assert middle.attention_mask[:, 0].all() and not middle.attention_mask.all(dim=1).all()
+    mask = batch.attention_mask
+    assert torch.equal(mask, mask.sort(dim=1).values)  # every row: zeros, then ones
+    assert min(batch.pads) == 0 and batch.pads == (mask == 0).sum(dim=1).tolist()
+    for ours, theirs in zip(batch.cache.layers, middle.cache.layers, strict=True):
+        for j in range(len(requests)):
+            mine, before = mask[j].bool(), middle.attention_mask[j].bool()
+            assert torch.equal(ours.keys[j][:, mine], theirs.keys[j][:, before])
+            assert torch.equal(ours.values[j][:, mine], theirs.values[j][:, before])
+
+
+def test_attention_in_row_ranges_decodes_like_one_range(fast_generator, monkeypatch):
+    """Rows read in ranges, each from its first real column, give the tokens of one range over
+    all columns, log-probs within rounding (the masked columns they skip weigh nothing)."""
+    gen = fast_generator
+    gen.logprobs = True
+    texts = ["Hi", "2+2=", "A prompt of middling size", "A much longer prompt than the others"]
+    requests = [
+        GenerationRequest(
+            prompt_text="",
+            prompt_ids=tuple(gen.tokenizer.encode(t * k)),
+            max_new_tokens=20,
+            temperature=0.0,
+        )
+        for k in (1, 2)
+        for t in texts
+    ]
+    used = []
+    ranges = decode_step._row_ranges
+    monkeypatch.setattr(decode_step, "_row_ranges", lambda m: used.append(ranges(m)) or used[-1])
+    monkeypatch.setattr(decode_step, "_RANGE_ROWS", 2)
+    split = gen.generate(requests)
+    assert any(r is not None and any(c for _, _, c in r) for r in used)
+    monkeypatch.setattr(decode_step, "_RANGE_ROWS", 10**6)
+    whole = gen.generate(requests)
+    assert [c.token_ids for c in split] == [c.token_ids for c in whole]
+    tolerance = 0.05 if gen.model.dtype == torch.bfloat16 else 1e-4
+    for a, b in zip(split, whole, strict=True):
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < tolerance
 
 
 def test_greedy_pick_is_the_first_maximum_like_argmax():

@@ -198,7 +198,7 @@ def test_a_negative_budget_is_refused(tiny_model_dir):
         load_generator(GeneratorConfig(model=str(tiny_model_dir), kept_prefix_mb=-1))
 
 
-def test_continued_rows_hold_their_common_start_once(tiny_model_dir):
+def test_continued_rows_hold_their_common_start_once(tiny_model_dir, cpu_bf16):
     """The next turn of rows that all continue kept caches and share a long start (the system
     prompt and worked examples): the fast step holds that start once, cut from every row's
     cache; a few steps fed the same tokens give the log-probs of the copied layout up to bf16
@@ -206,8 +206,7 @@ def test_continued_rows_hold_their_common_start_once(tiny_model_dir):
     from autotraj.models.decode_step import FastStep
 
     gen = load_generator(GeneratorConfig(model=str(tiny_model_dir), dtype="bfloat16"))
-    if not FastStep.supports(gen.model):
-        pytest.skip("no fast step on this torch (oneDNN ops missing)")
+    assert gen.model.dtype == torch.bfloat16 and FastStep.supports(gen.model)
     system = tuple(gen.tokenizer.encode("You are a careful solver. Show the steps. " * 2))
     prompts = [system + tuple(gen.tokenizer.encode(t)) for t in ["Q: 2+3?", "Q: a prime?"]]
     first = _first_turn(gen, prompts)

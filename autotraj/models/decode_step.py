@@ -22,9 +22,12 @@ one-token step with the model's own weights:
 
 It is used for the decode steps of models whose architecture it knows (`FastStep.supports`:
 LlamaForCausalLM, Qwen2ForCausalLM with full attention, default RoPE, SiLU MLP) on CPU, in
-bfloat16 where oneDNN has bf16 kernels for the CPU, and in float32 (on every CPU: the dtype that
-bf16 requests get on a CPU without bf16 kernels, cpu_bf16.py); other models and other devices
-run the transformers forward. Its
+bfloat16 and float32 (float32 is what bf16 requests get on a CPU without bf16 kernels unless
+AUTOTRAJ_CPU_BF16=1 keeps them: cpu_bf16.py); other models and other devices run the
+transformers forward. Where oneDNN cannot pack the dtype (bf16 kept on such a CPU, bf16 off
+x86 where the probe fails) the fused products run through `F.linear`, the kernels the
+transformers forward uses: on an AVX2-only x86 CPU these give the same bits too, so the step's
+bf16 tests run there as well, all but the packing's (tests/test_decode_step.py, 2026-12-06). Its
 tokens and log-probs are bit-identical to the transformers forward with
 `attn_implementation="eager"` (tests/test_decode_step.py, greedy and sampled, tiny Llama and
 Qwen2 models and the embedded model on GSM8K prompts); against the default sdpa attention they
@@ -45,6 +48,9 @@ from autotraj.models.cpu_linear import pack, packed_linear, packed_weight, packi
 
 _ARCHITECTURES = {"LlamaForCausalLM", "Qwen2ForCausalLM"}
 _MLP_TOKENS = 4096  # tokens per MLP block in a prefill
+# Rows per range of a decode step's attention (`_row_ranges`): from twice this many rows on, each
+# range of this many rows reads the cache from its own first real column instead of the batch's.
+_RANGE_ROWS = 16
 
 
 @dataclass
@@ -98,12 +104,10 @@ class FastStep:
 
     @staticmethod
     def supports(model: Any) -> bool:
-        """True for the architectures and settings this step reproduces, on CPU in bf16 (where
-        oneDNN packs bf16 weights: cpu_linear) or float32."""
+        """True for the architectures and settings this step reproduces, on CPU in bf16 or
+        float32 (its linears packed where oneDNN packs the dtype: cpu_linear; else `F.linear`)."""
         config = getattr(model, "config", None)
         if config is None or getattr(model, "dtype", None) not in (torch.bfloat16, torch.float32):
-            return False
-        if model.dtype == torch.bfloat16 and not packing_available():
             return False
         architectures = set(getattr(config, "architectures", None) or ())
         rope = getattr(config, "rope_parameters", None) or {}
@@ -146,6 +150,7 @@ class FastStep:
         h = F.embedding(tokens[:, None], self.embed)  # (rows, 1, hidden)
         cos, signed_sin = self._rotary(positions, h.dtype)
         mask = _padding_mask(attention_mask)  # the same for every layer
+        ranges = _row_ranges(attention_mask)
         groups = self.heads // self.kv_heads
         for number, (layer, cache) in enumerate(zip(self.layers, layers, strict=True)):
             q, k, v = self._qkv(h, layer, cos, signed_sin)
@@ -158,7 +163,23 @@ class FastStep:
             # the query heads of one key/value head attend together
             q = q.reshape(rows, self.kv_heads, groups, self.head_dim)
             held = None if prefix is None else prefix[number]
-            out = _attention(q, keys, values, mask, self.head_dim**-0.5, held)
+            scale = self.head_dim**-0.5
+            if ranges is None:
+                out = _attention(q, keys, values, mask, scale, held)
+            else:  # each range of rows from its first real column
+                out = torch.cat(
+                    [
+                        _attention(
+                            q[a:b],
+                            keys[a:b, :, c:],
+                            values[a:b, :, c:],
+                            mask[a:b, ..., c:],
+                            scale,
+                            held,
+                        )
+                        for a, b, c in ranges
+                    ]
+                )
             out = out.reshape(rows, self.heads, 1, self.head_dim).transpose(1, 2)
             h = self._rest_of_layer(h, out.reshape(rows, 1, -1), layer)
         h = _rms_norm(h, self.final_norm, self.eps)
@@ -278,6 +299,28 @@ def _causal_mask(start: int, length: int, groups: int) -> torch.Tensor:
     seen = torch.arange(start + length)[None, :] <= torch.arange(start, start + length)[:, None]
     mask = torch.zeros(seen.shape).masked_fill_(~seen, float("-inf"))
     return mask.repeat(groups, 1)[None, None]
+
+
+def _row_ranges(attention_mask: torch.Tensor) -> list[tuple[int, int, int]] | None:
+    """Ranges (first row, end row, first column) of _RANGE_ROWS consecutive rows, each from the
+    first real column of its rows (`attention_mask`: rows x columns, a row's padding before its
+    real columns: decoding._padding_first), or None (one range from column 0): below twice
+    _RANGE_ROWS rows, or where no range starts after column 0.
+
+    A decode batch's rows are ordered by prompt length (the generator's plan) and keep their
+    padding to the end; at 64 GSM8K chat prompts the padding was ~23% of the columns attention
+    read (docs/models.md). Reading from each range's first real column skips most of it for a
+    few more operations per layer; a single range leaves the step's operations (and bits) as
+    they are."""
+    rows = attention_mask.shape[0]
+    if rows < 2 * _RANGE_ROWS:
+        return None
+    leading = (attention_mask.cumsum(dim=-1) == 0).sum(dim=-1).tolist()
+    ranges = [
+        (a, min(a + _RANGE_ROWS, rows), min(leading[a : a + _RANGE_ROWS]))
+        for a in range(0, rows, _RANGE_ROWS)
+    ]
+    return ranges if any(c for _, _, c in ranges) else None
 
 
 def _padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:

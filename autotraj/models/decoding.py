@@ -423,7 +423,28 @@ def _prefill(
                     for k, v in first
                 ]
                 _hold_prefix_once(batch, held)
+    if _all_buffered(cache):
+        _padding_first(batch)
     return batch, logits
+
+
+def _padding_first(batch: _Batch) -> None:
+    """Move each row's padding columns before its real ones, the real ones in their order:
+    `[start | padding | rest]` becomes `[padding | start | rest]` (one gather of the cache per
+    layer, once per batch). A row's columns are then one run from its first real column, so the
+    padding every live row has is trimmed off the front as rows finish (`_trim_padding`; with a
+    start in the middle none was), and the fast step reads a range of rows from that range's
+    first real column (FastStep, `_RANGE_ROWS`). Attention does not depend on where a masked
+    column sits; the transformers forward decodes the same layout."""
+    mask = batch.attention_mask
+    order = torch.sort(mask, dim=1, stable=True).indices  # zeros first, each kind in order
+    if bool((order == torch.arange(mask.shape[1], device=mask.device)).all()):
+        return  # already so
+    for layer in batch.cache.layers:
+        layer.gather_columns(order)
+    batch.attention_mask = mask.gather(1, order)
+    batch.pads = _leading_pads(batch.attention_mask)
+    batch._trim_padding()
 
 
 def _hold_prefix_once(batch: _Batch, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -118,6 +118,16 @@ class BufferedLayer(DynamicLayer):
             self._k, self._v = self._k[: len(order)], self._v[: len(order)]
             self._refresh()
 
+    def gather_columns(self, order: torch.Tensor) -> None:
+        """Reorder each row's written columns in place: new column c of row j is old column
+        `order[j, c]` (`order`: rows x written columns, long; a permutation per row)."""
+        if not self.get_seq_length():
+            return
+        index = order[:, None, :, None].expand(-1, self._k.shape[1], -1, self._k.shape[3])
+        keys, values = self.keys.gather(2, index), self.values.gather(2, index)
+        self.keys.copy_(keys)
+        self.values.copy_(values)
+
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.get_seq_length():
             room = self._k.shape[-2]
