@@ -44,3 +44,28 @@ def test_forced_rows_write_their_budget_past_the_end_of_turn(tiny_model_dir, mon
     early = dataclasses.replace(requests[0], stop=(stop,))
     with pytest.raises(RuntimeError, match="forced: rows wrote"):
         bench.run_forced(gen, [early])
+
+
+def test_the_thin_model_keeps_the_embedded_models_attention_and_cache(tmp_path):
+    """bench/make_thin_model.py: the embedded model's layers, heads, head size and vocabulary
+    (the same KV cache and attention work), products ~20x smaller, and the fast step runs it."""
+    from transformers import AutoConfig
+
+    from autotraj.models.decode_step import FastStep
+    from autotraj.models.embedded import embedded_model_dir
+
+    spec = importlib.util.spec_from_file_location("thin", ROOT / "bench/make_thin_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = module.make_thin_model(tmp_path / "thin")
+    thin, full = AutoConfig.from_pretrained(path), AutoConfig.from_pretrained(embedded_model_dir())
+    for name in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+        assert getattr(thin, name) == getattr(full, name), name
+    assert thin.head_dim == full.hidden_size // full.num_attention_heads
+    assert thin.hidden_size == thin.intermediate_size == 72
+    gen = load_generator(GeneratorConfig(model=str(path), dtype="float32"))
+    assert FastStep.supports(gen.model)
+    layer = gen.model.model.layers[0].self_attn
+    assert layer.q_proj.weight.shape == (full.hidden_size, 72)  # heads x head size, thin input
+    with pytest.raises(ValueError, match="multiple"):
+        module.make_thin_model(tmp_path / "bad", hidden=64)
