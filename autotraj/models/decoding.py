@@ -337,7 +337,8 @@ def _prefill(
     is afterwards held once (`_Batch.prefix`) and cut from every row's cache. `grow`: how the
     batch's cache grows when full (kv_cache.BufferedLayer). With `fast` (the model's FastStep)
     and a buffered cache, the rests (and a shared prefix) are fed unpadded in one
-    sequence instead (`FastStep.prefill`: no padding computed, no chunks needed)."""
+    sequence instead (`FastStep.prefill`: no padding computed, no chunks needed). With a
+    buffered cache the decode steps then see each row's padding first (`_padding_first`)."""
     device = model.device
     hits = [kept.longest(r.prompt_ids) for r in requests] if kept else [None] * len(requests)
     shared = 0
