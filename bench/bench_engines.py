@@ -28,6 +28,11 @@ Settings:
   a step costs about the same with more rows alive, so longer outputs raise tokens/s), this
   measures the engines alone.
 
+`--model DIR`: both engines on a local model directory instead of the embedded model; with
+bench/make_thin_model.py's model (the embedded model's layers, heads and cache, products ~20x
+smaller) and `forced`, the engines are compared on the work of a step outside the weight
+products, which bf16 kernels do not speed up.
+
 For each engine, batch size and setting: generated tokens (what the model wrote, end-of-turn and
 tool results excluded), seconds, tokens/s, the ratio ours/vLLM, and tokens/s as a share of the
 machine's matmul peak in the dtype the engines run (bf16, or float32 where the CPU has no bf16
