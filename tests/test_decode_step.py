@@ -543,28 +543,37 @@ def test_prefill_leaves_each_rows_padding_before_its_real_columns(tiny_model_dir
             assert torch.equal(ours.values[j][:, mine], theirs.values[j][:, before])
 
 
-def test_attention_in_row_ranges_decodes_like_one_range(fast_generator, monkeypatch):
+@pytest.mark.parametrize("held", [False, True])
+def test_attention_in_row_ranges_decodes_like_one_range(fast_generator, monkeypatch, held):
     """Rows read in ranges, each from its first real column, give the tokens of one range over
-    all columns, log-probs within rounding (the masked columns they skip weigh nothing)."""
+    all columns, log-probs within rounding (the masked columns they skip weigh nothing); also
+    behind a shared prefix held once (each range attends to it too)."""
+    from autotraj.models import decoding
+
     gen = fast_generator
     gen.logprobs = True
+    system = gen.tokenizer.encode("You are a careful solver. Show the steps. " * 2) if held else []
     texts = ["Hi", "2+2=", "A prompt of middling size", "A much longer prompt than the others"]
     requests = [
         GenerationRequest(
             prompt_text="",
-            prompt_ids=tuple(gen.tokenizer.encode(t * k)),
+            prompt_ids=tuple(system + gen.tokenizer.encode(t * k)),
             max_new_tokens=20,
             temperature=0.0,
         )
         for k in (1, 2)
         for t in texts
     ]
+    holds = []
+    hold = decoding._hold_prefix_once
+    monkeypatch.setattr(decoding, "_hold_prefix_once", lambda *a: holds.append(1) or hold(*a))
     used = []
     ranges = decode_step._row_ranges
     monkeypatch.setattr(decode_step, "_row_ranges", lambda m: used.append(ranges(m)) or used[-1])
     monkeypatch.setattr(decode_step, "_RANGE_ROWS", 2)
     split = gen.generate(requests)
     assert any(r is not None and any(c for _, _, c in r) for r in used)
+    assert bool(holds) == held
     monkeypatch.setattr(decode_step, "_RANGE_ROWS", 10**6)
     whole = gen.generate(requests)
     assert [c.token_ids for c in split] == [c.token_ids for c in whole]
