@@ -201,14 +201,12 @@ def test_gather_columns_reorders_each_rows_written_columns_in_place():
 
 
 def test_row_ranges_start_at_each_ranges_first_real_column():
-    mask = torch.ones(40, 30, dtype=torch.long)
-    for row in range(40):
-        mask[row, : 20 - row // 2] = 0  # padding first, less of it further down
-    assert decode_step._row_ranges(mask) == [(0, 16, 13), (16, 32, 5), (32, 40, 1)]
-    assert decode_step._row_ranges(mask[:31]) is None  # below two ranges: one, from column 0
-    mask[39, :] = 1  # a row without padding in every range: nothing to skip
-    mask[15, :] = mask[31, :] = 1
-    assert decode_step._row_ranges(mask) is None
+    pads = [20 - row // 2 for row in range(40)]  # padding first, less of it further down
+    assert decode_step._row_ranges(pads) == [(0, 16, 13), (16, 32, 5), (32, 40, 1)]
+    assert decode_step._row_ranges(pads[:31]) is None  # below two ranges: one, from column 0
+    pads[39] = 0  # a row without padding in every range: nothing to skip
+    pads[15] = pads[31] = 0
+    assert decode_step._row_ranges(pads) is None
 
 
 @pytest.mark.parametrize(

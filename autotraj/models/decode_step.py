@@ -139,19 +139,22 @@ class FastStep:
         attention_mask: torch.Tensor,
         layers: list[Any],
         prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        pads: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """float32 logits (rows x vocab) after feeding
         `tokens` (rows,) at `positions` (rows,); `attention_mask` (rows x columns, the new
         token's column included) masks the cache's written columns; `layers`: the cache's
         `BufferedLayer`s (kv_cache.py).
         `prefix`: per layer, keys and values (1 x kv_heads x length x head_dim) that precede
-        every row's cached columns (held once; see the module docstring)."""
+        every row's cached columns (held once; see the module docstring).
+        `pads`: each row's padding columns before its first real one (decoding's `_Batch.pads`,
+        the padding first); given, 32 rows or more read attention in ranges (`_row_ranges`)."""
         rows = tokens.shape[0]
         h = F.embedding(tokens[:, None], self.embed)  # (rows, 1, hidden)
         cos, signed_sin = self._rotary(positions, h.dtype)
         mask = _padding_mask(attention_mask)  # the same for every layer
-        ranges = _row_ranges(attention_mask)
-        groups = self.heads // self.kv_heads
+        ranges = None if pads is None else _row_ranges(pads)
+        groups, scale = self.heads // self.kv_heads, self.head_dim**-0.5
         for number, (layer, cache) in enumerate(zip(self.layers, layers, strict=True)):
             q, k, v = self._qkv(h, layer, cos, signed_sin)
             keys, values = cache.update(k, v)  # views of the written columns
@@ -163,7 +166,6 @@ class FastStep:
             # the query heads of one key/value head attend together
             q = q.reshape(rows, self.kv_heads, groups, self.head_dim)
             held = None if prefix is None else prefix[number]
-            scale = self.head_dim**-0.5
             if ranges is None:
                 out = _attention(q, keys, values, mask, scale, held)
             else:  # each range of rows from its first real column
@@ -301,23 +303,22 @@ def _causal_mask(start: int, length: int, groups: int) -> torch.Tensor:
     return mask.repeat(groups, 1)[None, None]
 
 
-def _row_ranges(attention_mask: torch.Tensor) -> list[tuple[int, int, int]] | None:
+def _row_ranges(pads: Sequence[int]) -> list[tuple[int, int, int]] | None:
     """Ranges (first row, end row, first column) of _RANGE_ROWS consecutive rows, each from the
-    first real column of its rows (`attention_mask`: rows x columns, a row's padding before its
-    real columns: decoding._padding_first), or None (one range from column 0): below twice
-    _RANGE_ROWS rows, or where no range starts after column 0.
+    first real column of its rows (`pads`: each row's padding columns, all before its real ones:
+    decoding._padding_first), or None (one range from column 0): below twice _RANGE_ROWS rows,
+    or where no range starts after column 0.
 
     A decode batch's rows are ordered by prompt length (the generator's plan) and keep their
     padding to the end; at 64 GSM8K chat prompts the padding was ~23% of the columns attention
     read (docs/models.md). Reading from each range's first real column skips most of it for a
     few more operations per layer; a single range leaves the step's operations (and bits) as
     they are."""
-    rows = attention_mask.shape[0]
+    rows = len(pads)
     if rows < 2 * _RANGE_ROWS:
         return None
-    leading = (attention_mask.cumsum(dim=-1) == 0).sum(dim=-1).tolist()
     ranges = [
-        (a, min(a + _RANGE_ROWS, rows), min(leading[a : a + _RANGE_ROWS]))
+        (a, min(a + _RANGE_ROWS, rows), min(pads[a : a + _RANGE_ROWS]))
         for a in range(0, rows, _RANGE_ROWS)
     ]
     return ranges if any(c for _, _, c in ranges) else None

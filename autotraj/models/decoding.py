@@ -591,7 +591,8 @@ def _step(model: Any, batch: _Batch, tokens: torch.Tensor, fast: FastStep | None
     batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
     batch.positions = batch.positions + 1
     if fast is not None and all(isinstance(x, BufferedLayer) for x in batch.cache.layers):
-        return fast(tokens, batch.positions, batch.attention_mask, batch.cache.layers, batch.prefix)
+        layers = batch.cache.layers
+        return fast(tokens, batch.positions, batch.attention_mask, layers, batch.prefix, batch.pads)
     if batch.prefix is not None:
         raise RuntimeError("a batch holding its shared prefix once needs the fast step")
     return _forward(
