@@ -209,6 +209,29 @@ def test_row_ranges_start_at_each_ranges_first_real_column():
     assert decode_step._row_ranges(pads) is None
 
 
+@pytest.mark.parametrize("held", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_attention_reads_a_buffers_written_columns_as_a_dense_batch(dtype, held):
+    """The written columns of a buffer (a view with room after them) give the bits of the same
+    columns stored back to back; in bf16 `_batch_of` hands `torch.bmm` a dense copy of them
+    (oneDNN's bf16 product copies a strided batch itself, slowly), in float32 the view itself."""
+    g = torch.Generator().manual_seed(3)
+    rows, kv_heads, groups, dim, columns = 5, 2, 3, 8, 11
+    room = torch.randn(rows, kv_heads, 20, dim, generator=g).to(dtype)
+    keys, values = room[:, :, 2 : 2 + columns], room.flip(2)[:, :, 1 : 1 + columns]
+    q = torch.randn(rows, kv_heads, groups, dim, generator=g).to(dtype)
+    mask = torch.zeros(rows, 1, 1, columns)
+    mask[1, ..., :4] = float("-inf")
+    prefix = torch.randn(2, 1, kv_heads, 6, dim, generator=g).to(dtype)
+    given = (prefix[0], prefix[1]) if held else None
+    viewed = decode_step._attention(q, keys, values, mask, 0.125, given)
+    dense = decode_step._attention(q, keys.contiguous(), values.contiguous(), mask, 0.125, given)
+    assert not keys.is_contiguous() and torch.equal(viewed, dense)
+    batch = decode_step._batch_of(keys.reshape(rows * kv_heads, columns, dim))
+    assert batch.is_contiguous() == (dtype == torch.bfloat16)
+    assert torch.equal(batch, keys.reshape(rows * kv_heads, columns, dim))
+
+
 @pytest.mark.parametrize(
     "keep,rows", [([0, 2, 3, 5], 6), ([4], 5), ([0, 1, 2], 3), ([1, 3, 5, 6, 7], 8)]
 )

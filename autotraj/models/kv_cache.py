@@ -10,9 +10,11 @@ grows geometrically (amortised O(1) copies per token), and `trim_front` drops le
 (padding every row has) without a copy. Removing finished rows (`batch_select_indices`) copies
 only the written part.
 
-The fast decode step (decode_step.py) reads the written columns through these views: its batched
-attention products (`torch.bmm`) take the strided batch of a buffer's columns in place, in
-float32 and bf16 (torch 2.13: no copy, the time follows the columns read). Until 2026-12-06 the
+The fast decode step (decode_step.py) reads the written columns through these views: in float32
+its batched attention products (`torch.bmm`, MKL) take the strided batch of a buffer's columns in
+place (torch 2.13: no copy, the time follows the columns read); in bf16 on a CPU with bf16
+kernels oneDNN takes only back-to-back matrices, so the step copies the written columns once per
+layer (`decode_step._batch_of`), faster than the copy torch makes itself. Until 2026-12-06 the
 step read the whole buffer, masked outside the written columns (a view was believed to be
 copied first), so every step also read the room and any columns trimmed off the front. A buffer
 may grow by a fixed `grow` instead of doubling, which holds less memory as room at large batches.
