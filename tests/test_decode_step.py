@@ -573,6 +573,7 @@ def test_attention_in_row_ranges_decodes_like_one_range(fast_generator, monkeypa
 
     gen = fast_generator
     gen.logprobs = True
+    gen._fast_step().reads_room = False  # ranges are for reading the written columns only
     system = gen.tokenizer.encode("You are a careful solver. Show the steps. " * 2) if held else []
     texts = ["Hi", "2+2=", "A prompt of middling size", "A much longer prompt than the others"]
     requests = [
@@ -601,6 +602,58 @@ def test_attention_in_row_ranges_decodes_like_one_range(fast_generator, monkeypa
     tolerance = 0.05 if gen.model.dtype == torch.bfloat16 else 1e-4
     for a, b in zip(split, whole, strict=True):
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < tolerance
+
+
+@pytest.mark.parametrize("held", [False, True])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_whole_buffer_reads_decode_like_the_written_columns(
+    fast_generator, monkeypatch, held, temperature
+):
+    """Reading each layer's whole buffer (bf16's default: the room and trimmed columns masked)
+    gives the tokens and log-probs of reading only the written columns (bf16: bit for bit); with
+    rows finishing early (front trims) and behind a held prefix."""
+    from autotraj.models import decoding
+
+    gen = fast_generator
+    gen.logprobs = True
+    system = gen.tokenizer.encode("You are a careful solver. Show the steps. " * 2) if held else []
+    requests = [  # the longest prompt finishes first: the others' padding is then trimmed
+        dataclasses.replace(r, prompt_ids=tuple(system) + r.prompt_ids, max_new_tokens=n)
+        for r, n in zip(_requests(gen.tokenizer, temperature), (40, 36, 6), strict=True)
+    ]
+    holds = []
+    hold = decoding._hold_prefix_once
+    monkeypatch.setattr(decoding, "_hold_prefix_once", lambda *a: holds.append(1) or hold(*a))
+    reads = []
+    whole_buffers = decode_step._whole_buffers
+
+    def spy(cache, mask, masks):
+        keys, values, widened = whole_buffers(cache, mask, masks)
+        _, _, first, end = cache.buffers()
+        reads.append((first, end, keys.shape[2]))
+        return keys, values, widened
+
+    monkeypatch.setattr(decode_step, "_whole_buffers", spy)
+    step = gen._fast_step()
+    step.reads_room = True
+    whole = gen.generate(requests)
+    assert reads and any(end < room for _, end, room in reads)  # free room was read
+    assert any(first > 0 for first, _, _ in reads)  # and columns trimmed off the front
+    assert bool(holds) == held
+    reads.clear()
+    step.reads_room = False
+    written = gen.generate(requests)
+    assert not reads
+    assert [c.token_ids for c in whole] == [c.token_ids for c in written]
+    if gen.model.dtype == torch.bfloat16:  # where whole buffers are read by default
+        assert [c.logprobs for c in whole] == [c.logprobs for c in written]
+    else:  # MKL's float32 sums depend on the width read: within rounding
+        pairs = [
+            p
+            for a, b in zip(whole, written, strict=True)
+            for p in zip(a.logprobs, b.logprobs, strict=True)
+        ]
+        assert pairs and max(abs(x - y) for x, y in pairs) < 1e-4
 
 
 def test_greedy_pick_is_the_first_maximum_like_argmax():

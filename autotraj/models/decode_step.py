@@ -102,6 +102,9 @@ class FastStep:
                 )
             )
         self.key = weights_key(model)
+        # bf16: attention reads each layer's whole buffer (`_whole_buffers`), else the written
+        # columns (in place: `_batch_of`)
+        self.reads_room = model.dtype == torch.bfloat16
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -154,8 +157,9 @@ class FastStep:
         h = F.embedding(tokens[:, None], self.embed)  # (rows, 1, hidden)
         cos, signed_sin = self._rotary(positions, h.dtype)
         mask = _padding_mask(attention_mask)  # the same for every layer
-        ranges = None if pads is None else _row_ranges(pads)
+        ranges = None if pads is None or self.reads_room else _row_ranges(pads)
         groups, scale = self.heads // self.kv_heads, self.head_dim**-0.5
+        whole: dict[tuple[int, int, int], torch.Tensor] = {}  # masks of whole buffers
         for number, (layer, cache) in enumerate(zip(self.layers, layers, strict=True)):
             q, k, v = self._qkv(h, layer, cos, signed_sin)
             keys, values = cache.update(k, v)  # views of the written columns
@@ -164,11 +168,15 @@ class FastStep:
                     f"decoder state out of step: layer {number} holds {keys.shape[2]} cached "
                     f"columns, the attention mask {attention_mask.shape[1]}"
                 )
+            if self.reads_room:
+                keys, values, layer_mask = _whole_buffers(cache, mask, whole)
+            else:
+                layer_mask = mask
             # the query heads of one key/value head attend together
             q = q.reshape(rows, self.kv_heads, groups, self.head_dim)
             held = None if prefix is None else prefix[number]
             if ranges is None:
-                out = _attention(q, keys, values, mask, scale, held)
+                out = _attention(q, keys, values, layer_mask, scale, held)
             else:  # each range of rows from its first real column
                 out = torch.cat(
                     [
@@ -323,6 +331,29 @@ def _row_ranges(pads: Sequence[int]) -> list[tuple[int, int, int]] | None:
         for a in range(0, rows, _RANGE_ROWS)
     ]
     return ranges if any(c for _, _, c in ranges) else None
+
+
+def _whole_buffers(
+    cache: Any, mask: torch.Tensor, masks: dict[tuple[int, int, int], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A `BufferedLayer`'s whole key and value buffers and `mask` (the written columns') widened
+    to them: -inf on the columns outside the written ones (trimmed off the front, free room).
+    `masks` keeps the widened masks of one step by (first, end, room): the layers of a cache
+    share them.
+
+    In bf16 oneDNN's batched product reads a batch in place only when its matrices lie back to
+    back, which a buffer's written columns do not and the whole buffer does. Reading the room
+    (at most decoding's _GROW_ROOM_READ columns) costs less than copying the written columns
+    for every layer at every step (`_batch_of`). The masked columns get probability 0 (exp of
+    -inf), so each row attends to what it attends to over its written columns."""
+    keys, values, first, end = cache.buffers()
+    room = keys.shape[2]
+    widened = masks.get((first, end, room))
+    if widened is None:
+        widened = mask.new_full((*mask.shape[:3], room), float("-inf"))
+        widened[..., first:end] = mask
+        masks[(first, end, room)] = widened
+    return keys, values, widened
 
 
 def _padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -207,7 +207,7 @@ def _decode(
         return [((), ()) for _ in requests]
     generator = _generator(requests[0].seed, model.device)
     split = held_prefix and fast is not None
-    grow = _GROW if fast is not None else 0
+    grow = 0 if fast is None else _GROW_ROOM_READ if fast.reads_room else _GROW
     packer = fast if unpadded_prefill else None
     batch, logits = _prefill(
         model, [requests[i] for i in live], live, pad_id, kept, split, grow, packer
@@ -581,6 +581,10 @@ _MIN_HELD = 64
 # step read the room at every step too (kv_cache.py), and _GROW was 32 to keep it small.
 _FIRST_ROOM = 128
 _GROW = 128
+# The room of a fast step that reads its whole buffers (bf16: decode_step._whole_buffers): it
+# reads the room at every step, so the room is kept small; the cache is then copied every
+# _GROW_ROOM_READ steps.
+_GROW_ROOM_READ = 32
 # The prefill runs more rows than this in chunks of similar rest lengths (_chunked_prefill).
 _PREFILL_ROWS = 16
 

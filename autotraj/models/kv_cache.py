@@ -75,6 +75,15 @@ class BufferedLayer(DynamicLayer):
         self.keys = self._k[:, :, self._start : self._end]
         self.values = self._v[:, :, self._start : self._end]
 
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """The whole key and value buffers (rows x heads x room x head_dim: the written columns,
+        any trimmed off the front, and the free room) with the first and one past the last
+        written column. Columns outside the written ones hold zeros or earlier values, never
+        anything non-finite; a reader masks them."""
+        if self._k is None:
+            raise RuntimeError("the layer holds no buffer before its first update")
+        return self._k, self._v, self._start, self._end
+
     @property
     def room(self) -> int:
         """Columns of the buffer (written, trimmed and free); 0 before the first update."""
