@@ -200,6 +200,21 @@ def test_gather_columns_reorders_each_rows_written_columns_in_place():
     assert layer.get_seq_length() == 5 and layer.room == 12 and layer.keys._base is not None
 
 
+def test_drop_trimmed_keeps_the_written_columns_and_the_free_room():
+    layer = BufferedLayer(capacity=10)
+    keys, values = _kv(3, 7, seed=5)
+    layer.update(keys, values)
+    layer.trim_front(4)
+    before = (layer.keys.clone(), layer.values.clone(), layer.room - layer.buffers()[3])
+    layer.drop_trimmed()
+    k, v, first, end = layer.buffers()
+    assert (first, end, k.shape[2]) == (0, 3, 3 + before[2])  # the same free room after them
+    assert torch.equal(layer.keys, before[0]) and torch.equal(layer.values, before[1])
+    assert torch.equal(k[:, :, :3], keys[:, :, 4:]) and not k[:, :, 3:].any()
+    layer.update(*_kv(3, 1, seed=6))  # decodes on into the room
+    assert layer.get_seq_length() == 4 and layer.room == 3 + before[2]
+
+
 def test_row_ranges_start_at_each_ranges_first_real_column():
     pads = [20 - row // 2 for row in range(40)]  # padding first, less of it further down
     assert decode_step._row_ranges(pads) == [(0, 16, 13), (16, 32, 5), (32, 40, 1)]
@@ -634,11 +649,15 @@ def test_whole_buffer_reads_decode_like_the_written_columns(
         return keys, values, widened
 
     monkeypatch.setattr(decode_step, "_whole_buffers", spy)
+    drops = []
+    drop = BufferedLayer.drop_trimmed
+    monkeypatch.setattr(BufferedLayer, "drop_trimmed", lambda self: drops.append(1) or drop(self))
     step = gen._fast_step()
     step.reads_room = True
     whole = gen.generate(requests)
     assert reads and any(end < room for _, end, room in reads)  # free room was read
-    assert any(first > 0 for first, _, _ in reads)  # and columns trimmed off the front
+    # and columns trimmed off the front: read (a few) or dropped first (more: a held prefix)
+    assert any(first > 0 for first, _, _ in reads) or drops
     assert bool(holds) == held
     reads.clear()
     step.reads_room = False

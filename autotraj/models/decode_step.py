@@ -11,10 +11,11 @@ one-token step with the model's own weights:
   bits: RMSNorm by torch's `rms_norm` (float32 inside), rotary embeddings as one roll times a
   sign-flipped sin (`_rotate`), attention by transformers' eager formula (`_attention`): the
   query heads of a key/value head attend together, so the cache is read once per key/value head;
-- keys and values written into the `BufferedLayer` cache (kv_cache.py), whose written columns
-  the attention products read (views, in place in float32, one dense copy per layer in bf16:
-  `_batch_of`; the columns the eager forward reads, no room and no columns trimmed off the
-  front). torch's fused attention kernel (sdpa), which the
+- keys and values written into the `BufferedLayer` cache (kv_cache.py), which the attention
+  products read in place: in float32 the written columns (views: the columns the eager forward
+  reads, no room, no columns trimmed off the front), in bf16 each layer's whole buffer with the
+  other columns masked (`_whole_buffers`: oneDNN's bf16 product copies a view of the written
+  columns first). torch's fused attention kernel (sdpa), which the
   transformers forward uses, took 1.55 ms per layer at 64 rows and ~300 columns; the two batched
   products ~0.5 ms (2-core AMD EPYC);
 - a prefix every row shares (a system prompt, worked examples) may be held once instead of in
@@ -52,6 +53,9 @@ _MLP_TOKENS = 4096  # tokens per MLP block in a prefill
 # Rows per range of a decode step's attention (`_row_ranges`): from twice this many rows on, each
 # range of this many rows reads the cache from its own first real column instead of the batch's.
 _RANGE_ROWS = 16
+# Columns trimmed off a buffer's front that a whole-buffer read (`_whole_buffers`) still reads;
+# beyond this many they are dropped first (one copy of the written columns).
+_TRIMMED_READ = 32
 
 
 @dataclass
@@ -318,7 +322,9 @@ def _row_ranges(pads: Sequence[int]) -> list[tuple[int, int, int]] | None:
     decoding._padding_first), or None (one range from column 0): below twice _RANGE_ROWS rows,
     or where no range starts after column 0.
 
-    A decode batch's rows are ordered by prompt length (the generator's plan) and keep their
+    Used where the step reads the written columns (float32; bf16 reads whole buffers from
+    column 0: `_whole_buffers`). A decode batch's rows are ordered by prompt length (the
+    generator's plan) and keep their
     padding to the end; at 64 GSM8K chat prompts the padding was ~23% of the columns attention
     read (docs/models.md). Reading from each range's first real column skips most of it for a
     few more operations per layer; a single range leaves the step's operations (and bits) as
@@ -343,9 +349,14 @@ def _whole_buffers(
 
     In bf16 oneDNN's batched product reads a batch in place only when its matrices lie back to
     back, which a buffer's written columns do not and the whole buffer does. Reading the room
-    (at most decoding's _GROW_ROOM_READ columns) costs less than copying the written columns
-    for every layer at every step (`_batch_of`). The masked columns get probability 0 (exp of
-    -inf), so each row attends to what it attends to over its written columns."""
+    (at most decoding's _GROW_ROOM_READ free columns, and up to _TRIMMED_READ columns trimmed
+    off the front; more, such as a prefix just held once, are dropped first with one copy:
+    `BufferedLayer.drop_trimmed`) costs less than copying the written columns at every step
+    (`_batch_of`): at 64 rows a step took 64.8 ms against 72.2 (Zen 4, bf16, 2026-12-06;
+    docs/models.md). The masked columns get probability 0 (exp of -inf), so each row attends to
+    what it attends to over its written columns (the same bits: tests/test_decode_step.py)."""
+    if cache.buffers()[2] > _TRIMMED_READ:
+        cache.drop_trimmed()
     keys, values, first, end = cache.buffers()
     room = keys.shape[2]
     widened = masks.get((first, end, room))
@@ -397,8 +408,10 @@ def _attention(
 
 
 def _batch_of(x: torch.Tensor) -> torch.Tensor:
-    """`x` (batch x columns x head_dim, a view of a cache's written columns) as `torch.bmm`
-    takes it fastest: in bf16 a dense copy, else as it is.
+    """`x` (batch x columns x head_dim, a view of a cache's columns) as `torch.bmm` takes it
+    fastest: in bf16 a dense copy where it is not dense already (a whole buffer is: the fast
+    step's default in bf16, `_whole_buffers`; a prefill row's own columns are not), else as it
+    is.
 
     oneDNN's bf16 batched product takes a batch in place only when its matrices lie back to back;
     given the written columns of a buffer (a batch stride of the buffer's room) torch copies it

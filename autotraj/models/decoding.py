@@ -577,8 +577,8 @@ _MIN_HELD = 64
 # New-token room of a fresh cache; it doubles when a row needs more (kv_cache.py). Where the fast
 # step decodes, the room is _GROW columns and grows by as many: one copy of the cache every _GROW
 # steps, and no more than _GROW columns a row held as room (doubling holds up to the cache's size
-# again; at 64 rows of ~400 columns, 1.2 GB in float32 for SmolLM2-135M). Until 2026-12-06 the
-# step read the room at every step too (kv_cache.py), and _GROW was 32 to keep it small.
+# again; at 64 rows of ~400 columns, 1.2 GB in float32 for SmolLM2-135M). In float32 the step
+# reads only the written columns; until 2026-12-06 it read the room too, and _GROW was 32.
 _FIRST_ROOM = 128
 _GROW = 128
 # The room of a fast step that reads its whole buffers (bf16: decode_step._whole_buffers): it

@@ -10,14 +10,14 @@ grows geometrically (amortised O(1) copies per token), and `trim_front` drops le
 (padding every row has) without a copy. Removing finished rows (`batch_select_indices`) copies
 only the written part.
 
-The fast decode step (decode_step.py) reads the written columns through these views: in float32
-its batched attention products (`torch.bmm`, MKL) take the strided batch of a buffer's columns in
-place (torch 2.13: no copy, the time follows the columns read); in bf16 on a CPU with bf16
-kernels oneDNN takes only back-to-back matrices, so the step copies the written columns once per
-layer (`decode_step._batch_of`), faster than the copy torch makes itself. Until 2026-12-06 the
-step read the whole buffer, masked outside the written columns (a view was believed to be
-copied first), so every step also read the room and any columns trimmed off the front. A buffer
-may grow by a fixed `grow` instead of doubling, which holds less memory as room at large batches.
+The fast decode step (decode_step.py) reads the cache in place. In float32 its batched attention
+products (`torch.bmm`, MKL) take the strided batch of the written columns (these views; torch
+2.13: no copy, the time follows the columns read). In bf16 oneDNN takes a batch in place only
+when its matrices lie back to back, which the written columns of a buffer with room do not:
+given them, torch copies them first, element by element for the keys. So in bf16 the step reads
+each layer's whole buffer (`buffers()`), the trimmed columns and the room masked, and the
+decoder keeps that room small (decoding._GROW_ROOM_READ). A buffer may grow by a fixed `grow`
+instead of doubling, which holds less memory as room at large batches.
 
 `buffered_cache(config, capacity)` builds a `DynamicCache` whose plain layers are buffered
 (sliding-window or other special layers are kept as transformers builds them).
@@ -83,6 +83,19 @@ class BufferedLayer(DynamicLayer):
         if self._k is None:
             raise RuntimeError("the layer holds no buffer before its first update")
         return self._k, self._v, self._start, self._end
+
+    def drop_trimmed(self) -> None:
+        """Move the written columns to the front of a new buffer with the same free room after
+        them, dropping the columns trimmed off the front (one copy of the written columns)."""
+        if self._k is None or not self._start:
+            return
+        live, free = self._end - self._start, self._k.shape[-2] - self._end
+        shape = (*self._k.shape[:2], live + free, self._k.shape[3])
+        keys, values = self._k.new_zeros(shape), self._v.new_zeros(shape)
+        keys[:, :, :live].copy_(self._k[:, :, self._start : self._end])
+        values[:, :, :live].copy_(self._v[:, :, self._start : self._end])
+        self._k, self._v, self._start, self._end = keys, values, 0, live
+        self._refresh()
 
     @property
     def room(self) -> int:
