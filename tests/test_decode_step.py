@@ -213,6 +213,9 @@ def test_drop_trimmed_keeps_the_written_columns_and_the_free_room():
     assert torch.equal(k[:, :, :3], keys[:, :, 4:]) and not k[:, :, 3:].any()
     layer.update(*_kv(3, 1, seed=6))  # decodes on into the room
     assert layer.get_seq_length() == 4 and layer.room == 3 + before[2]
+    layer.grow = 2
+    layer.update(*_kv(3, before[2], seed=7))  # past the room: it grows by `grow` from here
+    assert layer.room == 3 + before[2] + 2
 
 
 def test_row_ranges_start_at_each_ranges_first_real_column():

@@ -86,10 +86,13 @@ class BufferedLayer(DynamicLayer):
 
     def drop_trimmed(self) -> None:
         """Move the written columns to the front of a new buffer with the same free room after
-        them, dropping the columns trimmed off the front (one copy of the written columns)."""
+        them, dropping the columns trimmed off the front (one copy of the written columns). The
+        buffer's `capacity` shrinks to it, so that it grows from there by `grow`, not back to a
+        size that held the dropped columns."""
         if self._k is None or not self._start:
             return
         live, free = self._end - self._start, self._k.shape[-2] - self._end
+        self.capacity = min(self.capacity, live + free)
         shape = (*self._k.shape[:2], live + free, self._k.shape[3])
         keys, values = self._k.new_zeros(shape), self._v.new_zeros(shape)
         keys[:, :, :live].copy_(self._k[:, :, self._start : self._end])
