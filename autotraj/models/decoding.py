@@ -572,7 +572,9 @@ _MIN_SHARED_PACKED = 8
 # split attention costs a few operations per layer that read the scores again; at 64 rows and 300
 # own columns (float32, 2-core AMD EPYC, bench/bench_held_attention.py) a layer's attention took
 # 1.04-1.19x the time of the prefix in every row at 16-48 prefix tokens, 0.95x at 64, 0.80x at
-# 256 (docs/models.md, seventh round).
+# 256 (docs/models.md, seventh round). In bf16 (Zen 4, 2026-12-07) the same bench gave 1.43x at
+# 64, 1.03x at 256 and 0.92x at 459, yet end to end holding still won with tools (docs/models.md,
+# tenth round: the prefix's copies in every row cost more than its extra operations).
 _MIN_HELD = 64
 # New-token room of a fresh cache; it doubles when a row needs more (kv_cache.py). Where the fast
 # step decodes, the room is _GROW columns and grows by as many: one copy of the cache every _GROW
