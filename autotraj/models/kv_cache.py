@@ -63,6 +63,11 @@ class BufferedLayer(DynamicLayer):
         """Move the live columns to a new buffer with room for at least `need` columns."""
         old = 0 if self._k is None else self._k.shape[-2]
         size = max(need, self.capacity, old + self.grow if self.grow else 2 * old)
+        self._move_live(like, size)
+
+    def _move_live(self, like: torch.Tensor, size: int) -> None:
+        """Copy the written columns to the front of new zeroed buffers (shaped like `like`)
+        of `size` columns, dropping any trimmed off the front."""
         shape = (like.shape[0], like.shape[1], size, like.shape[3])
         keys, values = like.new_zeros(shape), like.new_zeros(shape)
         live = self._end - self._start
@@ -91,13 +96,9 @@ class BufferedLayer(DynamicLayer):
         size that held the dropped columns."""
         if self._k is None or not self._start:
             return
-        live, free = self._end - self._start, self._k.shape[-2] - self._end
-        self.capacity = min(self.capacity, live + free)
-        shape = (*self._k.shape[:2], live + free, self._k.shape[3])
-        keys, values = self._k.new_zeros(shape), self._v.new_zeros(shape)
-        keys[:, :, :live].copy_(self._k[:, :, self._start : self._end])
-        values[:, :, :live].copy_(self._v[:, :, self._start : self._end])
-        self._k, self._v, self._start, self._end = keys, values, 0, live
+        size = self._k.shape[-2] - self._start  # the written columns and the free room
+        self.capacity = min(self.capacity, size)
+        self._move_live(self._k, size)
         self._refresh()
 
     @property
