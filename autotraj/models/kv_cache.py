@@ -60,21 +60,14 @@ class BufferedLayer(DynamicLayer):
         return self.keys, self.values
 
     def _reallocate(self, need: int, like: torch.Tensor) -> None:
-        """Move the live columns to a new buffer with room for at least `need` columns."""
+        """Move the live columns to a new buffer with room for at least `need` columns (the
+        first buffer is shaped like `like`)."""
         old = 0 if self._k is None else self._k.shape[-2]
         size = max(need, self.capacity, old + self.grow if self.grow else 2 * old)
-        self._move_live(like, size)
-
-    def _move_live(self, like: torch.Tensor, size: int) -> None:
-        """Copy the written columns to the front of new zeroed buffers (shaped like `like`)
-        of `size` columns, dropping any trimmed off the front."""
-        shape = (like.shape[0], like.shape[1], size, like.shape[3])
-        keys, values = like.new_zeros(shape), like.new_zeros(shape)
-        live = self._end - self._start
-        if self._k is not None and live:
-            keys[:, :, :live].copy_(self._k[:, :, self._start : self._end])
-            values[:, :, :live].copy_(self._v[:, :, self._start : self._end])
-        self._k, self._v, self._start, self._end = keys, values, 0, live
+        if self._k is None:
+            self._store(like[:, :, :0], like[:, :, :0], size)
+        else:
+            self._store(self.keys, self.values, size)
 
     def _refresh(self) -> None:
         self.keys = self._k[:, :, self._start : self._end]
@@ -98,8 +91,7 @@ class BufferedLayer(DynamicLayer):
             return
         size = self._k.shape[-2] - self._start  # the written columns and the free room
         self.capacity = min(self.capacity, size)
-        self._move_live(self._k, size)
-        self._refresh()
+        self._store(self.keys, self.values, size)
 
     @property
     def room(self) -> int:
