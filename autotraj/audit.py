@@ -10,7 +10,7 @@ model is more accurate, say):
   the model wrote); fails on the word-deleting first pass this project once had;
 - repairs exist and are edits: some repairs were accepted; accepted repairs make the original's
   tool calls (mean share >= 0.9 per label) and a correct original's repair is made of its
-  original's words (mean share >= 0.9: fails for a repairer that re-solves from the question);
+  original's words (mean share >= 0.97: fails for a repairer that re-solves from the question);
 - a reward model above chance: the saved model, reloaded, scores the held-out preference pairs
   (the RM stage's own seeded split) again; its pairwise accuracy must beat 0.5 with a one-sided
   binomial p-value below 0.05 (fails for an untrained or randomly initialised head);

