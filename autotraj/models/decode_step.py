@@ -156,7 +156,8 @@ class FastStep:
         `prefix`: per layer, keys and values (1 x kv_heads x length x head_dim) that precede
         every row's cached columns (held once; see the module docstring).
         `pads`: each row's padding columns before its first real one (decoding's `_Batch.pads`,
-        the padding first); given, 32 rows or more read attention in ranges (`_row_ranges`)."""
+        the padding first); given, in float32, 32 rows or more read attention in ranges
+        (`_row_ranges`; bf16 reads whole buffers, `_whole_buffers`)."""
         rows = tokens.shape[0]
         h = F.embedding(tokens[:, None], self.embed)  # (rows, 1, hidden)
         cos, signed_sin = self._rotary(positions, h.dtype)
@@ -386,11 +387,13 @@ def _attention(
     scores in bf16, scaled in bf16, masked and softmaxed in float32, the probabilities cast back
     for the product with the values. Bit-identical to a model run with
     `attn_implementation="eager"` in our checks (tests/test_decode_step.py); not to torch's
-    fused kernel (sdpa), which accumulates the scores in float32 and which the prefill uses.
+    fused kernel (sdpa), which accumulates the scores in float32 and which the transformers
+    forward uses (the padded prefill, `unpadded_prefill: false`).
 
     q: rows x kv_heads x groups x head_dim (the query heads of each key/value head together);
     keys / values: rows x kv_heads x columns x head_dim, contiguous or the written columns of a
-    cache buffer (read in place in float32, copied once in bf16: `_batch_of`); mask: float32,
+    cache buffer (read in place in float32; in bf16 a decode step passes whole buffers, read in
+    place, and a prefill row's own columns are copied once: `_batch_of`); mask: float32,
     additive, rows x 1 x 1 x columns; `held`: keys and values (1 x kv_heads x length x
     head_dim) every row attends to before its own columns, one softmax over both. Returns
     rows x kv_heads x groups x head_dim."""

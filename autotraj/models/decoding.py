@@ -7,10 +7,12 @@ at its own `max_new_tokens`. Cutting those ids into a `Completion` (eos excluded
 string, the stop reason) is `truncate_at_stop`'s job in transformers_backend.py.
 
 How it works:
-- prefill: the prompts are left-padded into one batch (attention mask 1 on real tokens,
-  position ids = cumsum(mask) - 1, as HF `generate` builds them) and run once into a
-  transformers `DynamicCache`; only the last position's logits are computed when the model
-  supports `logits_to_keep`;
+- prefill: with the fast step (models/decode_step.py) and `unpadded_prefill` (the defaults on
+  CPU) the prompts go unpadded, every row's tokens in one sequence (`FastStep.prefill`);
+  otherwise they are left-padded (attention mask 1 on real tokens, position ids =
+  cumsum(mask) - 1, as HF `generate` builds them), at most _PREFILL_ROWS rows per forward
+  (`_chunked_prefill`); either way into a transformers `DynamicCache` of buffered layers; only
+  the last position's logits are computed when the model supports `logits_to_keep`;
 - decode: one token per live row per step. After each step the rows that finished are removed
   from the batch (input ids, attention mask, positions, sampling params and every cache layer),
   so a row that ended costs nothing afterwards; leading columns that are padding in every
@@ -324,7 +326,7 @@ def _prefill(
       loop's next turn), that cache is the row's start and only the rest is forwarded; rows
       without one start empty;
     - shared: otherwise, when every prompt starts with the same `shared_prefix` tokens (at least
-      _MIN_SHARED; a system prompt, worked examples, a rollout group's question), that prefix is
+      _MIN_SHARED, or _MIN_SHARED_PACKED with the fast step's unpadded prefill; a system prompt, worked examples, a rollout group's question), that prefix is
       computed once for a batch of one and its cache copied to every row;
     - plain: otherwise the whole prompts, left-padded, run together.
     More than _PREFILL_ROWS rows are forwarded in chunks of similar rest lengths, each padded
@@ -434,8 +436,8 @@ def _padding_first(batch: _Batch) -> None:
     `[start | padding | rest]` becomes `[padding | start | rest]` (one gather of the cache per
     layer, once per batch). A row's columns are then one run from its first real column, so the
     padding every live row has is trimmed off the front as rows finish (`_trim_padding`; with a
-    start in the middle none was), and the fast step reads a range of rows from that range's
-    first real column (FastStep, `_RANGE_ROWS`). Attention does not depend on where a masked
+    start in the middle none was), and the fast step (in float32) reads a range of rows from that
+    range's first real column (FastStep, `_RANGE_ROWS`). Attention does not depend on where a masked
     column sits; the transformers forward decodes the same layout."""
     mask = batch.attention_mask
     order = torch.sort(mask, dim=1, stable=True).indices  # zeros first, each kind in order

@@ -41,8 +41,9 @@ class GeneratorConfig:
     model: str = EMBEDDED_MODEL
     # Tokenizer to use when `model` has none (or for the openai backend's token counts).
     tokenizer: str | None = None
-    # auto: bfloat16 on CPU (~1.6x faster generation than fp32, CPU-MEASUREMENTS.md section 3),
-    # the checkpoint's own dtype on GPU.
+    # auto: bfloat16 on a CPU with bf16 kernels (~1.6x faster generation than fp32,
+    # CPU-MEASUREMENTS.md section 3), float32 on one without (models/cpu_bf16.py); the
+    # checkpoint's own dtype on GPU.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 16  # sequences per forward pass (transformers) or requests in flight (openai)

@@ -56,8 +56,9 @@ class RlGeneratorConfig:
     # (their next turn prefills only the tool's result; models/kept_prefixes.py); 0: off. It is
     # emptied whenever the policy's weights change.
     kept_prefix_mb: int = 2048
-    # transformers, bf16 on CPU: prefill the prompts unpadded, all rows in one sequence
-    # (models/decode_step.py, FastStep.prefill); false: the left-padded transformers prefill
+    # transformers on CPU, wherever the fast step decodes (bf16 or float32): prefill the prompts
+    # unpadded, all rows in one sequence (models/decode_step.py, FastStep.prefill); false: the
+    # left-padded transformers prefill
     unpadded_prefill: bool = True
     # transformers on CPU: a prefix of >= 64 tokens every rollout of a batch shares (the system
     # prompt and worked examples, a group's question) is held once in decoding, not in every row
@@ -86,7 +87,9 @@ class RlConfig:
     queries: str = ""  # "": <run_dir>/synthesize/queries.jsonl; or any load_queries source
     kind: Literal["math", "qa"] | None = None
     limit: int | None = None  # first N queries
-    rm: str = ""  # "": <run_dir>/rm/model if present; used only when reward.rm_weight != 0
+    # "": <run_dir>/rm/model, which must exist; used only when reward.formula is release and
+    # reward.rm_weight != 0
+    rm: str = ""
     rm_batch_size: int = 8
     # dtype of the frozen models (the reward model, and the KL reference when kl_coef > 0), each
     # whole on every process. auto: bfloat16 on a GPU (fp32 would take 30 GB each at 7B), float32

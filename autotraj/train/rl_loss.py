@@ -1,7 +1,7 @@
 """The RL objective's options (the `rl.loss` section) and their pure numbers.
 
 Options that TRL, verl and OpenRLHF users expect, each off or equal to today's loss by default
-(docs/rl.md, "Objective options", gives each one's source):
+(docs/rl.md, "Objective and sampling options", gives each one's source):
 - `aggregation`: how per-token losses become the step's loss. `token_mean` (the default, what
   autotraj always did: the mean over every trainable token of the step, DAPO's token-level
   loss), `seq_mean` (GRPO: each sequence's token mean, then the mean over sequences),

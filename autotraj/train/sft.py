@@ -19,8 +19,10 @@ Errors: records whose stored token ids were made by another tokenizer, or a chec
 embedding is smaller than its tokenizer, stop the stage before training with a `DataError` /
 `ConfigError` naming the file.
 
-Also the training plumbing the reward-model stage shares: `LoraSettings`, `MetricsCallback`,
-`load_causal_lm`, `check_vocab`, `gradient_accumulation`, `load_examples`, `restart_log`. Not here: building the SFT set (build.py), masks
+Also the training plumbing the reward-model stage shares: `LoraSettings`, `TrainingIncomplete`,
+`import_train_deps`, `check_vocab`, `load_examples`, `restart_log`, `last_checkpoint`,
+`metrics_callback`, `tracker_callbacks`, `peft_config`, `trainer_arguments` (which applies
+`gradient_accumulation`). Not here: building the SFT set (build.py), masks
 (render.py + train/batches.py), the reward model (reward_model.py).
 """
 
@@ -83,7 +85,8 @@ class SftConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_length: int = 15000  # release context; longer examples keep their first tokens
-    bf16: bool = True  # release (mixed precision; also on CPU: ~1.45x faster than fp32 there)
+    # release (mixed precision); on a CPU without bf16 kernels it runs float32 (cpu_bf16.py)
+    bf16: bool = True
     gradient_checkpointing: bool = True
     lora: LoraSettings | None = None  # None: full fine-tuning (release)
     seed: int = 42
