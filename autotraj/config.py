@@ -1,6 +1,6 @@
 """Configs: dataclasses filled from defaults < YAML file < dotted `key=value` overrides.
 
-`load_config(SynthesizeConfig, "configs/x.yaml", ["generator.temperature=0.7"])` returns a
+`load_config(SynthesizeConfig, "configs/x.yaml", ["rollout.temperature=0.7"])` returns a
 frozen dataclass; unknown keys and values of the wrong type raise `ConfigError` naming the file
 and the dotted field. `to_dict` gives the resolved config to save beside a stage's outputs.
 
@@ -147,8 +147,8 @@ def build(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build dataclass `cls` from a mapping, checking every key and type.
 
     A nested section given as a mapping updates that field's default rather than the nested
-    class's own defaults (`field(default_factory=lambda: GeneratorConfig(temperature=1.0))`
-    keeps temperature 1.0 when the file sets only `generator.model`).
+    class's own defaults (`field(default_factory=lambda: RolloutConfig(temperature=0.0))` keeps
+    temperature 0.0 when the file sets only `rollout.max_new_tokens`).
     """
     return _build(cls, data, where, None)
 

@@ -1,7 +1,7 @@
 """Stage metrics: one JSON object per line in `metrics.jsonl`, names as `stage/group/name`.
 
 TensorBoard / Weights & Biases trackers are adapters added by the training stages; every stage
-writes metrics.jsonl.
+that generates or trains (synthesize, repair, eval, sft, rm, rl) writes metrics.jsonl.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 r"""Multi-dimensional trajectory quality and the HQ / AC-LQ / AW partition (METHOD.md section 5).
 
 What it does: scores the candidates of one query with named, weighted dimensions and labels each
-one. With the default `QualityConfig` the score is exactly the release's
+one. The default weights give the release's formula
 
     S = 0.4 c + 0.3 l + 0.3 e
 
@@ -27,8 +27,10 @@ Extra dimensions (weight 0 by default: computed and reported in `components`, no
 model wrote (`Trajectory.model_text`, trainable segments) instead of the whole text.
 
 Weights must sum to 1 so that S stays in [0, 1] and the thresholds keep their meaning: to switch
-a dimension on, take its weight from the others. The sum is never renormalized, so the defaults
-reproduce the release bit for bit.
+a dimension on, take its weight from the others. The sum is never renormalized, so
+`QualityConfig.release()` (the release's nine hedging words, no flaw rule) reproduces the
+release's scores and labels bit for bit; the default differs only where a text has a hedge the
+release's list lacks, or a flaw (`flawless_hq`).
 
 Partition (per query): wrong answer -> AW; if every correct candidate has S >= hq_all (0.9) all
 correct ones are HQ; else the best correct one (the first of equal bests) is HQ if S >= hq_best

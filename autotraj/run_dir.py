@@ -40,7 +40,7 @@ files, each parsed with its one schema (records/): `load_synthesized`, `load_sco
 `load_repairs`, `load_hard_cases`, `load_sft_records`, `load_preference_pairs`, and `RunFiles`
 (every record of a run, by id: build, show and the report read it).
 
-Not here: reading or writing a file (io.py), record schemas (records.py), what a stage computes.
+Not here: reading or writing a file (io.py), record schemas (records/), what a stage computes.
 """
 
 from __future__ import annotations

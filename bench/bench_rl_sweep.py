@@ -39,7 +39,8 @@ KEYS = {
 
 
 def dev_set(out: Path) -> Path:
-    """Items 500-549 of each built-in training split, interleaved, as a JSONL file."""
+    """Items 500-549 of each built-in training split (arithmetic's, then multihop's), as a
+    JSONL file."""
     rows = []
     for task in ("arithmetic", "multihop"):
         rows += [q.to_dict() for q in load_queries(f"builtin:{task}:train")[500:550]]

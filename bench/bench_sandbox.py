@@ -68,7 +68,7 @@ def main() -> None:
         start = time.perf_counter()
         calls = sandbox.run_batch([CODE] * args.calls)
         pool_tput = args.calls / (time.perf_counter() - start)
-        assert all(c.status == "ok" and c.output == "1\n" for c in calls)
+        assert all(c.status == "ok" and c.output == "1" for c in calls)
         prelude_p50 = percentiles([sandbox.run(PRELUDE + CODE).latency_s for _ in range(50)])[0]
 
     fresh_lat = [fresh_call(CODE) for _ in range(args.calls)]

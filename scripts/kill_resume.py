@@ -62,23 +62,25 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 
 
 def records(run_dir: Path) -> dict[str, Counter[str]]:
-    """{'<stage>/<file>': Counter of record keys} for every record file under `run_dir`."""
+    """{'<folder>/<file>': Counter of record keys} for every record file under `run_dir`, at any
+    depth (evaluation writes eval/<model>/results.jsonl)."""
     out = {}
-    for path in sorted(run_dir.glob("*/*.jsonl")):
+    for path in sorted(run_dir.glob("**/*.jsonl")):
         if path.name in RECORD_KEYS:
             key = RECORD_KEYS[path.name]
-            out[f"{path.parent.name}/{path.name}"] = Counter(key(row) for row in _rows(path))
+            out[str(path.relative_to(run_dir))] = Counter(key(row) for row in _rows(path))
     return out
 
 
 def manifest_counts(run_dir: Path) -> dict[str, dict[str, Any]]:
     """Every stage's manifest counts, less the volatile ones; paths into `run_dir` relative."""
     out = {}
-    for path in sorted(run_dir.glob("*/manifest.json")):
+    for path in sorted(run_dir.glob("**/manifest.json")):
         counts = json.loads(path.read_text(encoding="utf-8"))["counts"]
         for prefix in (str(run_dir.resolve()), str(run_dir)):
             counts = relocatable(counts, prefix)
-        out[path.parent.name] = {k: v for k, v in counts.items() if k not in VOLATILE_COUNTS}
+        stage = str(path.parent.relative_to(run_dir))
+        out[stage] = {k: v for k, v in counts.items() if k not in VOLATILE_COUNTS}
     return out
 
 
@@ -112,7 +114,7 @@ def compare(reference: Path, resumed: Path) -> list[str]:
             problems.append(f"{name}: {len(lost)} records lost, e.g. {lost[:3]}")
         if extra:
             problems.append(f"{name}: {len(extra)} records not in the reference, e.g. {extra[:3]}")
-    for partial in sorted(resumed.glob("*/*.partial")):
+    for partial in sorted(resumed.glob("**/*.partial")):
         problems.append(f"{partial.relative_to(resumed)}: left unfinished")
     ref_counts, res_counts = manifest_counts(reference), manifest_counts(resumed)
     for stage in sorted(set(ref_counts) | set(res_counts)):

@@ -187,6 +187,28 @@ def write_queries(path: Path, count: int) -> Path:
     return write_jsonl(path, rows)
 
 
+# --- the comparison itself ------------------------------------------------------------------------
+
+
+def test_compare_reads_nested_stage_folders(tmp_path):
+    """Evaluation writes eval/<model>/: its records, manifest and partial files are compared
+    like a top-level stage's."""
+    for name, ids in (("reference", ["a", "b"]), ("resumed", ["a"])):
+        folder = tmp_path / name / "eval" / "base"
+        folder.mkdir(parents=True)
+        write_jsonl(folder / "results.jsonl", [{"id": i} for i in ids])
+        counts = {"results": len(ids), "generated": 1}
+        (folder / "manifest.json").write_text(json.dumps({"counts": counts}))
+    (tmp_path / "resumed" / "eval" / "base" / "results.jsonl.partial").write_text("")
+    problems = kill_resume.compare(tmp_path / "reference", tmp_path / "resumed")
+    assert problems == [
+        "eval/base/results.jsonl: 1 records lost, e.g. ['b']",
+        "eval/base/results.jsonl.partial: left unfinished",
+        "eval/base/manifest.json counts: {'results': 1} != reference {'results': 2}",
+    ]
+    assert kill_resume.compare(tmp_path / "reference", tmp_path / "reference") == []
+
+
 # --- synthesize ---------------------------------------------------------------------------------
 
 

@@ -5,7 +5,8 @@ Names (what `querysets.load_queries` accepts after "builtin:"): `arithmetic:trai
 has TRAIN_SIZE + TEST_SIZE questions from one seeded stream (seed 0): the first TRAIN_SIZE are
 the train split, the rest the test split, and every question is distinct, so the splits are
 disjoint by construction (checked when they are built). Query ids are `<task>-<split>-<index>`,
-e.g. `arithmetic-train-17`.
+e.g. `arithmetic-train-17`; `mixed` holds both tasks' queries (twice the sizes) with their own
+ids and sources.
 
 `index_dir("multihop")` returns the BM25 index of the multi-hop corpus, building it on first use
 under `$AUTOTRAJ_HOME/indexes/` (models/embedded.py's home and file lock) in a directory keyed
