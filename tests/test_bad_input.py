@@ -25,7 +25,7 @@ from autotraj.io import write_jsonl_atomic
 from autotraj.models.scripted import ScriptedGenerator
 from autotraj.models.tiny import CHATML_TEMPLATE, SPECIAL_TOKENS
 from autotraj.records import Message, PreferencePair, Query, SftRecord, ToolCall, Trajectory
-from autotraj.render import TokenizerMismatch, render_prompt, render_trajectory
+from autotraj.render import TokenizerMismatch, check_token_ids, render_trajectory
 from autotraj.rollout import RolloutConfig, rollout
 
 AUTOTRAJ = Path(sys.executable).parent / "autotraj"
@@ -438,14 +438,24 @@ def test_reward_model_refuses_trajectories_of_another_tokenizer(tmp_path, models
 
 
 def test_ids_of_the_same_tokenizer_pass_the_check(models):
+    """The check accepts what the tokenizer made, and what it accepts is that tokenizer's: the
+    prompt ids re-encode to themselves and each tool result's ids are its text's encoding."""
     from transformers import AutoTokenizer
 
     for name in ("char", "bpe"):
         tokenizer = AutoTokenizer.from_pretrained(models[name])
-        for question, trajectory in generated(models[name], 2):
+        trajectories = generated(models[name], 2)
+        assert any(not s.trainable for _, t in trajectories for s in t.segments)  # results ran
+        for question, trajectory in trajectories:
+            check_token_ids(tokenizer, trajectory)  # raises TokenizerMismatch otherwise
+            prompt = tokenizer.decode(trajectory.prompt_ids)
+            assert tokenizer.encode(prompt, add_special_tokens=False) == list(trajectory.prompt_ids)
+            for segment in trajectory.segments:
+                if not segment.trainable:
+                    encoded = tokenizer.encode(segment.text, add_special_tokens=False)
+                    assert list(segment.token_ids) == encoded
             rendered = render_trajectory(tokenizer, question, trajectory, SYSTEM)
             assert rendered.input_ids[: rendered.prompt_length] == trajectory.prompt_ids
-            assert trajectory.prompt_ids == render_prompt(tokenizer, question, SYSTEM)[1]
 
 
 # --- what a user sees ---------------------------------------------------------------------------

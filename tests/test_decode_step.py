@@ -929,8 +929,9 @@ def test_a_generator_holds_a_long_shared_prefix_by_default(
 ):
     """The default generator holds a long shared prefix once (`held_prefix` is on) and writes
     what a generator that keeps it in every row writes: the same tokens and log-probs within
-    rounding in float32; in bf16, log-probs within bf16 rounding up to the first token where the
-    two differ (a near-tie may go either way)."""
+    rounding in float32; in bf16, the same first token (it comes from the prefill, the same in
+    both) and log-probs within bf16 rounding up to the first token where the two differ (a
+    near-tie may go either way)."""
     gen = fast_generator
     gen.logprobs = True
     requests = _with_system(gen.tokenizer, 2 * decoding._MIN_HELD, temperature)
@@ -949,6 +950,7 @@ def test_a_generator_holds_a_long_shared_prefix_by_default(
     for a, b in zip(once, every, strict=True):
         if gen.model.dtype == torch.float32:
             assert a.token_ids == b.token_ids
+        assert a.token_ids[:1] == b.token_ids[:1]  # so the log-probs below compare at least one
         same = 0
         while same < min(len(a.token_ids), len(b.token_ids)):
             if a.token_ids[same] != b.token_ids[same]:

@@ -234,12 +234,41 @@ def test_infra_failures_are_not_written_and_the_stage_raises(
 
 
 def test_seeds_report_the_mean_and_per_seed_values(tmp_path, files, tokenizer):
+    asked = []
+
+    def second_pass_knows_the_sky(request):
+        """`reply`, except that the second time (seed 1's pass) the sky is blue."""
+        if "What colour is the sky?" in request.prompt_text:
+            asked.append(request.seed)
+            if len(asked) == 2:
+                return final("blue")
+        return reply(request)
+
     cfg = config(tmp_path, files, seeds=(0, 1), rollout=RolloutConfig(temperature=0.5, top_p=1.0))
-    summary = run_eval(cfg, ScriptedGenerator(reply, tokenizer))
+    summary = run_eval(cfg, ScriptedGenerator(second_pass_knows_the_sky, tokenizer))
     assert len(results_on_disk(cfg)) == 16
-    assert set(summary["benchmarks"]["math"]["per_seed"]) == {"0", "1"}
-    assert summary["benchmarks"]["math"]["n"] == 5
+    assert len(asked) == 2 and asked[0] != asked[1]  # one pass per seed, each its own sampling
     assert summary["seeds"] == [0, 1]
+    math, qa = summary["benchmarks"]["math"], summary["benchmarks"]["qa"]
+    assert math["n"] == 5 and qa["n"] == 3
+    # math: 2 of 5 under both seeds; QA: 2 of 3 under seed 0, 3 of 3 under seed 1
+    assert {s: m["accuracy"] for s, m in math["per_seed"].items()} == {
+        "0": pytest.approx(2 / 5),
+        "1": pytest.approx(2 / 5),
+    }
+    assert {s: m["accuracy"] for s, m in qa["per_seed"].items()} == {
+        "0": pytest.approx(2 / 3),
+        "1": pytest.approx(1.0),
+    }
+    assert math["accuracy"] == pytest.approx(2 / 5)
+    assert qa["accuracy"] == pytest.approx((2 / 3 + 1) / 2)  # the mean over seeds
+    assert qa["em"] == pytest.approx((1 / 3 + 2 / 3) / 2)  # EM 1 on Paris, then also the sky
+    average = summary["average"]
+    assert {s: m["accuracy"] for s, m in average["per_seed"].items()} == {
+        "0": pytest.approx((2 / 5 + 2 / 3) / 2),
+        "1": pytest.approx((2 / 5 + 1) / 2),
+    }
+    assert average["accuracy"] == pytest.approx(((2 / 5 + 2 / 3) / 2 + (2 / 5 + 1) / 2) / 2)
 
 
 def make_result(benchmark: str, seed: int, correct: bool, tokens: int) -> EvalResult:
@@ -335,9 +364,10 @@ def test_seeded_sample_is_stable_and_differs_from_the_first_n(tmp_path, files, t
     from autotraj.evaluate import load_benchmark
 
     assert ids == sorted(q.id for q in load_benchmark(sample).queries)  # same sample again
-    assert len(ids) == 2
+    assert ids == ["m1", "m4"]  # random.Random(3).sample(range(5), 2), in file order
     first = load_benchmark(BenchmarkConfig(name="math", path=str(math), limit=2))
     assert [q.id for q in first.queries] == ["m0", "m1"]
+    assert ids != [q.id for q in first.queries]  # the seed picked, not the first `limit`
 
 
 def test_search_over_a_corpus_indexed_by_the_stage(tmp_path, files, tokenizer):

@@ -335,7 +335,7 @@ def test_resume_restores_step_and_optimizer(tmp_path, tiny_model_dir, monkeypatc
     rows = load_rows(tmp_path / "run" / "rl" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     changed = tiny_config(tmp_path, tiny_model_dir, steps=3, lr=0.5)
-    with pytest.raises(Exception, match="different config"):
+    with pytest.raises(ConfigError, match="different config"):
         run_rl(changed)
 
 

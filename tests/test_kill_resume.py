@@ -107,6 +107,20 @@ def same_result(reference: Path, resumed: Path) -> None:
     assert kill_resume.compare(reference, resumed) == []
 
 
+def same_rows(reference: Path, resumed: Path, file: str, key: str) -> None:
+    """The rows of `file` in both runs, by `key`, are equal in content, not only in ids: a
+    resumed stage that redid its unfinished work with other seeds or inputs fails here."""
+
+    def rows(run: Path) -> dict[str, Any]:
+        found = {}
+        for line in (run / file).read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            found[row[key]] = row
+        return found
+
+    assert rows(resumed) == rows(reference)
+
+
 def weights(model_dir: Path) -> str:
     return hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
 
@@ -235,6 +249,7 @@ def test_synthesize_killed_mid_run(tmp_path, tiny_model_dir):
     result = run_to_end([*args, f"run_dir={resumed}"], tmp_path / "log.txt")
     assert 0 < result["generated"] <= 200 - 8
     same_result(reference, resumed)
+    same_rows(reference, resumed, "synthesize/trajectories.jsonl", "id")
     assert sum(kill_resume.records(resumed)["synthesize/trajectories.jsonl"].values()) == 200
 
 
@@ -309,6 +324,8 @@ def test_repair_killed_mid_run(tmp_path, server, tiny_model_dir):
     assert 6 <= written() < 40 and not (stage / "repairs.jsonl").exists()
     run_to_end([*args, f"run_dir={resumed}"], tmp_path / "log.txt")
     same_result(reference, resumed)
+    for name in ("repairs", "hard_cases"):
+        same_rows(reference, resumed, f"repair/{name}.jsonl", "original_id")
     done = kill_resume.records(resumed)
     assert (
         sum(done["repair/repairs.jsonl"].values()) + sum(done["repair/hard_cases.jsonl"].values())

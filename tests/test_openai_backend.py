@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -212,8 +213,12 @@ def test_chat_mode_rejects_a_prompt_that_is_not_chatml(server):
 def test_parse_chatml():
     messages, partial = parse_chatml(PROMPT + "<think>")
     assert [m["role"] for m in messages] == ["system", "user"] and partial == "<think>"
-    with pytest.raises(ValueError):
-        parse_chatml("<|im_start|>user\nQ<|im_end|>\n")  # no open assistant turn
+    closed = "<|im_start|>user\nQ<|im_end|>\n"  # no open assistant turn
+    message = f"needs a ChatML prompt ending in an open assistant turn (got ...{closed!r})"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_chatml(closed)
+    with pytest.raises(ValueError, match="needs a ChatML prompt"):
+        parse_chatml("<|im_start|>assistant\n")  # an open turn, but no message before it
 
 
 def test_requests_run_concurrently_up_to_batch_size(server):

@@ -130,12 +130,27 @@ def test_rollout_with_real_tools_through_the_server(generator):
         trajs = rollout(
             generator, {"python": sandbox}, generator.tokenizer, [(q.id, q) for q in queries], cfg
         )
-    for traj in trajs:
+    # the worked examples make the model call the sandbox, which really runs what it wrote
+    ran = [c for t in trajs for c in t.tool_calls if c.status == "ok"]
+    assert ran and all(c.output.strip() for c in ran), [t.text for t in trajs]
+    tokenizer = generator.tokenizer
+    for traj, query in zip(trajs, queries, strict=True):
         assert traj.finish_reason in ("answer", "eos", "length", "tool_limit")
         assert traj.provenance.backend == "openai"
-        for call in traj.tool_calls:  # whatever the model wrote really ran in the sandbox
+        for call in traj.tool_calls:  # a tool call is data: ok, an error or a timeout
             assert call.status in ("ok", "error", "timeout")
-        rendered = render_trajectory(generator.tokenizer, queries[0].question, traj)
         results = [s for s in traj.segments if not s.trainable]
-        assert len(results) == len([c for c in traj.tool_calls if c.status != "rejected"])
-        assert sum(rendered.trainable) < len(rendered.input_ids) - rendered.prompt_length + 1
+        answered = [c for c in traj.tool_calls if c.status != "rejected"]
+        for call, result in zip(answered, results, strict=True):
+            assert call.output in result.text  # the sandbox's output is what the model reads
+        # the loss mask: the prompt and every tool result masked, every model segment trained
+        rendered = render_trajectory(tokenizer, query.question, traj)
+        assert not any(rendered.trainable[: rendered.prompt_length])
+        pos = rendered.prompt_length
+        for segment in traj.segments:
+            ids = segment.token_ids or tuple(
+                tokenizer.encode(segment.text, add_special_tokens=False)
+            )
+            assert tuple(rendered.input_ids[pos : pos + len(ids)]) == tuple(ids)
+            assert set(rendered.trainable[pos : pos + len(ids)]) <= {segment.trainable}
+            pos += len(ids)

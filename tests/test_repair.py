@@ -150,13 +150,18 @@ def outcomes(run_dir):
 @pytest.fixture(scope="module")
 def one_attempt(tmp_path_factory, tokenizer, sandbox):
     """Every case of CASES repaired with the release's single attempt, no first pass:
-    (score rows, the stage's counts, the repairer, Repair records by case)."""
+    (score rows, the stage's counts, the repairer, Repair records by case, the original ids
+    written to each of repairs.jsonl and hard_cases.jsonl)."""
     run_dir = tmp_path_factory.mktemp("one-attempt")
     scores = make_run(run_dir, {case: originals for case, (originals, _, _) in CASES.items()})
     gen = Repairer(tokenizer)
     tools = {"python": Recording(sandbox), "search": DownSearch()}
     counts = run_repair(RepairConfig(run_dir=str(run_dir), first_pass=False), gen, tools)
-    return scores, counts, gen, outcomes(run_dir)
+    written = {
+        name: [row["original_id"] for _, row in read_jsonl(run_dir / f"repair/{name}.jsonl")]
+        for name in ("repairs", "hard_cases")
+    }
+    return scores, counts, gen, outcomes(run_dir), written
 
 
 # case -> (accepted, the reason on the attempt's verdict)
@@ -178,17 +183,37 @@ def test_release_acceptance_rule(one_attempt, case, accepted, reason):
     assert (repair.accepted, repair.final.reason, repair.rejected) == (accepted, reason, ())
 
 
-def test_every_case_is_decided_once():
+def test_every_case_is_decided_once(one_attempt):
+    """Each case's low-quality original is written exactly once: to repairs.jsonl when
+    accepted, else to hard_cases.jsonl."""
     assert sorted(case for case, _, _ in ONE_ATTEMPT) == sorted(CASES)
+    scores, written = one_attempt[0], one_attempt[4]
+    originals = [tid for tid, row in scores.items() if row["label"] != "HQ"]
+    assert sorted(written["repairs"] + written["hard_cases"]) == sorted(originals)
+    assert sorted(tid.split("/")[0] for tid in originals) == sorted(CASES)
+    accepted = sorted(case for case, ok, _ in ONE_ATTEMPT if ok)
+    assert sorted(tid.split("/")[0] for tid in written["repairs"]) == accepted
 
 
 def test_the_originals_are_labelled_as_the_cases_say(one_attempt):
-    scores = one_attempt[0]
-    assert scores["acl_not_better/s1"]["label"] == scores["acl_ok/s0"]["label"] == "AC-LQ"
+    """acl_*: right answer, low quality (acl_not_better's shorter original is the HQ one);
+    aw_* and the rest: wrong answer."""
+    labels = {tid: row["label"] for tid, row in one_attempt[0].items()}
+    assert labels == {
+        "acl_ok/s0": "AC-LQ",
+        "acl_not_better/s0": "HQ",
+        "acl_not_better/s1": "AC-LQ",
+        "acl_low/s0": "AC-LQ",
+        "aw_ok/s0": "AW",
+        "aw_wrong/s0": "AW",
+        "aw_low/s0": "AW",
+        "k2/s0": "AW",
+        "infra/s0": "AW",
+    }
 
 
 def test_one_batched_call_repairs_the_whole_chunk(one_attempt):
-    _, counts, gen, _ = one_attempt
+    _, counts, gen, _, _ = one_attempt
     assert gen.calls == [8]  # all repairs of the chunk in one batched call, one turn each
     assert counts["accepted"] == {"AC-LQ": 1, "AW": 1} and counts["hard_cases"] == 6
     assert counts["to_repair"] == {"AC-LQ": 3, "AW": 5} and counts["infra_errors"] == 1
@@ -497,12 +522,10 @@ def test_the_worked_examples_are_repairs_the_verification_accepts():
     path = resources.files("autotraj") / "prompts" / "repair_examples.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert {r["label"] for r in rows} == {"AC-LQ", "AW"}
-    for row in rows:
-        for text in (row["trajectory"], row["repair"]):
-            for code, printed in re.findall(r"<code>\n(.*?)\n</code>\n<result>\n(.*?)\n", text):
-                assert str(eval(code.removeprefix("print(").removesuffix(")"))) == printed
-        pieces = re.split(r"(\n<result>\n.*?\n</result>\n)", row["repair"])
-        repaired = Trajectory(
+
+    def trajectory(text):
+        pieces = re.split(r"(\n<result>\n.*?\n</result>\n)", text)
+        return Trajectory(
             id="x",
             query_id="q",
             segments=tuple(Segment(p, not p.startswith("\n<result>")) for p in pieces if p),
@@ -510,10 +533,18 @@ def test_the_worked_examples_are_repairs_the_verification_accepts():
             finish_reason="answer",
             provenance=traj("x").provenance,
         )
-        assert not flaws(repaired, QualityConfig().hedging_words), row["repair"]
+
+    hedging = QualityConfig().hedging_words
+    for row in rows:
+        for text in (row["trajectory"], row["repair"]):
+            for code, printed in re.findall(r"<code>\n(.*?)\n</code>\n<result>\n(.*?)\n", text):
+                assert str(eval(code.removeprefix("print(").removesuffix(")"))) == printed
+        assert not flaws(trajectory(row["repair"]), hedging), row["repair"]
         bad = re.search(r"boxed\{(\d+)\}", row["trajectory"]).group(1)
         good = re.search(r"boxed\{(\d+)\}", row["repair"]).group(1)
         assert (bad == good) == (row["label"] == "AC-LQ")
+        if row["label"] == "AC-LQ":  # right answer: low quality means a flaw to repair
+            assert flaws(trajectory(row["trajectory"]), hedging), row["trajectory"]
 
 
 def test_too_many_worked_examples_are_refused(tmp_path, tokenizer, tools):

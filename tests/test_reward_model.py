@@ -131,10 +131,39 @@ def test_score_without_stats_cannot_normalize(trained, tmp_path):
         rm.normalized([(question(0), make_trajectory(0))])
 
 
-def test_lora_reward_model_saves_trained_head(tmp_path, tiny_model_dir):
+def test_lora_reward_model_saves_trained_head(tmp_path, tiny_model_dir, monkeypatch):
+    """The saved `score.weight` is the head the LoRA run trained (peft keeps it in
+    `modules_to_save`), not the freshly initialised one: `load` alone would accept either, as
+    its sha256 is written at save time."""
+    import torch
+    from safetensors.torch import load_file
+
+    import autotraj.train.reward_model as rm_module
+
+    heads: dict[str, torch.Tensor] = {}
+    load_classifier, save = rm_module.load_sequence_classifier, rm_module.save_reward_model
+
+    def load_spy(*args, **kwargs):
+        model, info = load_classifier(*args, **kwargs)
+        heads.setdefault("initial", model.score.weight.detach().clone())  # the trainer's model
+        return model, info
+
+    def save_spy(trainer, *args, **kwargs):
+        trained = [
+            p for n, p in trainer.model.named_parameters() if "score" in n and p.requires_grad
+        ]
+        assert len(trained) == 1, "the LoRA run trains exactly one score head"
+        heads["trained"] = trained[0].detach().clone()
+        return save(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(rm_module, "load_sequence_classifier", load_spy)
+    monkeypatch.setattr(rm_module, "save_reward_model", save_spy)
     cfg = tiny_config(tmp_path, tiny_model_dir, lora=LoraSettings(rank=8, alpha=16), max_steps=3)
     summary = run_rm(cfg)
     assert summary["steps"] == 3
+    saved = load_file(str(tmp_path / "rm" / "model" / "model.safetensors"))["score.weight"]
+    assert torch.equal(saved, heads["trained"])
+    assert not torch.equal(heads["trained"], heads["initial"])
     rm = TrajectoryRewardModel.load(tmp_path / "rm" / "model")  # head sha256 checked
     assert len(rm.score([(question(0), make_trajectory(0))])) == 1
 

@@ -185,10 +185,12 @@ def test_components_log_only_at_weight_zero_and_add_otherwise():
 
 def test_dotted_component_and_unknown_names():
     cfg = RewardConfig(
-        rm_weight=0, components=(ComponentConfig("autotraj.rewards:tool_calls", 1.0),)
+        rm_weight=0, components=(ComponentConfig("autotraj.rewards:tool_calls", 0.25),)
     )
-    [b] = compute_rewards([traj(answer("0.5"))], [MATH], None, cfg)
-    assert dict(b.components) == {"autotraj.rewards:tool_calls": 0.0}
+    ok = ToolCall(tool="python", input="1", output="1", status="ok")
+    [b] = compute_rewards([traj(answer("0.5"), calls=(ok, ok))], [MATH], None, cfg)
+    assert dict(b.components) == {"autotraj.rewards:tool_calls": 2.0}  # two calls
+    assert b.reward == pytest.approx(1.0 + 0.25 * 2.0)  # outcome 1, plus the weighted count
     with pytest.raises(ValueError, match="unknown reward function"):
         compute_rewards(
             [traj("x")],

@@ -249,6 +249,8 @@ def test_attack_fails_as_data_and_the_pool_survives(sandbox, code, status, fragm
     call = sandbox.run(code)
     assert call.status == status, call.output
     assert fragment in call.output
+    if fragment == "":  # the row expects no output at all, not merely any output
+        assert call.output == ""
     assert len(call.output) <= 400 + 3  # the release's 200 + "..." + 200
     assert time.monotonic() - start < TIMEOUT_S + SLACK_S
     assert sandbox.run("print(1)").output == "1"
@@ -299,14 +301,23 @@ def test_host_files_are_untouched(sandbox, tmp_path):
     assert target.read_text() == "original"
 
 
-def test_disk_fill_leaves_no_file_behind(sandbox):
-    call = sandbox.run(
-        "import os\nprint(os.getcwd(), flush=True)\n"
-        "f = open('big', 'wb')\nwhile True: f.write(b'x' * (1 << 20))"
-    )
-    assert call.status == "error"
-    cwd = call.output.splitlines()[0]
-    assert not Path(cwd).exists() or not any(Path(cwd).iterdir())
+def test_disk_fill_leaves_no_file_behind():
+    """The host cannot see the per-call directory (it is on the worker's private tmpfs), so the
+    next call on the same worker looks: the old directory is gone and the 64 MiB tmpfs is free."""
+    with PythonSandbox(workers=1, timeout_s=TIMEOUT_S) as sb:
+        call = sb.run(
+            "import os\nprint(os.getcwd(), flush=True)\n"
+            "f = open('big', 'wb')\nwhile True: f.write(b'x' * (1 << 20))"
+        )
+        assert call.status == "error"
+        cwd = call.output.splitlines()[0]
+        assert not Path(cwd).exists() or not any(Path(cwd).iterdir())  # nothing on the host
+        after = sb.run(
+            f"import os; s = os.statvfs('.'); print(os.path.exists({cwd!r}), "
+            "s.f_bfree * s.f_frsize >> 20, s.f_blocks * s.f_frsize >> 20)"
+        )
+    assert after.status == "ok", after.output
+    assert after.output == "False 64 64"  # (old directory exists, free MiB, size MiB)
 
 
 def test_project_run_dir_and_home_are_invisible(sandbox, tmp_path):

@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import json
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -232,27 +233,46 @@ def test_existing_index_needs_overwrite(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "idx", "other"]
 
 
-def test_stemmer_optional(tmp_path: Path) -> None:
-    corpus = write_jsonl(
+def stem_corpus(tmp_path: Path) -> Path:
+    return write_jsonl(
         tmp_path / "c.jsonl",
         [
             {"id": "a", "title": "Running", "text": "She runs marathons and running races."},
             {"id": "b", "title": "Cooking", "text": "He cooks pasta for dinner."},
         ],
     )
-    try:
-        import Stemmer  # noqa: F401  (PyStemmer is optional)
-    except ImportError:
-        with pytest.raises(ImportError, match="pip install PyStemmer"):
-            build_index(corpus, tmp_path / "idx", stemmer="english")
-        assert not (tmp_path / "idx").exists()
-        return
-    build_index(corpus, tmp_path / "idx", stemmer="english")
+
+
+def test_stemmer_matches_word_forms(tmp_path: Path) -> None:
+    pytest.importorskip("Stemmer")  # PyStemmer is optional
+    build_index(stem_corpus(tmp_path), tmp_path / "idx", stemmer="english")
     tool = Bm25Search(tmp_path / "idx")
     assert tool.settings.stemmer == "english"
     assert tool.retrieve(["runner run"])[0][0].id == "a"  # "run" matches the stem of "runs"
     assert tool.retrieve(["cooked"])[0][0].id == "b"
     tool.close()
+
+
+def test_without_pystemmer_a_stemmer_is_refused_and_plain_indexes_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "Stemmer", None)  # `import Stemmer` raises ImportError
+    corpus = stem_corpus(tmp_path)
+    with pytest.raises(ImportError, match="pip install PyStemmer"):
+        build_index(corpus, tmp_path / "idx", stemmer="english")
+    assert not (tmp_path / "idx").exists()
+    build_index(corpus, tmp_path / "idx")  # no stemmer: nothing to import
+    tool = Bm25Search(tmp_path / "idx")
+    assert tool.settings.stemmer is None
+    assert tool.retrieve(["runs"])[0][0].id == "a"
+    assert tool.retrieve(["cooked"]) == [[]]  # whole words only: "cooked" is not "cooks"
+    tool.close()
+    meta_path = tmp_path / "idx" / "meta.json"  # an index someone built with the stemmer
+    meta = json.loads(meta_path.read_text())
+    meta["tokenizer"]["stemmer"] = "english"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ImportError, match="the 'english' stemmer: install it"):
+        Bm25Search(tmp_path / "idx")  # refused on load, not at the first query
 
 
 def test_missing_index_dir_is_a_clear_error(tmp_path: Path) -> None:

@@ -70,8 +70,12 @@ print(json.dumps(run_eval(cfg)))
     ]
     assert len(rows) == 4
     assert {r["trajectory"]["provenance"]["backend"] for r in rows} == {"vllm"}, rows[0]
+    # every result is vLLM's own generation, graded: tokens written, the summary their mean
+    assert all(r["tokens"] > 0 and r["trajectory"]["segments"] for r in rows), rows[0]
     summary = json.loads((tmp_path / "run/eval/base/summary.json").read_text())
-    assert 0 <= summary["benchmarks"]["math"]["accuracy"] <= 1
+    math = summary["benchmarks"]["math"]
+    assert math["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / 4)
+    assert math["mean_tokens"] == pytest.approx(sum(r["tokens"] for r in rows) / 4)
 
 
 def test_two_grpo_steps_with_vllm_rollouts(tmp_path):
