@@ -178,7 +178,7 @@ def test_sharded_resume_equals_an_uninterrupted_run(mode, ddp_run, tiny_model_di
     assert_same_training(tmp_path / "run", ddp_run)
 
 
-def test_processes_with_uneven_micro_batches_do_not_hang(tiny_model_dir, tmp_path):
+def test_processes_with_uneven_micro_batches_do_not_hang(ddp_run, tiny_model_dir, tmp_path):
     # process 1 has 2 samples (one micro-batch), process 0 has 3 (two): FSDP2's forward and
     # backward are collectives, so process 1 must run an empty micro-batch to keep in step
     reference = train("ddp", tmp_path / "ddp", tiny_model_dir, drop=True)
@@ -186,6 +186,9 @@ def test_processes_with_uneven_micro_batches_do_not_hang(tiny_model_dir, tmp_pat
     tokens = [r["rl/trainable_tokens"] for r in rows(sharded / "rl" / "metrics.jsonl")]
     full = [r["rl/trainable_tokens"] for r in rows(reference / "rl" / "metrics.jsonl")]
     assert tokens == full and all(t < 6 * 32 for t in tokens)
+    # the sample was really dropped: the same run without the drop ends at other weights
+    with pytest.raises(AssertionError, match="not close"):
+        assert_same_weights(reference, ddp_run)
     assert_same_weights(sharded, reference)
 
 
