@@ -32,7 +32,10 @@ from pathlib import Path
 import yaml
 
 from autotraj.flaws import flaws
-from autotraj.run_dir import load_preference_pairs, load_sft_records
+from autotraj.io import load_records
+from autotraj.records import Trajectory
+from autotraj.repair_counts import kept_measures
+from autotraj.run_dir import load_preference_pairs, load_repairs, load_sft_records
 
 MIN_CALLS_KEPT = 0.9
 MIN_FROM_ORIGINAL = 0.97
@@ -70,22 +73,49 @@ def check_training_data(run_dir: Path) -> Check:
 
 
 def check_repairs(run_dir: Path) -> Check:
-    counts = json.loads((run_dir / "repair" / "manifest.json").read_text(encoding="utf-8"))
-    kept = counts["counts"]["kept"]
-    accepted = sum(counts["counts"]["accepted"].values())
+    """Recomputed from the files (repairs.jsonl against synthesize's originals), not the stage's
+    manifest: every label sent to repair has accepted repairs, they keep their originals' tool
+    calls, and correct originals' repairs are made of their words. The words are checked over
+    all AC-LQ repairs and, separately, over those the repairer model wrote (so first-pass edits,
+    which keep every word, cannot hide one that re-solves); the detail says how many the model
+    wrote, as a run whose first pass takes every correct original leaves none to check."""
+    manifest = json.loads((run_dir / "repair" / "manifest.json").read_text(encoding="utf-8"))
+    to_repair = manifest["counts"]["to_repair"]
+    originals = {
+        t.id: t
+        for t in load_records(run_dir / "synthesize" / "trajectories.jsonl", Trajectory.from_dict)
+    }
+    repairs = list(load_repairs(run_dir / "repair" / "repairs.jsonl").values())
     problems = []
-    if not accepted:
+    if not repairs:
         problems.append("no repair accepted")
-    for label, m in kept.items():
-        if m["calls_kept"] is not None and m["calls_kept"] < MIN_CALLS_KEPT:
-            problems.append(f"{label} repairs keep {m['calls_kept']:.2f} of the calls")
-    aclq = kept.get("AC-LQ", {})
-    if aclq.get("repairs") and aclq["from_original"] < MIN_FROM_ORIGINAL:
-        problems.append(f"AC-LQ repairs take {aclq['from_original']:.2f} of their words from it")
-    detail = f"{accepted} accepted; " + ", ".join(
+    kept = {}
+    for label in sorted(to_repair):
+        mine = [r for r in repairs if r.label == label]
+        if to_repair[label] and not mine:
+            problems.append(f"no {label} repair accepted of {to_repair[label]}")
+        kept[label] = kept_measures([(originals[r.original_id], r.trajectory) for r in mine])
+        if kept[label]["calls_kept"] is not None and kept[label]["calls_kept"] < MIN_CALLS_KEPT:
+            problems.append(f"{label} repairs keep {kept[label]['calls_kept']:.2f} of the calls")
+    aclq = [r for r in repairs if r.label == "AC-LQ"]
+    by_model = [r for r in aclq if r.final.how != "first_pass"]
+    words = {
+        "all": kept.get("AC-LQ", {}).get("from_original"),
+        "model": kept_measures([(originals[r.original_id], r.trajectory) for r in by_model])[
+            "from_original"
+        ],
+    }
+    for which, share in words.items():
+        if share is not None and share < MIN_FROM_ORIGINAL:
+            problems.append(f"AC-LQ repairs ({which}) take {share:.2f} of their words from it")
+    detail = f"{len(repairs)} accepted; " + ", ".join(
         f"{label}: calls kept {_fmt(m['calls_kept'])}, words from the original "
         f"{_fmt(m['from_original'])}, similarity {_fmt(m['similarity'])}"
         for label, m in kept.items()
+    )
+    detail += (
+        f"; AC-LQ repairs by the model: {len(by_model)} of {len(aclq)}, words from the original "
+        f"{_fmt(words['model'])}"
     )
     if problems:
         detail += "; " + "; ".join(problems)

@@ -94,7 +94,42 @@ def test_a_repairer_that_re_solves_fails_the_repair_check(tmp_path, tiny_model_d
     cfg = pipeline(tmp_path, tiny_model_dir, "repair.first_pass=false")
     run_pipeline(dataclasses.replace(cfg, stages=("synthesize", "score", "repair")))
     check = audit.check_repairs(Path(cfg.run_dir))
-    assert not check.ok and "AC-LQ repairs take" in check.detail
+    assert not check.ok and "AC-LQ repairs (model) take" in check.detail
+
+
+def _repair_copy(sound_run: Path, run: Path) -> list[dict]:
+    for stage in ("synthesize", "repair"):
+        shutil.copytree(sound_run / stage, run / stage)
+    path = run / "repair" / "repairs.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_label_with_no_accepted_repair_fails(sound_run, tmp_path):
+    """No AC-LQ repair accepted though the stage had correct originals to repair: not a vacuous
+    pass of the words check."""
+    rows = _repair_copy(sound_run, tmp_path / "run")
+    assert any(r["label"] == "AC-LQ" for r in rows)
+    write_jsonl(tmp_path / "run/repair/repairs.jsonl", [r for r in rows if r["label"] != "AC-LQ"])
+    check = audit.check_repairs(tmp_path / "run")
+    assert not check.ok and "no AC-LQ repair accepted" in check.detail
+
+
+def test_one_re_solved_model_repair_is_not_hidden_by_first_pass_edits(sound_run, tmp_path):
+    """A model-written AC-LQ repair that does not use its original's words fails the model-only
+    share, whatever the first-pass edits beside it (which keep every word) add to the mean."""
+    rows = _repair_copy(sound_run, tmp_path / "run")
+    aclq = [r for r in rows if r["label"] == "AC-LQ"]
+    assert len(aclq) >= 2
+    solved = aclq[0]
+    solved["how"] = "model"
+    for segment in solved["trajectory"]["segments"]:
+        if segment["trainable"]:
+            segment["text"] = " ".join(f"word{i}" for i in range(len(segment["text"].split())))
+            segment.pop("token_ids", None)
+    write_jsonl(tmp_path / "run/repair/repairs.jsonl", rows)
+    check = audit.check_repairs(tmp_path / "run")
+    assert not check.ok and "AC-LQ repairs (model) take 0.00" in check.detail
+    assert "AC-LQ repairs by the model: 1 of" in check.detail
 
 
 def test_an_untrained_reward_model_fails(sound_run, tmp_path, tiny_model_dir, monkeypatch):
