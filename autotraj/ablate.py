@@ -134,8 +134,8 @@ def _stage(
 
 
 def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
-    """Run (or resume) every variant and write the comparison; return the variant names, the output
-    folder and the Markdown table."""
+    """Run (or resume) every variant and write the comparison; return the variant names, the
+    output folder and the Markdown table."""
     check(cfg)
     a = cfg.ablation
     root = Path(cfg.run_dir)

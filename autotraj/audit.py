@@ -32,10 +32,9 @@ from pathlib import Path
 import yaml
 
 from autotraj.flaws import flaws
-from autotraj.io import load_records
-from autotraj.records import Trajectory
+from autotraj.records import Repair
 from autotraj.repair_counts import kept_measures
-from autotraj.run_dir import load_preference_pairs, load_repairs, load_sft_records
+from autotraj.run_dir import load_preference_pairs, load_sft_records, read_run_files
 
 MIN_CALLS_KEPT = 0.9
 MIN_FROM_ORIGINAL = 0.97
@@ -81,11 +80,12 @@ def check_repairs(run_dir: Path) -> Check:
     wrote, as a run whose first pass takes every correct original leaves none to check."""
     manifest = json.loads((run_dir / "repair" / "manifest.json").read_text(encoding="utf-8"))
     to_repair = manifest["counts"]["to_repair"]
-    originals = {
-        t.id: t
-        for t in load_records(run_dir / "synthesize" / "trajectories.jsonl", Trajectory.from_dict)
-    }
-    repairs = list(load_repairs(run_dir / "repair" / "repairs.jsonl").values())
+    run = read_run_files(run_dir, optional=frozenset({"scores", "hard_cases"}))
+    repairs = list(run.repairs.values())
+
+    def measures(chosen: list[Repair]) -> dict[str, float | None]:
+        return kept_measures([(run.trajectories[r.original_id], r.trajectory) for r in chosen])
+
     problems = []
     if not repairs:
         problems.append("no repair accepted")
@@ -94,16 +94,14 @@ def check_repairs(run_dir: Path) -> Check:
         mine = [r for r in repairs if r.label == label]
         if to_repair[label] and not mine:
             problems.append(f"no {label} repair accepted of {to_repair[label]}")
-        kept[label] = kept_measures([(originals[r.original_id], r.trajectory) for r in mine])
+        kept[label] = measures(mine)
         if kept[label]["calls_kept"] is not None and kept[label]["calls_kept"] < MIN_CALLS_KEPT:
             problems.append(f"{label} repairs keep {kept[label]['calls_kept']:.2f} of the calls")
     aclq = [r for r in repairs if r.label == "AC-LQ"]
     by_model = [r for r in aclq if r.final.how != "first_pass"]
     words = {
         "all": kept.get("AC-LQ", {}).get("from_original"),
-        "model": kept_measures([(originals[r.original_id], r.trajectory) for r in by_model])[
-            "from_original"
-        ],
+        "model": measures(by_model)["from_original"],
     }
     for which, share in words.items():
         if share is not None and share < MIN_FROM_ORIGINAL:

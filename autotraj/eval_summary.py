@@ -5,7 +5,8 @@ r"""Evaluation results and their summary: one graded record per item, metrics, a
   tokenizing text-only segments).
 - `benchmark_metrics(results)`: the `Metrics` of one benchmark and seed; `mean_metrics(parts, n)`:
   their unweighted mean (over seeds, or over benchmarks for the average).
-- `summarize_results(results, benchmarks, seeds)`: the `benchmarks` and `average` sections of summary.json.
+- `summarize_results(results, benchmarks, seeds)`: the `benchmarks` and `average` sections of
+  summary.json.
 - `render_table(summaries)`: several models' summaries as a plain-text table.
 
 Definitions. Lengths count what the model wrote, tool results excluded: `tokens` are the model's

@@ -1,6 +1,7 @@
 """JSONL and JSON files that survive crashes, and the manifest every stage writes.
 
-- `read_jsonl` yields (line number, parsed object) and raises `DataError` naming the file and line.
+- `read_jsonl` yields (line number, parsed object) and raises `DataError` naming the file and
+  line.
 - `write_jsonl_atomic` / `write_json_atomic` write to a temporary file and rename it into place.
 - `ResumableJsonl` appends finished records to `<name>.partial` (flushed and fsynced per batch);
   after a crash it drops a torn last line, reports which keys are done, and `finish()` renames the

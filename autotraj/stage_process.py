@@ -67,7 +67,8 @@ def distributed() -> bool:
 
 
 def run_in_child(runner: Callable[[C], Any], config: C) -> Any:
-    """`runner(config)` in a fresh process forked from the fork server; its result, or its exception re-raised.
+    """`runner(config)` in a fresh process forked from the fork server; its result, or its
+    exception re-raised.
 
     `runner` must be importable by name (a module-level function) and `config` picklable.
     """

@@ -6,9 +6,9 @@
 Both train the same embedded model (configs/cpu.yaml's `rl` section) on the same arithmetic
 queries with the same prompts per step, group size, response-token budget, lr and clip
 (autotraj keeps its entropy bonus, `entropy_coef` 0.001; TRL's `entropy_coef` stays at its
-default, 0: a term of the loss, not of the step's time). Steps alternate: after each TRL step (timed from its `on_step_begin` to
-`on_step_end`) a callback runs one autotraj step, so machine load falls on both alike. The first
-step of each is a warm-up and is dropped. Settings:
+default, 0: a term of the loss, not of the step's time). Steps alternate: after each TRL step
+(timed from its `on_step_begin` to `on_step_end`) a callback runs one autotraj step, so machine
+load falls on both alike. The first step of each is a warm-up and is dropped. Settings:
 
 - `plain`: single turn, no tools. TRL generates with its own `generate` (its plain setting)
   and scores with a check for the `\\boxed{answer}` string (its completions are text, not

@@ -326,8 +326,9 @@ def _prefill(
       loop's next turn), that cache is the row's start and only the rest is forwarded; rows
       without one start empty;
     - shared: otherwise, when every prompt starts with the same `shared_prefix` tokens (at least
-      _MIN_SHARED, or _MIN_SHARED_PACKED with the fast step's unpadded prefill; a system prompt, worked examples, a rollout group's question), that prefix is
-      computed once for a batch of one and its cache copied to every row;
+      _MIN_SHARED, or _MIN_SHARED_PACKED with the fast step's unpadded prefill; a system prompt,
+      worked examples, a rollout group's question), that prefix is computed once for a batch of
+      one and its cache copied to every row;
     - plain: otherwise the whole prompts, left-padded, run together.
     More than _PREFILL_ROWS rows are forwarded in chunks of similar rest lengths, each padded
     only to its own longest rest (`_chunked_prefill`; at 64 GSM8K chat prompts, 42% of one
@@ -436,9 +437,9 @@ def _padding_first(batch: _Batch) -> None:
     `[start | padding | rest]` becomes `[padding | start | rest]` (one gather of the cache per
     layer, once per batch). A row's columns are then one run from its first real column, so the
     padding every live row has is trimmed off the front as rows finish (`_trim_padding`; with a
-    start in the middle none was), and the fast step (in float32) reads a range of rows from that
-    range's first real column (FastStep, `_RANGE_ROWS`). Attention does not depend on where a masked
-    column sits; the transformers forward decodes the same layout."""
+    start in the middle none was), and the fast step (in float32) reads a range of rows from
+    that range's first real column (FastStep, `_RANGE_ROWS`). Attention does not depend on where
+    a masked column sits; the transformers forward decodes the same layout."""
     mask = batch.attention_mask
     order = torch.sort(mask, dim=1, stable=True).indices  # zeros first, each kind in order
     if bool((order == torch.arange(mask.shape[1], device=mask.device)).all()):

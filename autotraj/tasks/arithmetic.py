@@ -8,8 +8,8 @@ exact integer arithmetic. `parse_question(question)` inverts the templates: it r
 expression and the template's one-line plan from a question's text, which is all the reference
 solver (models/reference.py) reads; the gold answer never leaves this module through it.
 
-Determinism: only `random.Random(seed)` draws (randrange, randint) are used, so the problems are the
-same on every run and Python version.
+Determinism: only `random.Random(seed)` draws (randrange, randint) are used, so the problems are
+the same on every run and Python version.
 
 Not here: splitting into train and test or building `Query` records (tasks/builtin.py).
 """

@@ -16,8 +16,7 @@ active set is logged once and available as `PythonSandbox.isolation`):
   read-only, plus a throwaway working directory on a small tmpfs, deleted after the call: the
   project, the run directory, home directories, /etc and /tmp are not there to read or write;
 - an unprivileged uid per worker, a scrubbed environment (PATH, HOME, TMPDIR, LANG and one-thread
-  BLAS settings only), stdout
-  captured and capped (first and last MiB), stderr discarded.
+  BLAS settings only), stdout captured and capped (first and last MiB), stderr discarded.
 
 Output follows the release: stdout, then `Error: <Type>: <message>` when the snippet failed,
 cut to the first 200 + "..." + last 200 characters when longer than max_output_chars (400).
