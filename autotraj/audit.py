@@ -12,11 +12,18 @@ model is more accurate, say):
   tool calls (mean share >= 0.9 per label) and a correct original's repair is made of its
   original's words (mean share >= 0.97: fails for a repairer that re-solves from the question);
 - a reward model above chance: the saved model, reloaded, scores the held-out preference pairs
-  (the RM stage's own seeded split) again; its pairwise accuracy must beat 0.5 with a one-sided
-  binomial p-value below 0.05 (fails for an untrained or randomly initialised head);
+  (the RM stage's own seeded split) again; its pairwise accuracy must beat a coin (one-sided
+  binomial p < 0.05) and the untrained reward model: fewer than 5% of 2,000 random score heads
+  on the starting model's features may rank as many pairs right. The second null is needed
+  because held-out pairs are not independent: on the CI demo's SFT model 10.7% of random heads
+  pass the binomial test alone (fails for an untrained or randomly initialised head);
 - RL changed the policy: the RL model's weights differ from the SFT model's (relative L2 change
   above 1e-5) and its greedy held-out trajectories differ from the SFT model's on at least 5% of
-  the items (fails with `rl.steps=0` or a learning rate too small to matter).
+  the items (fails with `rl.steps=0` or a learning rate too small to matter);
+- RL followed the reward: scored by the SFT and the RL model, RL's own recorded rollouts gained
+  log-probability (per trainable token) in step with their advantages, beyond within-group
+  shuffles of the advantages (permutation p < 0.05; fails for an update that ignores or flips
+  them, which the entropy bonus and AdamW would still let move the weights).
 
 Not here: computing any of these during the stages (they write what is read here).
 """
@@ -25,9 +32,11 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -39,6 +48,8 @@ from autotraj.run_dir import load_preference_pairs, load_sft_records, read_run_f
 MIN_CALLS_KEPT = 0.9
 MIN_FROM_ORIGINAL = 0.97
 MAX_P_VALUE = 0.05
+RANDOM_HEADS = 2000
+PERMUTATIONS = 2000
 MIN_WEIGHT_CHANGE = 1e-5
 MIN_CHANGED_ITEMS = 0.05
 
@@ -124,14 +135,46 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def random_head_wins(chosen: Any, rejected: Any, heads: int, seed: int) -> list[int]:
+    """For `heads` seeded random score heads (isotropic Gaussian directions, as a fresh head is
+    initialised), how many pairs each ranks right: rows of `chosen` above the same rows of
+    `rejected` ([pairs, hidden] head inputs). Pairs that share one direction of difference are
+    ranked alike by every head, which is what a binomial test cannot see."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn(chosen.shape[1], heads, generator=generator, dtype=torch.float64)
+    margins = (chosen.double() - rejected.double()) @ directions
+    return (margins > 0).sum(dim=0).tolist()
+
+
+def _rm_base_model(run_dir: Path, cfg: dict[str, Any], marker: dict[str, Any]) -> str:
+    """The model the RM stage started from, as its marker names it; a path inside the run
+    directory the stage wrote (often relative to where it ran) is re-rooted at `run_dir`."""
+    base = Path(marker["base_model"])
+    try:
+        return str(run_dir / base.relative_to(cfg["run_dir"]))
+    except (KeyError, TypeError, ValueError):
+        return marker["base_model"]
+
+
 def check_reward_model(run_dir: Path) -> Check:
-    """Re-score the held-out pairs with the saved reward model (not the stage's own number)."""
+    """Re-score the held-out pairs with the saved reward model (not the stage's own number) and
+    compare with two nulls: a coin (one-sided binomial p) and the untrained reward model, whose
+    head is a random direction on the starting model's features (the share of RANDOM_HEADS such
+    heads that rank as many pairs right: pairs with one shared difference defeat the coin)."""
     from autotraj.models.loading import GeneratorConfig, load_tokenizer
     from autotraj.train.batches import preference_examples_from_file
-    from autotraj.train.reward_model import TrajectoryRewardModel, split_by_query
+    from autotraj.train.reward_model import (
+        MARKER,
+        TrajectoryRewardModel,
+        head_inputs,
+        split_by_query,
+    )
 
     rm_dir = run_dir / "rm"
     cfg = yaml.safe_load((rm_dir / "config.resolved.yaml").read_text(encoding="utf-8"))
+    marker = json.loads((rm_dir / "model" / MARKER).read_text(encoding="utf-8"))
     model = TrajectoryRewardModel.load(rm_dir / "model")
     data = Path(cfg["data"]) if cfg.get("data") else run_dir / "build" / "preferences.jsonl"
     tokenizer = load_tokenizer(GeneratorConfig(model=str(rm_dir / "model")))
@@ -139,12 +182,27 @@ def check_reward_model(run_dir: Path) -> Check:
     _, heldout = split_by_query(examples, cfg["heldout_fraction"], cfg["seed"])
     if not heldout:
         return Check("reward model above chance", False, "no held-out preference pair")
-    chosen = model.score_ids([e.chosen_ids for e in heldout])
-    rejected = model.score_ids([e.rejected_ids for e in heldout])
+    chosen_ids = [e.chosen_ids for e in heldout]
+    rejected_ids = [e.rejected_ids for e in heldout]
+    chosen = model.score_ids(chosen_ids)
+    rejected = model.score_ids(rejected_ids)
     wins = sum(c > r for c, r in zip(chosen, rejected, strict=True))
-    p = binomial_p_value(wins, len(heldout))
-    detail = f"{wins}/{len(heldout)} held-out pairs ranked right, one-sided p = {p:.2g}"
-    return Check("reward model above chance", p < MAX_P_VALUE, detail)
+    n = len(heldout)
+    p = binomial_p_value(wins, n)
+    base = _rm_base_model(run_dir, cfg, marker)
+    pad = tokenizer.pad_token_id
+    null = random_head_wins(
+        head_inputs(base, pad, chosen_ids), head_inputs(base, pad, rejected_ids), RANDOM_HEADS, 0
+    )
+    p_null = (1 + sum(w >= wins for w in null)) / (1 + len(null))
+    shorter = sum(len(c) < len(r) for c, r in zip(chosen_ids, rejected_ids, strict=True))
+    detail = (
+        f"{wins}/{n} held-out pairs ranked right, one-sided p = {p:.2g}; untrained-RM control "
+        f"({len(null)} random heads on {base}): median {statistics.median(null):g}/{n}, "
+        f"p = {p_null:.2g}; the chosen side is the shorter in {shorter}/{n}"
+    )
+    ok = p < MAX_P_VALUE and p_null < MAX_P_VALUE
+    return Check("reward model above chance", ok, detail)
 
 
 def weight_change(a: Path, b: Path) -> float:
@@ -195,6 +253,105 @@ def check_rl_changed_policy(run_dir: Path) -> Check:
     return Check("RL changed the policy", ok, detail)
 
 
+def rollout_logprob_change(run_dir: Path) -> tuple[list[dict[str, Any]], list[float]]:
+    """RL's recorded rollouts that took part in an update (advantage not None) and, for each,
+    the mean change per trainable token of log pi(token) from the SFT model to the RL model:
+    the rollout's own token ids (prompt_ids and segment token_ids), scored by both models."""
+    import torch
+
+    from autotraj.models.loading import GeneratorConfig, load_tokenizer
+    from autotraj.records import Trajectory
+    from autotraj.render import render_trajectory
+    from autotraj.train.advantages import collate, token_logprobs
+    from autotraj.train.sft import load_causal_lm
+
+    path = run_dir / "rl" / "rollouts.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    rows = [r for r in rows if r["advantage"] is not None]
+    if not rows:
+        return [], []
+    tokenizer = load_tokenizer(GeneratorConfig(model=str(run_dir / "sft" / "model")))
+    rendered = []
+    for r in rows:
+        trajectory = Trajectory.from_dict(r["trajectory"])
+        if not trajectory.prompt_ids:
+            raise ValueError(f"{path}: rollout {trajectory.id} has no prompt_ids")
+        rendered.append(render_trajectory(tokenizer, "", trajectory))
+    ids, attention, mask = collate(rendered, tokenizer.pad_token_id)
+
+    def logprobs(model_dir: Path) -> torch.Tensor:
+        model = load_causal_lm(str(model_dir), tokenizer.pad_token_id).eval()
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(rows), 8):
+                part = slice(start, start + 8)
+                logits = model(input_ids=ids[part], attention_mask=attention[part]).logits
+                out.append(token_logprobs(logits, ids[part])[0])
+        return torch.cat(out)
+
+    before, after = logprobs(run_dir / "sft" / "model"), logprobs(run_dir / "rl" / "model")
+    change = ((after - before) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    return rows, change.tolist()
+
+
+def permutation_p_value(
+    advantages: Sequence[float],
+    change: Sequence[float],
+    groups: Sequence[Any],
+    permutations: int,
+    seed: int,
+) -> float:
+    """One-sided p-value of sum(A_i * change_i) against the same sum with the advantages shuffled
+    within each group (GRPO compares rollouts only inside their group): (1 + #{shuffled >=
+    observed}) / (1 + permutations)."""
+    import random
+
+    def statistic(order: Sequence[int]) -> float:
+        return sum(advantages[j] * c for j, c in zip(order, change, strict=True))
+
+    members: dict[Any, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    observed = statistic(range(len(change)))
+    rng = random.Random(seed)
+    at_least = 0
+    for _ in range(permutations):
+        order = list(range(len(change)))
+        for idx in members.values():
+            shuffled = idx[:]
+            rng.shuffle(shuffled)
+            for i, j in zip(idx, shuffled, strict=True):
+                order[i] = j
+        at_least += statistic(order) >= observed - 1e-12 * abs(observed)
+    return (1 + at_least) / (1 + permutations)
+
+
+def check_rl_followed_reward(run_dir: Path) -> Check:
+    """The update moved the policy toward its better rollouts: over RL's recorded rollouts, the
+    per-token log-prob change (SFT -> RL model) rises with the rollout's advantage more than
+    under PERMUTATIONS within-group shuffles of the advantages (p < 0.05). Fails for an update
+    that ignores or flips the advantages (entropy bonus and optimizer alone move the weights
+    too, which "RL changed the policy" cannot tell apart)."""
+    rows, change = rollout_logprob_change(run_dir)
+    if not rows:
+        return Check("RL followed the reward", False, "no rollout took part in an update")
+    advantages = [float(r["advantage"]) for r in rows]
+    groups = [(r["step"], r["trajectory"]["query_id"]) for r in rows]
+    p = permutation_p_value(advantages, change, groups, PERMUTATIONS, seed=0)
+    up = [c for a, c in zip(advantages, change, strict=True) if a > 0]
+    down = [c for a, c in zip(advantages, change, strict=True) if a < 0]
+    detail = (
+        f"{len(rows)} rollouts in {len(set(groups))} groups; mean log-prob change per token "
+        f"{_mean(up):+.3f} on the {len(up)} with advantage > 0, {_mean(down):+.3f} on the "
+        f"{len(down)} below 0; within-group permutation p = {p:.2g}"
+    )
+    return Check("RL followed the reward", p < MAX_P_VALUE, detail)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
 def audit_run(run_dir: str | Path, skip: Sequence[str] = ()) -> list[Check]:
     """Every check on a finished `autotraj run` directory (names in `skip` left out)."""
     run = Path(run_dir)
@@ -203,5 +360,6 @@ def audit_run(run_dir: str | Path, skip: Sequence[str] = ()) -> list[Check]:
         "repairs": check_repairs,
         "rm": check_reward_model,
         "rl": check_rl_changed_policy,
+        "rl_reward": check_rl_followed_reward,
     }
     return [fn(run) for name, fn in checks.items() if name not in skip]

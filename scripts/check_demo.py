@@ -4,7 +4,8 @@
 
 Prints the run's comparison table and one line per check of `autotraj.audit.audit_run` (clean
 training data, repairs that are verified edits of their originals, a reward model above chance
-on held-out pairs, a policy that RL changed) and exits 1 when any fails. CI runs it after the
+and above random heads on held-out pairs, a policy that RL changed, an RL update that followed
+the reward) and exits 1 when any fails. CI runs it after the
 demo. It asserts no research outcome (that RL beats SFT, say): that could legitimately be null
 and is measured, with intervals, by `autotraj ablate` (docs/ablation.md).
 """

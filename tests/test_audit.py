@@ -36,9 +36,19 @@ def pipeline(tmp_path: Path, tiny: Path, *overrides: str) -> AblateConfig:
         "rm.learning_rate=0.001",
         "rl.steps=2",
         "rl.lr=0.001",
+        # four rollouts a group (a within-group permutation test needs them), and a reward that
+        # varies: the tiny model's rollouts never have a valid format, so the release reward is
+        # -1 for all of them and every advantage 0
+        "rl.rollouts_per_prompt=4",
+        "rl.reward.components=[{name: 'test_audit:character_variety', weight: 1.0}]",
     ]
     cfg = load_config(AblateConfig, path, [*base, *overrides])
     return dataclasses.replace(cfg, run_dir=str(tmp_path / "run"))
+
+
+def character_variety(text: str, query, trajectory) -> float:
+    """A reward for the tiny runs' RL (in [0, 1]): distinct characters per character."""
+    return len(set(text)) / max(len(text), 1)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +67,21 @@ def test_binomial_p_value():
     assert audit.binomial_p_value(5, 10) > 0.5
 
 
+def test_random_heads_see_pairs_that_share_one_difference():
+    """Pairs whose chosen side differs from the rejected one by the same vector: a coin would
+    call 20/20 wins p = 1e-6, but a random head ranks them all right half the time, so the
+    untrained-RM null gives them p ~ 0.5. Independent differences give binomial-like counts."""
+    import torch
+
+    rejected = torch.randn(20, 16, generator=torch.Generator().manual_seed(1))
+    shared = audit.random_head_wins(rejected + torch.ones(16), rejected, 1000, seed=0)
+    assert set(shared) == {0, 20} and 400 < shared.count(20) < 600
+    independent = rejected + torch.randn(20, 16, generator=torch.Generator().manual_seed(2))
+    wins = audit.random_head_wins(independent, rejected, 1000, seed=0)
+    assert 9 < sum(wins) / len(wins) < 11 and sum(w == 20 for w in wins) < 5
+    assert audit.random_head_wins(independent, rejected, 1000, seed=0) == wins
+
+
 def test_a_sound_run_passes_every_check(sound_run):
     checks = audit.audit_run(sound_run)
     assert [c.name for c in checks] == [
@@ -64,6 +89,7 @@ def test_a_sound_run_passes_every_check(sound_run):
         "repairs are verified edits of their originals",
         "reward model above chance",
         "RL changed the policy",
+        "RL followed the reward",
     ]
     assert all(c.ok for c in checks), checks
 
@@ -140,7 +166,16 @@ def test_an_untrained_reward_model_fails(sound_run, tmp_path, tiny_model_dir, mo
     cfg = pipeline(tmp_path, tiny_model_dir, "rm.learning_rate=0.0", "rm.max_steps=1")
     run_pipeline(dataclasses.replace(cfg, stages=("rm",)))
     check = audit.check_reward_model(run)
-    assert not check.ok and "p =" in check.detail
+    assert not check.ok and "p =" in check.detail and "untrained-RM control" in check.detail
+
+
+def test_a_reward_model_no_better_than_random_heads_fails(sound_run, monkeypatch):
+    """The RM check needs both nulls: with random heads that all rank every held-out pair
+    right (pairs sharing one difference, in the extreme), the same RM fails."""
+    assert audit.check_reward_model(sound_run).ok
+    monkeypatch.setattr(audit, "random_head_wins", lambda c, r, heads, seed: [len(c)] * heads)
+    check = audit.check_reward_model(sound_run)
+    assert not check.ok and "p = 1" in check.detail.split("untrained-RM control")[1]
 
 
 def test_rl_with_no_steps_fails(sound_run, tmp_path, tiny_model_dir, monkeypatch):
@@ -155,6 +190,46 @@ def test_rl_with_no_steps_fails(sound_run, tmp_path, tiny_model_dir, monkeypatch
     assert not check.ok and "changed on 0/" in check.detail
 
 
+def test_permutation_p_value_follows_the_advantages_within_groups():
+    groups = [g for g in range(6) for _ in range(4)]
+    advantages = [a for _ in range(6) for a in (1.5, 0.5, -0.5, -1.5)]
+    assert audit.permutation_p_value(advantages, advantages, groups, 2000, 0) < 0.01
+    flipped = [-a for a in advantages]
+    assert audit.permutation_p_value(advantages, flipped, groups, 2000, 0) > 0.99
+    # a change shared by a whole group carries no within-group signal: every shuffle ties
+    per_group = [float(g) for g in groups]
+    assert audit.permutation_p_value(advantages, per_group, groups, 500, 0) == 1.0
+
+
+@pytest.mark.parametrize("broken", ["ignored", "flipped"])
+def test_an_update_that_does_not_follow_the_advantages_fails(
+    broken, sound_run, tmp_path, tiny_model_dir, monkeypatch
+):
+    """The same RL run with the loss's advantages zeroed (entropy bonus and AdamW still move
+    the weights) or negated fails the reward check; the sound run passes it."""
+    from autotraj.train import grpo_update
+
+    real = grpo_update.policy_loss
+    factor = 0.0 if broken == "ignored" else -1.0
+
+    def broken_loss(logprobs, old, advantages, *args, **kwargs):
+        return real(logprobs, old, advantages * factor, *args, **kwargs)
+
+    monkeypatch.setattr(grpo_update, "policy_loss", broken_loss)
+    monkeypatch.setenv("AUTOTRAJ_HOME", str(tmp_path / "home"))
+    run = Path(tmp_path / "run")
+    for stage in ("synthesize", "score", "repair", "build", "sft", "rm"):
+        shutil.copytree(sound_run / stage, run / stage)
+    cfg = pipeline(tmp_path, tiny_model_dir)
+    run_pipeline(dataclasses.replace(cfg, stages=("rl",)))
+    assert (
+        audit.weight_change(run / "sft" / "model", run / "rl" / "model") > audit.MIN_WEIGHT_CHANGE
+    )
+    check = audit.check_rl_followed_reward(run)
+    assert not check.ok and "permutation p =" in check.detail, check.detail
+    assert audit.check_rl_followed_reward(sound_run).ok
+
+
 def test_the_script_prints_the_table_and_every_check(sound_run):
     done = subprocess.run(
         [sys.executable, str(SCRIPT), str(sound_run)], capture_output=True, text=True, check=False
@@ -162,4 +237,4 @@ def test_the_script_prints_the_table_and_every_check(sound_run):
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].split()[0] == "model"
-    assert sum(line.startswith("check_demo: ok") for line in lines) == 4
+    assert sum(line.startswith("check_demo: ok") for line in lines) == 5

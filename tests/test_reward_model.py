@@ -11,11 +11,13 @@ import pytest
 from test_train_batches import SYSTEM, make_trajectory, question, write_preference_file
 
 from autotraj.config import load_stage_config
+from autotraj.render import render_trajectory
 from autotraj.train.batches import PreferenceExample
 from autotraj.train.reward_model import (
     RewardModelError,
     RmConfig,
     TrajectoryRewardModel,
+    head_inputs,
     run_rm,
     split_by_query,
 )
@@ -97,6 +99,25 @@ def test_batched_scores_equal_single_scores(trained):
     assert z == pytest.approx([(s - mean) / std for s in batched], abs=1e-4)
     half = TrajectoryRewardModel.load(run_dir / "rm" / "model", dtype="bfloat16")  # same head check
     assert half.score(items[:2]) == pytest.approx(batched[:2], abs=0.5)
+
+
+def test_head_inputs_times_the_head_are_the_scores(trained):
+    """head_inputs pools where scoring pools: the trained head applied to them gives the scores
+    (rows of different lengths, right-padded in one batch)."""
+    from safetensors.torch import load_file
+
+    run_dir, _ = trained
+    rm = TrajectoryRewardModel.load(run_dir / "rm" / "model")
+    items = [(question(i), make_trajectory(i, noisy=i % 2 == 1)) for i in range(5)]
+    ids = [render_trajectory(rm.tokenizer, q, t, rm.system_prompt).input_ids for q, t in items]
+    assert len({len(x) for x in ids}) > 1
+    features = head_inputs(str(run_dir / "rm" / "model"), rm.tokenizer.pad_token_id, ids, 4)
+    weights = {}
+    for f in (run_dir / "rm" / "model").glob("*.safetensors"):
+        weights.update(load_file(str(f)))
+    head = weights["score.weight"].float()
+    assert features.shape == (5, head.shape[1])
+    assert (features @ head.T)[:, 0].tolist() == pytest.approx(rm.score_ids(ids), abs=1e-4)
 
 
 def test_refuses_model_without_trained_head(trained, tiny_model_dir, tmp_path):

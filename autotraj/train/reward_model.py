@@ -309,6 +309,48 @@ def save_reward_model(
     log.info("reward model saved to %s", model_dir)
 
 
+def head_outputs(
+    model: Any, pad_id: int, sequences: Sequence[Sequence[int]], batch_size: int
+) -> Any:
+    """A sequence classifier's pooled outputs (read at each row's last non-pad token) for id
+    sequences: a float32 tensor [len(sequences), width], in input order, batched longest first."""
+    import torch
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    device = next(model.parameters()).device
+    rows: dict[int, Any] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = pad_sequences([sequences[i] for i in chunk], pad_id)
+        with torch.inference_mode():
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+        rows.update(zip(chunk, logits, strict=True))
+    if not rows:
+        return torch.empty(0, 0)
+    return torch.stack([rows[i] for i in range(len(sequences))])
+
+
+def head_inputs(
+    model: str, pad_id: int, sequences: Sequence[Sequence[int]], batch_size: int = 16
+) -> Any:
+    """What a score head on `model` (a folder or Hub id) reads for each id sequence: the final
+    hidden state at the last non-pad token, pooled exactly as scoring pools ([N, hidden]). A
+    reward model's score is this times its head; the audit's untrained-RM control uses it."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # no "score.weight MISSING" report: the head is replaced
+    try:
+        classifier, _ = load_sequence_classifier(model, pad_id)
+    finally:
+        hf_logging.set_verbosity(before)
+    classifier.score = torch.nn.Identity()
+    return head_outputs(classifier.eval(), pad_id, sequences, batch_size)
+
+
 class TrajectoryRewardModel:
     """A trained trajectory reward model that scores (question, trajectory) items in batches."""
 
@@ -365,21 +407,8 @@ class TrajectoryRewardModel:
 
     def score_ids(self, sequences: Sequence[Sequence[int]], batch_size: int = 16) -> list[float]:
         """Raw scores of rendered id sequences, in input order (batched longest first)."""
-        import torch
-
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-        scores: list[float] = [math.nan] * len(sequences)
-        device = next(self.model.parameters()).device
-        pad_id = self.tokenizer.pad_token_id
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            batch = pad_sequences([sequences[i] for i in chunk], pad_id)
-            with torch.inference_mode():
-                logits = self.model(**{k: v.to(device) for k, v in batch.items()}).logits
-            for i, value in zip(chunk, logits[:, 0].float().tolist(), strict=True):
-                scores[i] = value
+        scores = head_outputs(self.model, self.tokenizer.pad_token_id, sequences, batch_size)
+        scores = scores[:, 0].tolist() if len(sequences) else []
         bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
         if bad:
             raise RewardModelError(f"non-finite reward scores at items {bad[:10]}")
