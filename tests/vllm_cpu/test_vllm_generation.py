@@ -70,9 +70,11 @@ def test_per_request_seeds(generator):
 
 def test_weight_push_changes_generation_and_restores_it(engine, generator):
     """The RL weight sync on the CPU build: changed weights change the output, the original
-    weights bring it back. Which push runs is the build's: one whole-model reload where vLLM
-    repacked its linear layers without weight loaders (seen on AVX-512 CPUs), chunked where they
-    kept them (an AVX2-only EPYC, 2026-12-05)."""
+    weights bring it back, by the push the first sync chose and by the other one forced. Which
+    push runs is the build's: one whole-model reload where vLLM repacked its linear layers
+    without weight loaders (seen on AVX-512 CPUs), chunked where they kept them (an AVX2-only
+    EPYC, 2026-12-05). The whole reload must work on every build (it is the fallback); the
+    chunked push must fail where it was not chosen (the reason it was not)."""
     from transformers import AutoModelForCausalLM
 
     from autotraj.models.loading import resolve_model_path
@@ -87,10 +89,30 @@ def test_weight_push_changes_generation_and_restores_it(engine, generator):
         policy.get_parameter(
             "lm_head.weight" if "lm_head.weight" in original else "model.embed_tokens.weight"
         ).mul_(-1.0)
-    count = engine.sync(policy.named_parameters())
-    assert engine.chunked in (True, False) and count == len(original)
-    (changed,) = generator.generate([request])
-    assert changed.token_ids != before.token_ids
-    engine.sync(original.items())
-    (restored,) = generator.generate([request])
-    assert restored.token_ids == before.token_ids and "<|endoftext|>" not in restored.text
+    changed_weights = {n: p.detach().clone() for n, p in policy.named_parameters()}
+
+    def push_and_restore() -> None:
+        assert engine.sync(changed_weights.items()) == len(original)
+        (changed,) = generator.generate([request])
+        assert changed.token_ids != before.token_ids
+        assert engine.sync(original.items()) == len(original)
+        (restored,) = generator.generate([request])
+        assert restored.token_ids == before.token_ids and "<|endoftext|>" not in restored.text
+
+    assert engine.chunked is None or isinstance(engine.chunked, bool)
+    push_and_restore()
+    chosen = engine.chunked
+    assert isinstance(chosen, bool)
+    try:
+        engine.chunked = not chosen
+        if chosen:
+            push_and_restore()  # the whole reload, forced
+        else:
+            with pytest.raises(Exception, match="weight_loader"):
+                engine.sync(changed_weights.items())
+            engine.chunked = False
+            engine.sync(original.items())
+            (restored,) = generator.generate([request])
+            assert restored.token_ids == before.token_ids
+    finally:
+        engine.chunked = chosen
