@@ -148,14 +148,13 @@ def random_head_wins(chosen: Any, rejected: Any, heads: int, seed: int) -> list[
     return (margins > 0).sum(dim=0).tolist()
 
 
-def _rm_base_model(run_dir: Path, cfg: dict[str, Any], marker: dict[str, Any]) -> str:
-    """The model the RM stage started from, as its marker names it; a path inside the run
-    directory the stage wrote (often relative to where it ran) is re-rooted at `run_dir`."""
-    base = Path(marker["base_model"])
+def _in_run(run_dir: Path, cfg: dict[str, Any], path: str) -> str:
+    """A model path a stage recorded; one inside the run directory the stage wrote (often
+    relative to where it ran) is re-rooted at `run_dir`."""
     try:
-        return str(run_dir / base.relative_to(cfg["run_dir"]))
+        return str(run_dir / Path(path).relative_to(cfg["run_dir"]))
     except (KeyError, TypeError, ValueError):
-        return marker["base_model"]
+        return path
 
 
 def check_reward_model(run_dir: Path) -> Check:
@@ -189,7 +188,7 @@ def check_reward_model(run_dir: Path) -> Check:
     wins = sum(c > r for c, r in zip(chosen, rejected, strict=True))
     n = len(heldout)
     p = binomial_p_value(wins, n)
-    base = _rm_base_model(run_dir, cfg, marker)
+    base = _in_run(run_dir, cfg, marker["base_model"])
     pad = tokenizer.pad_token_id
     null = random_head_wins(
         head_inputs(base, pad, chosen_ids), head_inputs(base, pad, rejected_ids), RANDOM_HEADS, 0
@@ -240,7 +239,22 @@ def changed_items(a: Path, b: Path) -> tuple[int, int]:
     return sum(ta[i] != tb[i] for i in ta), len(ta)
 
 
+def _rl_start_problem(run_dir: Path) -> str | None:
+    """Why the RL checks cannot compare with this run's SFT model, or None: the RL stage was
+    configured to start from another model (`rl.model`)."""
+    cfg = yaml.safe_load((run_dir / "rl" / "config.resolved.yaml").read_text(encoding="utf-8"))
+    start = cfg.get("model") or ""
+    if (
+        start
+        and Path(_in_run(run_dir, cfg, start)).resolve() != (run_dir / "sft" / "model").resolve()
+    ):
+        return f"RL started from {start} (rl.model), not this run's SFT model"
+    return None
+
+
 def check_rl_changed_policy(run_dir: Path) -> Check:
+    if problem := _rl_start_problem(run_dir):
+        return Check("RL changed the policy", False, problem)
     change = weight_change(run_dir / "sft" / "model", run_dir / "rl" / "model")
     changed, n = changed_items(
         run_dir / "eval" / "sft" / "results.jsonl", run_dir / "eval" / "rl" / "results.jsonl"
@@ -332,6 +346,8 @@ def check_rl_followed_reward(run_dir: Path) -> Check:
     under PERMUTATIONS within-group shuffles of the advantages (p < 0.05). Fails for an update
     that ignores or flips the advantages (entropy bonus and optimizer alone move the weights
     too, which "RL changed the policy" cannot tell apart)."""
+    if problem := _rl_start_problem(run_dir):
+        return Check("RL followed the reward", False, problem)
     rows, change = rollout_logprob_change(run_dir)
     if not rows:
         return Check("RL followed the reward", False, "no rollout took part in an update")

@@ -230,6 +230,26 @@ def test_an_update_that_does_not_follow_the_advantages_fails(
     assert audit.check_rl_followed_reward(sound_run).ok
 
 
+def test_rl_from_another_model_is_named_not_compared(sound_run, tmp_path):
+    """The RL checks compare the RL model with this run's SFT model; an RL stage configured to
+    start elsewhere (rl.model) fails them with that reason instead of a wrong comparison."""
+    import yaml
+
+    run = tmp_path / "run"
+    for stage in ("sft", "rl"):
+        shutil.copytree(sound_run / stage, run / stage)
+    resolved = run / "rl" / "config.resolved.yaml"
+    cfg = yaml.safe_load(resolved.read_text())
+    cfg["model"] = "embedded:smollm2-135m-instruct"
+    resolved.write_text(yaml.safe_dump(cfg))
+    for check in (audit.check_rl_changed_policy(run), audit.check_rl_followed_reward(run)):
+        assert not check.ok and "rl.model" in check.detail
+    # this run's SFT model named explicitly, as recorded where the stage ran: not a problem
+    cfg.update(run_dir="elsewhere/run", model="elsewhere/run/sft/model")
+    resolved.write_text(yaml.safe_dump(cfg))
+    assert audit._rl_start_problem(run) is None
+
+
 def test_the_script_prints_the_table_and_every_check(sound_run):
     done = subprocess.run(
         [sys.executable, str(SCRIPT), str(sound_run)], capture_output=True, text=True, check=False
