@@ -1,5 +1,6 @@
 """autotraj.audit (CI's demo check) on real tiny runs: it passes a sound run and fails each way
-the method can be broken (flawed data, re-solving repairs, an untrained reward model, no RL)."""
+the method can be broken (flawed data, re-solving repairs, an untrained reward model or one no
+better than random heads, no RL, an RL update that ignores or flips the advantages)."""
 
 from __future__ import annotations
 
