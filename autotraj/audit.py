@@ -50,6 +50,7 @@ MIN_FROM_ORIGINAL = 0.97
 MAX_P_VALUE = 0.05
 RANDOM_HEADS = 2000
 PERMUTATIONS = 2000
+MAX_GROUPS = 64  # RL groups the reward check scores (a seeded sample of a longer run's)
 MIN_WEIGHT_CHANGE = 1e-5
 MIN_CHANGED_ITEMS = 0.05
 
@@ -267,10 +268,33 @@ def check_rl_changed_policy(run_dir: Path) -> Check:
     return Check("RL changed the policy", ok, detail)
 
 
-def rollout_logprob_change(run_dir: Path) -> tuple[list[dict[str, Any]], list[float]]:
-    """RL's recorded rollouts that took part in an update (advantage not None) and, for each,
-    the mean change per trainable token of log pi(token) from the SFT model to the RL model:
-    the rollout's own token ids (prompt_ids and segment token_ids), scored by both models."""
+def rollout_group(row: dict[str, Any]) -> tuple[int, str]:
+    """The GRPO group of a recorded rollout: its step and query."""
+    return row["step"], row["trajectory"]["query_id"]
+
+
+def sample_groups(rows: Sequence[dict[str, Any]], most: int, seed: int) -> list[dict[str, Any]]:
+    """The rollouts of at most `most` groups: all of them, or a seeded sample of whole groups
+    (a long run's check then costs what `most` groups cost), in the file's order.
+
+    >>> rows = [{"step": s, "trajectory": {"query_id": q}} for s in (1, 2) for q in "ab"]
+    >>> len(sample_groups(rows, 8, 0)), len(sample_groups(rows, 3, 0))
+    (4, 3)
+    """
+    import random
+
+    groups = sorted({rollout_group(r) for r in rows})
+    if len(groups) <= most:
+        return list(rows)
+    kept = set(random.Random(seed).sample(groups, most))
+    return [r for r in rows if rollout_group(r) in kept]
+
+
+def rollout_logprob_change(run_dir: Path) -> tuple[list[dict[str, Any]], list[float], int]:
+    """RL's recorded rollouts that took part in an update (advantage not None; those of at most
+    MAX_GROUPS groups) and, for each, the mean change per trainable token of log pi(token) from
+    the SFT model to the RL model: the rollout's own token ids (prompt_ids and segment
+    token_ids), scored by both models; and how many groups took part in all."""
     import torch
 
     from autotraj.models.loading import GeneratorConfig, load_tokenizer
@@ -282,8 +306,10 @@ def rollout_logprob_change(run_dir: Path) -> tuple[list[dict[str, Any]], list[fl
     path = run_dir / "rl" / "rollouts.jsonl"
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     rows = [r for r in rows if r["advantage"] is not None]
+    total = len({rollout_group(r) for r in rows})
+    rows = sample_groups(rows, MAX_GROUPS, seed=0)
     if not rows:
-        return [], []
+        return [], [], 0
     tokenizer = load_tokenizer(GeneratorConfig(model=str(run_dir / "sft" / "model")))
     rendered = []
     for r in rows:
@@ -305,7 +331,7 @@ def rollout_logprob_change(run_dir: Path) -> tuple[list[dict[str, Any]], list[fl
 
     before, after = logprobs(run_dir / "sft" / "model"), logprobs(run_dir / "rl" / "model")
     change = ((after - before) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-    return rows, change.tolist()
+    return rows, change.tolist(), total
 
 
 def permutation_p_value(
@@ -348,16 +374,18 @@ def check_rl_followed_reward(run_dir: Path) -> Check:
     too, which "RL changed the policy" cannot tell apart)."""
     if problem := _rl_start_problem(run_dir):
         return Check("RL followed the reward", False, problem)
-    rows, change = rollout_logprob_change(run_dir)
+    rows, change, total = rollout_logprob_change(run_dir)
     if not rows:
         return Check("RL followed the reward", False, "no rollout took part in an update")
     advantages = [float(r["advantage"]) for r in rows]
-    groups = [(r["step"], r["trajectory"]["query_id"]) for r in rows]
+    groups = [rollout_group(r) for r in rows]
     p = permutation_p_value(advantages, change, groups, PERMUTATIONS, seed=0)
     up = [c for a, c in zip(advantages, change, strict=True) if a > 0]
     down = [c for a, c in zip(advantages, change, strict=True) if a < 0]
     detail = (
-        f"{len(rows)} rollouts in {len(set(groups))} groups; mean log-prob change per token "
+        f"{len(rows)} rollouts in {len(set(groups))} groups"
+        + (f" (a seeded sample of {total})" if total > len(set(groups)) else "")
+        + "; mean log-prob change per token "
         f"{_mean(up):+.3f} on the {len(up)} with advantage > 0, {_mean(down):+.3f} on the "
         f"{len(down)} below 0; within-group permutation p = {p:.2g}"
     )

@@ -231,6 +231,21 @@ def test_an_update_that_does_not_follow_the_advantages_fails(
     assert audit.check_rl_followed_reward(sound_run).ok
 
 
+def test_a_long_runs_reward_check_scores_a_sample_of_whole_groups(sound_run, monkeypatch):
+    rows = [
+        {"step": s, "trajectory": {"query_id": q}, "i": i}
+        for i, (s, q) in enumerate((s, q) for s in range(1, 11) for q in "abc" for _ in range(4))
+    ]
+    kept = audit.sample_groups(rows, 5, seed=0)
+    groups = {audit.rollout_group(r) for r in kept}
+    assert len(groups) == 5 and len(kept) == 20  # whole groups of 4
+    assert [r["i"] for r in kept] == sorted(r["i"] for r in kept)  # in the file's order
+    assert audit.sample_groups(rows, 5, seed=0) == kept != audit.sample_groups(rows, 5, seed=1)
+    monkeypatch.setattr(audit, "MAX_GROUPS", 2)
+    check = audit.check_rl_followed_reward(sound_run)
+    assert check.detail.startswith("8 rollouts in 2 groups (a seeded sample of 4);")
+
+
 def test_rl_from_another_model_is_named_not_compared(sound_run, tmp_path):
     """The RL checks compare the RL model with this run's SFT model; an RL stage configured to
     start elsewhere (rl.model) fails them with that reason instead of a wrong comparison."""
