@@ -182,18 +182,16 @@ def check_reward_model(run_dir: Path) -> Check:
     _, heldout = split_by_query(examples, cfg["heldout_fraction"], cfg["seed"])
     if not heldout:
         return Check("reward model above chance", False, "no held-out preference pair")
+    n = len(heldout)
     chosen_ids = [e.chosen_ids for e in heldout]
     rejected_ids = [e.rejected_ids for e in heldout]
-    chosen = model.score_ids(chosen_ids)
-    rejected = model.score_ids(rejected_ids)
-    wins = sum(c > r for c, r in zip(chosen, rejected, strict=True))
-    n = len(heldout)
+    both = chosen_ids + rejected_ids  # one batched pass (and one model load) per model
+    scores = model.score_ids(both)
+    wins = sum(c > r for c, r in zip(scores[:n], scores[n:], strict=True))
     p = binomial_p_value(wins, n)
     base = _in_run(run_dir, cfg, marker["base_model"])
-    pad = tokenizer.pad_token_id
-    null = random_head_wins(
-        head_inputs(base, pad, chosen_ids), head_inputs(base, pad, rejected_ids), RANDOM_HEADS, 0
-    )
+    features = head_inputs(base, tokenizer.pad_token_id, both)
+    null = random_head_wins(features[:n], features[n:], RANDOM_HEADS, 0)
     p_null = (1 + sum(w >= wins for w in null)) / (1 + len(null))
     shorter = sum(len(c) < len(r) for c, r in zip(chosen_ids, rejected_ids, strict=True))
     detail = (
